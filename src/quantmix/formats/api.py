@@ -33,7 +33,9 @@ NUMERICS_MODULES = (
 
 # Rows per call into a type's quantize_rows are chosen so that one call sees about this many weights:
 # bounded memory (the solvers hold ~20 temporaries of the chunk's size) with little per-call overhead.
+# GPUs take bigger chunks: their cost is per kernel launch, and the per-position loops launch many.
 CHUNK_WEIGHTS = 1 << 21
+CHUNK_WEIGHTS_GPU = 1 << 25
 
 
 class UnsupportedTypeError(NotImplementedError):
@@ -173,8 +175,9 @@ def _check_imatrix(imatrix: Tensor | np.ndarray | None, n: int, x: Tensor, lab: 
     return im.contiguous()
 
 
-def _chunk_rows(n: int) -> int:
-    return max(1, CHUNK_WEIGHTS // max(n, 1))
+def _chunk_rows(n: int, device: torch.device) -> int:
+    budget = CHUNK_WEIGHTS if device.type == "cpu" else max(CHUNK_WEIGHTS, CHUNK_WEIGHTS_GPU)
+    return max(1, budget // max(n, 1))
 
 
 # ---- public API -----------------------------------------------------------------------------------
@@ -195,19 +198,19 @@ def quantize(
     needs an imatrix without one, or a malformed imatrix."""
     t = get_type(qtype)
     lab = _label(name)
+    if t.requires_imatrix and imatrix is None:
+        raise ValueError(f"{lab}: {t.name} cannot be made without an importance matrix (imatrix)")
     num = numerics(t)
     x = _check_weights(x, name)
     rows, n = x.shape
     if not t.fits_row(n):
         raise ValueError(f"{lab}: row length {n} is not a multiple of {t.name}'s block size {t.block_size}")
-    if t.requires_imatrix and imatrix is None:
-        raise ValueError(f"{lab}: {t.name} cannot be made without an importance matrix (imatrix)")
     im = _check_imatrix(imatrix, n, x, lab)
     if not num.uses_imatrix:
         im = None
     rb = t.row_bytes(n)
     out = torch.empty((rows, rb), dtype=torch.uint8, device=x.device)
-    step = _chunk_rows(n)
+    step = _chunk_rows(n, x.device)
     for r0 in range(0, rows, step):
         q = num.quantize_rows(x[r0:r0 + step], im)
         if q.shape != (min(step, rows - r0), rb) or q.dtype != torch.uint8:
@@ -236,7 +239,7 @@ def dequantize(q: Tensor | np.ndarray, qtype: str | type[GGMLType], n_per_row: i
     q = q.contiguous()
     rows = q.shape[0]
     out = torch.empty((rows, n_per_row), dtype=torch.float32, device=q.device)
-    step = _chunk_rows(n_per_row)
+    step = _chunk_rows(n_per_row, q.device)
     for r0 in range(0, rows, step):
         out[r0:r0 + step] = num.dequantize_rows(q[r0:r0 + step], n_per_row)
     return out
@@ -269,7 +272,7 @@ def quant_error(
     err = torch.empty(rows, dtype=torch.float64, device=x.device)
     ref = torch.empty_like(err)
     bias = torch.empty_like(err) if a is not None else None
-    step = _chunk_rows(n)
+    step = _chunk_rows(n, x.device)
     for r0 in range(0, rows, step):
         xc = x[r0:r0 + step]
         q = quantize(xc, t, im, name=name)

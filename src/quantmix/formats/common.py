@@ -17,6 +17,8 @@ internally so that sequential sums read contiguous memory.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -68,8 +70,14 @@ def nonzero_or(v: Tensor, then: Tensor, other: float = 0.0) -> Tensor:
 def nearest_int(x: Tensor) -> Tensor:
     """ggml's ``nearest_int``: add 12582912.f and read the mantissa bits (round half to even for
     |x| < 2^22; the same garbage as C outside that range). Returns int32."""
-    v = (x.float() + _MAGIC).view(torch.int32)
-    return (v & 0x007FFFFF) - 0x00400000
+    x = x.float()
+    v = (x + _MAGIC).view(torch.int32)
+    r = (v & 0x007FFFFF) - 0x00400000
+    if x.device.type != "cpu":
+        # x86 NaNs (made by invalid ops from finite data) carry the quiet bit alone, so C reads 0 here;
+        # CUDA's canonical NaN has every mantissa bit set. Give C's answer.
+        r = torch.where(torch.isnan(x), torch.zeros_like(r), r)
+    return r
 
 
 def c_float_to_int(x: Tensor) -> Tensor:
@@ -112,7 +120,25 @@ def _to_int16(b: Tensor) -> Tensor:
 def fp32_to_fp16_bits(x: Tensor) -> Tensor:
     """``ggml_compute_fp32_to_fp16``: round to nearest even, overflow to inf, NaN -> 0x7E00 (sign kept).
 
-    Returns int16 bit patterns (``.view(torch.float16)`` gives the halves)."""
+    Returns int16 bit patterns (``.view(torch.float16)`` gives the halves). torch's own conversion is
+    IEEE round-to-nearest-even on CPU and CUDA (tested against Python's struct over random bit
+    patterns); only NaNs are rewritten to ggml's quiet NaN."""
+    f = x.float()
+    h = f.to(torch.float16).view(torch.int16)
+    nan = torch.isnan(f)
+    if bool(nan.any()):
+        if f.device.type == "cpu":
+            neg = torch.signbit(f)
+        else:
+            # CUDA makes canonical positive NaNs where x86 makes its negative default NaN (0xFFC00000),
+            # the NaN every quantizer NaN comes from (inf - inf, 0 * inf from overflowing sums).
+            neg = torch.ones_like(nan)
+        h = torch.where(nan, torch.where(neg, -0x8000, 0).to(torch.int16) | 0x7E00, h)
+    return h
+
+
+def fp32_to_fp16_bits_reference(x: Tensor) -> Tensor:
+    """ggml's bit-twiddling fp32 -> fp16 algorithm transcribed (slow; kept to test the fast path)."""
     f = x.float()
     base = (f.abs() * 2.0**112) * 2.0**-110
     w = _bits_u32(f)
@@ -127,8 +153,10 @@ def fp32_to_fp16_bits(x: Tensor) -> Tensor:
 
 
 def fp16_bits_to_fp32(bits: Tensor) -> Tensor:
-    """fp16 bit patterns (any integer dtype, low 16 bits used) -> float32 values (exact)."""
-    return _to_int16(bits.to(torch.int64)).view(torch.float16).float()
+    """fp16 bit patterns (int16, or any integer dtype whose low 16 bits are used) -> float32 (exact)."""
+    if bits.dtype != torch.int16:
+        bits = _to_int16(bits.to(torch.int64))
+    return bits.contiguous().view(torch.float16).float()
 
 
 def fp16_round(x: Tensor) -> Tensor:
@@ -137,15 +165,22 @@ def fp16_round(x: Tensor) -> Tensor:
 
 
 def fp32_to_bf16_bits(x: Tensor) -> Tensor:
-    """``ggml_compute_fp32_to_bf16``: round to nearest even; NaN truncated and forced quiet. int16 bits."""
-    u = _bits_u32(x)
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
-    return _to_int16(torch.where(nan, (u >> 16) | 64, rounded))
+    """``ggml_compute_fp32_to_bf16``: round to nearest even; NaN truncated and forced quiet. int16 bits.
+
+    torch's conversion rounds the same way for non-NaN values; NaNs are rewritten as ggml does."""
+    f = x.float()
+    h = f.to(torch.bfloat16).view(torch.int16)
+    nan = torch.isnan(f)
+    if bool(nan.any()):
+        hi = (f.contiguous().view(torch.int32) >> 16).to(torch.int16)  # arithmetic shift: low 16 bits right
+        h = torch.where(nan, hi | 64, h)
+    return h
 
 
 def bf16_bits_to_fp32(bits: Tensor) -> Tensor:
     """bf16 bit patterns -> float32 (exact: the bits become the high half)."""
+    if bits.dtype == torch.int16:
+        return bits.contiguous().view(torch.bfloat16).float()
     return _from_bits_u32((bits.to(torch.int64) & 0xFFFF) << 16)
 
 
@@ -163,7 +198,7 @@ def seq_sum(x: Tensor, dim: int = -1, init: float | None = 0.0) -> Tensor:
         return torch.full(xt.shape[1:], 0.0 if init is None else init, dtype=torch.float32, device=x.device)
     acc = xt[0].clone() if init is None else xt[0] + init
     for i in range(1, n):
-        acc = acc + xt[i]
+        acc.add_(xt[i])
     return acc
 
 
@@ -171,7 +206,7 @@ def seq_sum_pm(xt: Tensor, init: float | None = 0.0) -> Tensor:
     """:func:`seq_sum` over dim 0 of a position-major tensor ``[n, ...]`` (no copy)."""
     acc = xt[0].clone() if init is None else xt[0] + init
     for i in range(1, xt.shape[0]):
-        acc = acc + xt[i]
+        acc.add_(xt[i])  # in place: half the time of allocating a new vector per step
     return acc
 
 
@@ -188,6 +223,8 @@ def blocks(x: Tensor, block_size: int) -> Tensor:
 
 def pack_u16(v: Tensor) -> Tensor:
     """Integers (low 16 bits) -> little-endian bytes: ``[...]`` -> uint8 ``[..., 2]``."""
+    if v.dtype == torch.int16 and sys.byteorder == "little":
+        return v.contiguous().view(torch.uint8).reshape(*v.shape, 2)
     v = v.to(torch.int64) & 0xFFFF
     return torch.stack([v & 0xFF, v >> 8], dim=-1).to(torch.uint8)
 
@@ -202,6 +239,13 @@ def unpack_u16(b: Tensor) -> Tensor:
     """Little-endian bytes uint8 ``[..., 2]`` -> int32 ``[...]`` in 0..65535."""
     b = b.to(torch.int32)
     return b[..., 0] | (b[..., 1] << 8)
+
+
+def bytes_to_i16(b: Tensor) -> Tensor:
+    """Little-endian bytes uint8 ``[..., 2]`` -> the int16 they spell (fp16/bf16 bit patterns)."""
+    if sys.byteorder == "little":
+        return b.contiguous().view(torch.int16).reshape(b.shape[:-1])
+    return _to_int16(unpack_u16(b).to(torch.int64))
 
 
 def unpack_u32(b: Tensor) -> Tensor:
@@ -222,7 +266,7 @@ def f16_field(v: Tensor) -> Tensor:
 
 def f16_from_field(b: Tensor) -> Tensor:
     """uint8 ``[..., 2]`` fp16 field -> float32 ``[...]``."""
-    return fp16_bits_to_fp32(unpack_u16(b))
+    return fp16_bits_to_fp32(bytes_to_i16(b))
 
 
 # ---- first-occurrence selections (C loops with strict comparisons) -------------------------------
@@ -286,32 +330,34 @@ def make_qx_quants(x: Tensor, nmax: int, rmse_type: int, qw: Tensor | None = Non
     """ggml ``make_qx_quants`` over many blocks at once.
 
     ``x``: float32 ``[..., n]``; ``qw``: weights broadcastable to ``x`` or None. Returns (scale
-    ``[...]`` float32, L ``[..., n]`` int32 in 0..2*nmax-1, i.e. already offset by nmax)."""
+    ``[...]`` float32, L ``[..., n]`` int32 in 0..2*nmax-1, i.e. already offset by nmax).
+
+    Two shortcuts, both exact: |iscale * x| <= nmax + 1 (x is bounded by the block's max), where
+    nearest_int is round-half-even, i.e. torch.round; and the C code re-derives L from the winning
+    iscale, so only that iscale is tracked and L is computed once at the end."""
     lead = tuple(x.shape[:-1])
     xt, _ = _pm(x)
     qwt = _pm(torch.broadcast_to(qw, x.shape).float())[0] if qw is not None else None
     amax, mx = max_abs_first(xt.t())
     zero = amax < GROUP_MAX_EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)  # zero blocks: any finite max; results are replaced
 
     def quant(iscale: Tensor) -> Tensor:
-        return nearest_int(iscale * xt).clamp(-nmax, nmax - 1)
+        return torch.round(iscale * xt).clamp_(-nmax, nmax - 1)
 
     iscale = rdiv(-nmax, mx)
-    l = quant(iscale)
+    best_iscale = iscale
+    lf = quant(iscale)
     if rmse_type == 0:
-        L = (l + nmax).t()
         scale = rdiv(1.0, iscale)
     else:
         return_early = rmse_type < 0
         rt = -rmse_type if return_early else rmse_type
         w = _qx_weight(xt, qwt, rt)
-        lf = l.float()
-        wl = w * lf
         wx = w * xt  # (w*x[i])*l is C's order
         sumlx = seq_sum_pm(wx * lf)
-        suml2 = seq_sum_pm(wl * lf)
+        suml2 = seq_sum_pm(w * lf * lf)
         scale = nonzero_or(suml2, div(sumlx, suml2))
-        L = (l + nmax).t()
         if return_early:
             inv = rdiv(1.0, iscale)
             scale = torch.where(suml2 > 0, (scale + inv) * 0.5, inv)
@@ -322,18 +368,19 @@ def make_qx_quants(x: Tensor, nmax: int, rmse_type: int, qw: Tensor | None = Non
                     continue
                 c = f32(np.float32(nmax) + np.float32(0.1) * np.float32(is_))
                 isc = rdiv(-c, mx)
-                l = quant(isc)
-                lf = l.float()
+                lf = quant(isc)
                 sumlx = seq_sum_pm(wx * lf)
                 suml2 = seq_sum_pm(w * lf * lf)
                 better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-                L = torch.where(better.unsqueeze(-1), (l + nmax).t(), L)
                 new_scale = div(sumlx, suml2)
+                best_iscale = torch.where(better, isc, best_iscale)
                 scale = torch.where(better, new_scale, scale)
                 best = torch.where(better, new_scale * sumlx, best)
+            lf = quant(best_iscale)
+    L = (lf + nmax).to(torch.int32).t()
     L = torch.where(zero.unsqueeze(-1), torch.zeros_like(L), L)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
-    return scale.reshape(lead), L.to(torch.int32).reshape(*lead, x.shape[-1])
+    return scale.reshape(lead), L.reshape(*lead, x.shape[-1])
 
 
 def make_qkx3_quants(
@@ -376,6 +423,8 @@ def make_qkx3_quants(
 
     L = quant(iscale)
     best_mad = mad_of(scale, mn, L.float())
+    # L of the winner is re-derived at the end from its iscale and the min it was computed with
+    best_isc, best_off = iscale, mn
     if nstep >= 1:
         for is_ in range(nstep + 1):
             # as in C, `min` (hence the range and the offsets) is the best candidate's so far
@@ -395,10 +444,12 @@ def make_qkx3_quants(
             this_scale = torch.where(pos, div(sum_xl, sum_l2), this_scale)
             mad = mad_of(this_scale, this_min, lf)
             better = (D > 0) & (mad < best_mad) & ~degenerate
-            L = torch.where(better, laux, L)
+            best_isc = torch.where(better, isc, best_isc)
+            best_off = torch.where(better, mn, best_off)
             best_mad = torch.where(better, mad, best_mad)
             scale = torch.where(better, this_scale, scale)
             mn = torch.where(better, this_min, mn)
+        L = nearest_int(best_isc * (xt - best_off)).clamp(0, nmax)
     L = torch.where(degenerate, torch.zeros_like(L), L)
     scale = torch.where(degenerate, torch.zeros_like(scale), scale)
     return scale.reshape(lead), (-mn).reshape(lead), _unpm(L, lead).to(torch.int32)
@@ -458,12 +509,14 @@ def best_index_int8(values: Tensor | tuple[int, ...], x: Tensor) -> Tensor:
 def seq_sum_rows(x: Tensor) -> Tensor:
     """Sequential float32 sum of each row of a 2-D tensor (``s = 0; for j: s += x[j]``), for long rows.
 
-    On CPU through numpy's add.accumulate, which runs strictly left to right in float32 (torch.cumsum
-    accumulates in double); elsewhere a loop over the columns."""
-    if x.device.type == "cpu":
-        a = x.detach().float().contiguous().numpy()
-        if a.shape[1] == 0:
-            return torch.zeros(a.shape[0], dtype=torch.float32)
-        acc = np.add.accumulate(a, axis=1, dtype=np.float32)[:, -1]
-        return torch.from_numpy(acc.copy()) + 0.0  # + 0.0: C starts from 0.0f (-0.0 -> +0.0)
-    return seq_sum_pm(x.float().t())
+    On the CPU through numpy's add.accumulate, which runs strictly left to right in float32
+    (torch.cumsum accumulates in double). On a GPU a loop over the columns costs one kernel launch per
+    column, so few long rows go through the CPU instead; many rows stay on the device."""
+    rows, n = x.shape
+    if x.device.type != "cpu" and rows >= 4096:
+        return seq_sum_pm(x.float().t().contiguous()) if n else torch.zeros(rows, device=x.device)
+    a = x.detach().float().contiguous().cpu().numpy()
+    if n == 0:
+        return torch.zeros(rows, dtype=torch.float32, device=x.device)
+    acc = np.add.accumulate(a, axis=1, dtype=np.float32)[:, -1]
+    return torch.from_numpy(acc.copy()).to(x.device) + 0.0  # + 0.0: C starts from 0.0f (-0.0 -> +0.0)

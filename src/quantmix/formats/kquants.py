@@ -2,10 +2,12 @@
 
 Why it looks the way it does: the reference quantizers run in plain IEEE float32 with every sum
 accumulated in loop order, so byte-exactness means repeating that arithmetic op for op. Every reduction
-here is therefore an explicit loop over the positions of a block (or over candidate scales), each step
-vectorized over all super-blocks of all rows (and over the candidate scales of a search). Divisions are
-always tensor / tensor (torch rewrites some divisions by a scalar into a multiplication by a reciprocal),
-and no fused multiply-add is ever used.
+here is an explicit loop over the positions of a block, each step vectorized over all super-blocks of all
+rows (position-major tensors [n, blocks], so each step reads one contiguous slice). Candidate-scale searches
+run side by side where the C candidates are independent (make_qx_quants, make_qp_quants) and in sequence
+where they are not (make_qkx2/3: an accepted candidate moves ``min`` for all later ones). Divisions go
+through common.div / rdiv (never a reciprocal), square roots through common.sqrt32 (torch's float32 CPU
+sqrt is not correctly rounded), and no fused multiply-add is ever used.
 
 Dispatch follows ``ggml_quantize_chunk``: without an importance matrix every type runs its
 ``quantize_row_*_ref``; with one it runs ``quantize_row_*_impl`` (Q6_K's impl without weights equals its ref).
@@ -13,70 +15,39 @@ Dispatch follows ``ggml_quantize_chunk``: without an importance matrix every typ
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from quantmix.formats import common as C
+from quantmix.formats.api import register_numerics
 from quantmix.formats.registry import QK_K
 
 F32 = torch.float32
-GROUP_MAX_EPS = float(np.float32(1e-15))
-_CHUNK = 2048  # super-blocks processed at once (bounds the candidate-search tensors to tens of MB)
+GROUP_MAX_EPS = C.GROUP_MAX_EPS
 
 # bytes per super-block, from ggml-common.h
 TYPE_SIZE = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 
 
 # ----------------------------------------------------------------------------------------------------
-# scalar-exact helpers
+# helpers (the generic ones come from formats.common)
 # ----------------------------------------------------------------------------------------------------
-def _f32(v: float) -> float:
-    """A Python float holding exactly the float32 value C would use for the literal ``v``."""
-    return float(np.float32(v))
-
-
-def _full(like: Tensor, v: float) -> Tensor:
-    return torch.full_like(like, _f32(v), dtype=F32)
-
-
-def _div(a: Tensor | float, b: Tensor) -> Tensor:
-    """IEEE float32 a / b with both operands materialized, so torch never swaps in a reciprocal."""
-    if not isinstance(a, Tensor):
-        a = _full(b, a)
-    a, b = torch.broadcast_tensors(a, b)
-    return torch.div(a.contiguous(), b.contiguous())
-
-
-def _sqrt(v: Tensor) -> Tensor:
-    """Correctly rounded float32 sqrtf. torch's own float32 CPU sqrt is off by one ulp for ~17% of inputs;
-    a float64 sqrt rounded once to float32 is exact (53 >= 2*24 + 2 bits)."""
-    return torch.sqrt(v.to(torch.float64)).to(F32)
-
-
 def _nearest_int(v: Tensor) -> Tensor:
-    """ggml's nearest_int: add 1.5*2^23 and read the low mantissa bits (int32), wrap-around included.
+    """common.nearest_int, with NaN -> 0 as on x86 (whose default NaN has mantissa 0x400000).
 
-    NaN maps to 0, which is what x86 gives (its default NaN has mantissa 0x400000); on CUDA the NaN bit
-    pattern differs, so it is fixed here explicitly.
-    """
-    bits = (v + 12582912.0).view(torch.int32)
-    r = (bits & 0x7FFFFF) - 0x400000
+    NaN does reach nearest_int here (e.g. Q3_K's second-level make_qx_quants on scales that are inf/inf
+    for rows near 1e30); CUDA's NaN bit pattern would give 4194303 instead."""
+    r = C.nearest_int(v)
     return torch.where(torch.isnan(v), torch.zeros_like(r), r)
 
 
-def _fp16_bits(v: Tensor) -> Tensor:
-    """ggml_compute_fp32_to_fp16 as int32 bits (round to nearest even, overflow to inf, NaN -> 0x7E00|sign)."""
-    h = v.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
-    sign = (v.view(torch.int32) >> 16) & 0x8000
-    return torch.where(torch.isnan(v), sign | 0x7E00, h)
-
-
-def _fp16_to_f32(bits: Tensor) -> Tensor:
-    """fp16 bits (int) -> float32 value, exact."""
-    b = bits.to(torch.int32) & 0xFFFF
-    return torch.where(b >= 0x8000, b - 0x10000, b).to(torch.int16).view(torch.float16).to(F32)
+def _fp16(v: Tensor) -> Tensor:
+    """GGML_FP32_TO_FP16 as int32 bits 0..65535."""
+    return C.fp32_to_fp16_bits(v).to(torch.int32) & 0xFFFF
 
 
 def _u8(v: Tensor) -> Tensor:
@@ -84,104 +55,103 @@ def _u8(v: Tensor) -> Tensor:
     return v & 0xFF
 
 
-def _i8(v: Tensor) -> Tensor:
-    """C's conversion of an int to int8_t (modulo 256, two's complement)."""
-    return ((v + 128) & 0xFF) - 128
+def _pm(x: Tensor) -> Tensor:
+    """[..., n] -> contiguous position-major [n, M] (M = all blocks), so each position is one slice."""
+    return x.reshape(-1, x.shape[-1]).t().contiguous()
 
 
-def _le16(bits: Tensor) -> Tensor:
-    """fp16 bits [...] -> two little-endian bytes [..., 2]."""
-    return torch.stack([bits & 0xFF, (bits >> 8) & 0xFF], dim=-1)
+def _unpm(t: Tensor, lead: torch.Size) -> Tensor:
+    return t.t().reshape(*lead, t.shape[0])
 
 
-def _seq_sum(t: Tensor) -> Tensor:
-    """Sum over the last axis in loop order, starting from 0.0 (as ``float s = 0; s += t[i]``)."""
-    t = t.movedim(-1, 0).contiguous()
-    acc = torch.zeros(t.shape[1:], dtype=F32, device=t.device)
-    for i in range(t.shape[0]):
-        acc = acc + t[i]
-    return acc
+def _max_abs_first(xt: Tensor) -> tuple[Tensor, Tensor]:
+    """``amax = max = 0; for i: if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }`` over dim 0.
+
+    Written as the loop (not argmax) because x can hold NaN here, which C's ``>`` skips."""
+    amax = torch.zeros(xt.shape[1:], dtype=F32, device=xt.device)
+    mx = torch.zeros_like(amax)
+    for i in range(xt.shape[0]):
+        ax = xt[i].abs()
+        upd = ax > amax
+        amax = torch.where(upd, ax, amax)
+        mx = torch.where(upd, xt[i], mx)
+    return amax, mx
 
 
-def _seq_max_first(t: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-    """``if (key[i] > best) { best = key[i]; val = t[i]; }`` from best = val = 0, over the last axis."""
-    best = torch.zeros(t.shape[:-1], dtype=F32, device=t.device)
-    val = torch.zeros_like(best)
-    for i in range(t.shape[-1]):
-        upd = key[..., i] > best
-        best = torch.where(upd, key[..., i], best)
-        val = torch.where(upd, t[..., i], val)
-    return best, val
+def _max_first(v: Tensor) -> Tensor:
+    """``m = 0; for j: if (v[j] > m) m = v[j];`` over the last axis (NaN never taken)."""
+    m = torch.zeros(v.shape[:-1], dtype=F32, device=v.device)
+    for j in range(v.shape[-1]):
+        m = torch.where(v[..., j] > m, v[..., j], m)
+    return m
 
 
 # ----------------------------------------------------------------------------------------------------
-# the block quantizers of ggml-quants.c, vectorized over their leading axes
+# the group solvers of ggml-quants.c that only the K-quants use (make_qkx2/3 is common.make_qkx3_quants:
+# for finite x with explicit weights the two C functions are the same computation)
 # ----------------------------------------------------------------------------------------------------
 def make_qx_quants(x: Tensor, nmax: int, w: Tensor) -> tuple[Tensor, Tensor]:
     """make_qx_quants with rmse_type 1 (the only one the K-quants use); ``w`` = qw, or x*x when qw is NULL.
 
     x, w: [..., n]. Returns (scale [...], L [..., n] int32 in 0..2*nmax-1; all 0 for an all-zero group).
+    Unlike common.make_qx_quants this one is NaN-exact (Q3_K runs it on scales that may be NaN) and
+    evaluates the 19 candidate scales side by side (they all divide the same fixed max).
     """
-    n = x.shape[-1]
-    amax, mx = _seq_max_first(x, x.abs())
+    lead = x.shape[:-1]
+    xt, wt = _pm(x), _pm(w)
+    amax, mx = _max_abs_first(xt)
     zero = amax < GROUP_MAX_EPS
     # candidate 0 is the plain -nmax/max, then is = -9..9 without 0
-    nums = [_f32(-nmax)] + [
-        float(-(np.float32(nmax) + np.float32(0.1) * np.float32(i))) for i in range(-9, 10) if i != 0
+    nums = [C.f32(-nmax)] + [
+        C.f32(-(np.float32(nmax) + np.float32(0.1) * np.float32(i))) for i in range(-9, 10) if i != 0
     ]
     nc = len(nums)
-    num_t = torch.tensor(nums, dtype=F32, device=x.device)
-    iscale = _div(num_t.expand(*mx.shape, nc), mx.unsqueeze(-1).expand(*mx.shape, nc))  # [..., C]
-    l = _nearest_int(iscale.unsqueeze(-1) * x.unsqueeze(-2)).clamp_(-nmax, nmax - 1)  # [..., C, n]
-    lf = l.to(F32)
-    wx = w * x
-    sumlx = torch.zeros(iscale.shape, dtype=F32, device=x.device)
-    suml2 = torch.zeros_like(sumlx)
-    for i in range(n):
-        li = lf[..., i]
-        sumlx = sumlx + wx[..., i : i + 1] * li
-        suml2 = suml2 + (w[..., i : i + 1] * li) * li
-    s0, l0 = sumlx[..., 0], suml2[..., 0]
-    scale = torch.where(l0 != 0, _div(s0, l0), torch.zeros_like(s0))
+    num_t = torch.tensor(nums, dtype=F32, device=x.device).unsqueeze(1).expand(nc, mx.shape[0])
+    iscale = C.div(num_t.contiguous(), mx.unsqueeze(0).expand(nc, -1).contiguous())  # [C, M]
+    # |iscale*x| <= nmax + 1 here, where nearest_int is exactly round-half-even (torch.round); a NaN
+    # (from NaN x) is 0 in C, which nan_to_num gives after the clamp (that leaves NaN alone).
+    lf = torch.round(iscale.unsqueeze(0) * xt.unsqueeze(1)).clamp_(-nmax, nmax - 1).nan_to_num_(nan=0.0)  # [n, C, M]
+    sumlx = C.seq_sum_pm((wt * xt).unsqueeze(1) * lf)  # (w*x)*l, C's order
+    suml2 = C.seq_sum_pm((wt.unsqueeze(1) * lf) * lf)
+    s0, l0 = sumlx[0], suml2[0]
+    scale = C.nonzero_or(l0, C.div(s0, l0))
     best = scale * s0
     bi = torch.zeros(mx.shape, dtype=torch.int64, device=x.device)
     for c in range(1, nc):
-        sx, s2 = sumlx[..., c], suml2[..., c]
+        sx, s2 = sumlx[c], suml2[c]
         ok = (s2 > 0) & ((sx * sx) > (best * s2))
-        new_scale = _div(sx, s2)
-        scale = torch.where(ok, new_scale, scale)
+        scale = torch.where(ok, C.div(sx, s2), scale)
         best = torch.where(ok, scale * sx, best)
         bi = torch.where(ok, torch.full_like(bi, c), bi)
-    L = torch.gather(l, -2, bi[..., None, None].expand(*bi.shape, 1, n)).squeeze(-2) + nmax
-    L = torch.where(zero.unsqueeze(-1), torch.zeros_like(L), L)
+    L = lf.gather(1, bi.view(1, 1, -1).expand(lf.shape[0], 1, -1)).squeeze(1).to(torch.int32) + nmax  # [n, M]
+    L = torch.where(zero.unsqueeze(0), torch.zeros_like(L), L)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
-    return scale, L
+    return scale.reshape(lead), _unpm(L, lead)
 
 
 def make_q3_quants(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
     """make_q3_quants with do_rmse = true (Q3_K without imatrix). x: [..., n] -> (scale, L in 0..2*nmax-1)."""
-    n = x.shape[-1]
-    amax, mx = _seq_max_first(x, x.abs())
+    lead = x.shape[:-1]
+    xt = _pm(x)
+    n = xt.shape[0]
+    amax, mx = _max_abs_first(xt)
     zero = amax < GROUP_MAX_EPS
-    iscale = _div(float(-nmax), mx)
-    L = _nearest_int(iscale.unsqueeze(-1) * x).clamp_(-nmax, nmax - 1)
-    w = x * x
-    wx = w * x
-    sumlx = torch.zeros(mx.shape, dtype=F32, device=x.device)
-    suml2 = torch.zeros_like(sumlx)
-    Lf = L.to(F32)
-    for i in range(n):
-        sumlx = sumlx + wx[..., i] * Lf[..., i]
-        suml2 = suml2 + (w[..., i] * Lf[..., i]) * Lf[..., i]
-    cols = [L[..., i] for i in range(n)]
-    # 5 passes; the C loop stops early after a pass without change, which a further pass would repeat
+    iscale = C.rdiv(float(-nmax), mx)
+    Lt = _nearest_int(iscale.unsqueeze(0) * xt).clamp_(-nmax, nmax - 1)
+    w = xt * xt
+    wx = w * xt
+    Lf = Lt.to(F32)
+    sumlx = C.seq_sum_pm(wx * Lf)
+    suml2 = C.seq_sum_pm((w * Lf) * Lf)
+    cols = list(Lt.unbind(0))
+    # 5 passes; C stops after a pass without change, and a further pass from that state changes nothing
     for _ in range(5):
         for i in range(n):
-            xi, wi, wxi = x[..., i], w[..., i], wx[..., i]
+            xi, wi, wxi = xt[i], w[i], wx[i]
             Li = cols[i].to(F32)
             slx = sumlx - wxi * Li
             sl2 = suml2 - (wi * Li) * Li
-            new_l = _nearest_int(_div(xi * sl2, slx)).clamp_(-nmax, nmax - 1)
+            new_l = _nearest_int(C.div(xi * sl2, slx)).clamp_(-nmax, nmax - 1)
             nlf = new_l.to(F32)
             slx2 = slx + wxi * nlf
             sl22 = sl2 + (wi * nlf) * nlf
@@ -189,123 +159,52 @@ def make_q3_quants(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
             cols[i] = torch.where(upd, new_l, cols[i])
             sumlx = torch.where(upd, slx2, sumlx)
             suml2 = torch.where(upd, sl22, suml2)
-    L = torch.stack(cols, dim=-1) + nmax
-    scale = torch.where(suml2 > 0, _div(sumlx, suml2), torch.zeros_like(sumlx))
-    L = torch.where(zero.unsqueeze(-1), torch.zeros_like(L), L)
+    L = torch.stack(cols, dim=0) + nmax
+    scale = torch.where(suml2 > 0, C.div(sumlx, suml2), torch.zeros_like(sumlx))
+    L = torch.where(zero.unsqueeze(0), torch.zeros_like(L), L)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
-    return scale, L
-
-
-def make_qkx_quants(
-    x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool, qkx3: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """make_qkx2_quants (qkx3=False) / make_qkx3_quants (qkx3=True): scale and min for one group.
-
-    x, w: [..., n]. Returns (scale [...], the_min [...] (= -min, >= 0), L [..., n] int32 in 0..nmax).
-    """
-    n = x.shape[-1]
-    mn = x[..., 0]
-    mx = x[..., 0]
-    sum_w = w[..., 0]
-    sum_x = sum_w * x[..., 0]
-    for i in range(1, n):
-        xi, wi = x[..., i], w[..., i]
-        mn = torch.where(xi < mn, xi, mn)
-        mx = torch.where(xi > mx, xi, mx)
-        sum_w = sum_w + wi
-        sum_x = sum_x + wi * xi
-    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
-    flat = (mx <= mn) if qkx3 else (mx == mn)
-    xm = x - mn.unsqueeze(-1)
-    rng = mx - mn
-
-    def err(scale: Tensor, minv: Tensor, lf: Tensor) -> Tensor:
-        """sum_i w_i * f(scale*L_i + min - x_i), f = |.| or square, in loop order."""
-        diff = (scale.unsqueeze(-1) * lf + minv.unsqueeze(-1)) - x
-        diff = diff.abs() if use_mad else diff * diff
-        return _seq_sum(w * diff)
-
-    iscale = _div(float(nmax), rng)
-    scale = _div(1.0, iscale)
-    L = _nearest_int(iscale.unsqueeze(-1) * xm).clamp_(0, nmax)
-    best = err(scale, mn, L.to(F32))
-    minv = mn
-    # The candidates cannot be evaluated side by side: an accepted one moves ``min``, and every later
-    # candidate's inverse scale and rounding use the moved min, exactly as the C loop does.
-    for step in range(nstep + 1):
-        num = float(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax))
-        iscale = _div(num, mx - minv)
-        laux = _nearest_int(iscale.unsqueeze(-1) * (x - minv.unsqueeze(-1))).clamp_(0, nmax)
-        lf = laux.to(F32)
-        wl = w * lf
-        sums = _seq_sum(torch.stack([wl, wl * lf, wl * x], dim=-2))
-        sum_l, sum_l2, sum_xl = sums.unbind(-1)
-        D = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = _div(sum_w * sum_xl - sum_x * sum_l, D)
-        this_min = _div(sum_l2 * sum_x - sum_l * sum_xl, D)
-        pos = this_min > 0
-        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-        this_scale = torch.where(pos, _div(sum_xl, sum_l2), this_scale)
-        cur = err(this_scale, this_min, lf)
-        ok = (D > 0) & (cur < best)
-        L = torch.where(ok.unsqueeze(-1), laux, L)
-        best = torch.where(ok, cur, best)
-        scale = torch.where(ok, this_scale, scale)
-        minv = torch.where(ok, this_min, minv)
-    L = torch.where(flat.unsqueeze(-1), torch.zeros_like(L), L)
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
-    minv = torch.where(flat, mn, minv)
-    return scale, -minv, L
+    return scale.reshape(lead), _unpm(L, lead)
 
 
 def make_qp_quants(x: Tensor, nmax: int, w: Tensor) -> tuple[Tensor, Tensor]:
-    """make_qp_quants: quantize non-negative group scales to 0..nmax. x, w: [..., n] -> (scale, L uint8 values)."""
-    n = x.shape[-1]
-    mx = torch.zeros(x.shape[:-1], dtype=F32, device=x.device)
+    """make_qp_quants: quantize non-negative group scales to 0..nmax. x, w: [..., n] -> (scale, L uint8 values).
+
+    C stores L in uint8_t while its first sums use the int, so both are kept where they can differ."""
+    lead = x.shape[:-1]
+    xt, wt = _pm(x), _pm(w)
+    n = xt.shape[0]
+    mx = torch.zeros(xt.shape[1:], dtype=F32, device=x.device)
     for i in range(n):
-        mx = torch.where(mx > x[..., i], mx, x[..., i])  # MAX(max, x[i])
+        mx = torch.where(mx > xt[i], mx, xt[i])  # MAX(max, x[i])
     zero = mx < GROUP_MAX_EPS
-    wx = w * x
+    wx = wt * xt
 
-    def mse(iscale: Tensor, scale: Tensor, clamp: bool, trunc: bool) -> Tensor:
-        l = _nearest_int(iscale.unsqueeze(-1) * x)
-        if clamp:
-            l = l.clamp(max=nmax)
-        if trunc:
-            l = _u8(l)
-        lf = l.to(F32)
-        acc = torch.zeros_like(mx)
-        for i in range(n):
-            diff = x[..., i] - scale * lf[..., i]
-            acc = acc + (w[..., i] * diff) * diff
-        return acc
+    def mse(iscale: Tensor, scale: Tensor, l: Tensor) -> Tensor:
+        diff = xt - scale * l.to(F32)
+        return C.seq_sum_pm((wt * diff) * diff)
 
-    iscale = _div(float(nmax), mx)
-    best = mse(iscale, _div(1.0, iscale), clamp=False, trunc=True)
-    for k in range(-4, 5):
+    iscale = C.rdiv(float(nmax), mx)
+    best = mse(iscale, C.rdiv(1.0, iscale), _u8(_nearest_int(iscale * xt)))
+    for k in range(-4, 5):  # the candidates share max, so only the pick is sequential
         if k == 0:
             continue
-        num = float(np.float32(0.1) * np.float32(k) + np.float32(nmax))
-        iscale_is = _div(num, mx)
-        m = mse(iscale_is, _div(1.0, iscale_is), clamp=True, trunc=False)
+        iscale_is = C.rdiv(C.f32(np.float32(0.1) * np.float32(k) + np.float32(nmax)), mx)
+        m = mse(iscale_is, C.rdiv(1.0, iscale_is), _nearest_int(iscale_is * xt).clamp(max=nmax))
         ok = m < best
         best = torch.where(ok, m, best)
         iscale = torch.where(ok, iscale_is, iscale)
-    l = _nearest_int(iscale.unsqueeze(-1) * x).clamp(max=nmax)
+    l = _nearest_int(iscale * xt).clamp(max=nmax)
     lf = l.to(F32)
-    sumlx = torch.zeros_like(mx)
-    suml2 = torch.zeros_like(mx)
-    for i in range(n):
-        sumlx = sumlx + wx[..., i] * lf[..., i]
-        suml2 = suml2 + (w[..., i] * lf[..., i]) * lf[..., i]
-    cols = [_u8(l[..., i]) for i in range(n)]
-    for _ in range(5):  # see make_q3_quants: extra passes after a pass without change are no-ops
+    sumlx = C.seq_sum_pm(wx * lf)
+    suml2 = C.seq_sum_pm((wt * lf) * lf)
+    cols = list(_u8(l).unbind(0))
+    for _ in range(5):  # as in make_q3_quants, passes after one without change are no-ops
         for i in range(n):
-            xi, wi, wxi = x[..., i], w[..., i], wx[..., i]
+            xi, wi, wxi = xt[i], wt[i], wx[i]
             Li = cols[i].to(F32)
             slx = sumlx - wxi * Li
             sl2 = suml2 - (wi * Li) * Li
-            new_l = _nearest_int(_div(xi * sl2, slx)).clamp(max=nmax)
+            new_l = _nearest_int(C.div(xi * sl2, slx)).clamp(max=nmax)
             nlf = new_l.to(F32)
             slx2 = slx + wxi * nlf
             sl22 = sl2 + (wi * nlf) * nlf
@@ -313,11 +212,18 @@ def make_qp_quants(x: Tensor, nmax: int, w: Tensor) -> tuple[Tensor, Tensor]:
             cols[i] = torch.where(upd, _u8(new_l), cols[i])
             sumlx = torch.where(upd, slx2, sumlx)
             suml2 = torch.where(upd, sl22, suml2)
-    L = torch.stack(cols, dim=-1)
-    scale = torch.where(suml2 > 0, _div(sumlx, suml2), torch.zeros_like(sumlx))
-    L = torch.where(zero.unsqueeze(-1), torch.zeros_like(L), L)
+    L = torch.stack(cols, dim=0)
+    scale = torch.where(suml2 > 0, C.div(sumlx, suml2), torch.zeros_like(sumlx))
+    L = torch.where(zero.unsqueeze(0), torch.zeros_like(L), L)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
-    return scale, L
+    return scale.reshape(lead), _unpm(L, lead)
+
+
+def make_qkx_quants(
+    x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """make_qkx2_quants / make_qkx3_quants (identical for finite x with weights): (scale, the_min, L)."""
+    return C.make_qkx3_quants(x, nmax, w, rmin, rdelta, nstep, use_mad)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -377,114 +283,120 @@ def _bytes(*parts: Tensor) -> Tensor:
 # per-type block quantizers: x [B, 256] float32, qw [B, 256] or None -> [B, type_size] uint8
 # ----------------------------------------------------------------------------------------------------
 def _sigma2(x: Tensor, factor: int) -> Tensor:
-    """``factor*sum(x^2)/QK_K`` with the sum in loop order over the super-block (the imatrix paths)."""
-    s = _seq_sum(x * x)
+    """``factor*sum(x^2)/QK_K`` per super-block, the sum in loop order (the imatrix paths)."""
+    s = C.seq_sum_pm(_pm(x * x))
     if factor != 1:
         s = float(factor) * s
-    return _div(s, _full(s, float(QK_K)))
+    return C.div(s, float(QK_K))
+
+
+def _imatrix_weights(xs: Tensor, qw: Tensor, sigma2: Tensor) -> Tensor:
+    """``qw[i] * sqrtf(sigma2 + x[i]*x[i])``: the weights of the imatrix paths of Q2_K..Q5_K."""
+    return qw.view(xs.shape) * C.sqrt32(sigma2.view(-1, 1, 1) + xs * xs)
 
 
 def _requant_min(xs: Tensor, d: Tensor, dmin: Tensor, sc: Tensor, m: Tensor, L: Tensor, nmax: int) -> Tensor:
-    """The final pass of the scale+min types: L = clamp(nearest_int((x + dmin*m)/(d*sc))), skipped where d*sc == 0."""
+    """Final pass of the scale+min types: L = clamp(nearest_int((x + dmin*m)/(d*sc))), kept where d*sc == 0."""
     dq = d.unsqueeze(-1) * sc.to(F32)
     dm = dmin.unsqueeze(-1) * m.to(F32)
-    lnew = _nearest_int(_div(xs + dm.unsqueeze(-1), dq.unsqueeze(-1).expand_as(xs))).clamp_(0, nmax)
+    lnew = _nearest_int(C.div(xs + dm.unsqueeze(-1), dq.unsqueeze(-1).expand_as(xs).contiguous())).clamp_(0, nmax)
+    return torch.where((dq == 0).unsqueeze(-1), L, lnew)
+
+
+def _requant_sym(xs: Tensor, d: Tensor, sc: Tensor, L: Tensor, lo: int, hi: int) -> Tensor:
+    """Final pass of Q3_K / Q6_K: L = clamp(nearest_int(x/(d*sc))) - lo, kept where d*sc == 0."""
+    dq = d.unsqueeze(-1) * sc.to(F32)
+    lnew = _nearest_int(C.div(xs, dq.unsqueeze(-1).expand_as(xs).contiguous())).clamp_(lo, hi) - lo
     return torch.where((dq == 0).unsqueeze(-1), L, lnew)
 
 
 def _q2_k(x: Tensor, qw: Tensor | None) -> Tensor:
     B = x.shape[0]
     xs = x.view(B, 16, 16)
-    if qw is None:
-        scales, mins, L = make_qkx_quants(xs, xs.abs(), 3, -0.5, 0.1, 15, use_mad=True, qkx3=False)
-        max_scale, _ = _seq_max_first(scales, scales)
-        max_min, _ = _seq_max_first(mins, mins)
+    if qw is None:  # quantize_row_q2_K_ref
+        scales, mins, L = make_qkx_quants(xs, xs.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+        max_scale, max_min = _max_first(scales), _max_first(mins)
         has_s, has_m = max_scale > 0, max_min > 0
-        ls = _u8(_nearest_int(_div(15.0, max_scale).unsqueeze(-1) * scales))
+        ls = _u8(_nearest_int(C.rdiv(15.0, max_scale).unsqueeze(-1) * scales))
         ls = torch.where(has_s.unsqueeze(-1), ls, torch.zeros_like(ls))
-        lm = _nearest_int(_div(15.0, max_min).unsqueeze(-1) * mins)
+        lm = _nearest_int(C.rdiv(15.0, max_min).unsqueeze(-1) * mins)
         sc = torch.where(has_m.unsqueeze(-1), _u8(ls | (lm << 4)), ls)
         zero = torch.zeros_like(max_scale)
-        d_bits = _fp16_bits(torch.where(has_s, _div(max_scale, _full(max_scale, 15.0)), zero))
-        m_bits = _fp16_bits(torch.where(has_m, _div(max_min, _full(max_min, 15.0)), zero))
-    else:
-        sigma2 = _sigma2(x, 1)
-        weight = qw.view(B, 16, 16) * _sqrt(sigma2[:, None, None] + xs * xs)
-        sw = _seq_sum(weight)
-        scales, mins, L = make_qkx_quants(xs, weight, 3, -0.9, 0.05, 36, use_mad=False, qkx3=True)
+        d_bits = _fp16(torch.where(has_s, C.div(max_scale, 15.0), zero))
+        m_bits = _fp16(torch.where(has_m, C.div(max_min, 15.0), zero))
+    else:  # quantize_row_q2_K_impl
+        weight = _imatrix_weights(xs, qw, _sigma2(x, 1))
+        sw = C.seq_sum_pm(_pm(weight)).view(B, 16)
+        scales, mins, L = make_qkx_quants(xs, weight, 3, -0.9, 0.05, 36, use_mad=False)
         dm, Ls = make_qp_quants(scales, 15, sw)
         mm, Lm = make_qp_quants(mins, 15, sw)
-        d_bits, m_bits = _fp16_bits(dm), _fp16_bits(mm)
+        d_bits, m_bits = _fp16(dm), _fp16(mm)
         sc = _u8(Ls | (Lm << 4))
-    L = _requant_min(xs, _fp16_to_f32(d_bits), _fp16_to_f32(m_bits), sc & 0xF, sc >> 4, L, 3)
-    return _bytes(sc, _pack_2bit(L.reshape(B, QK_K)), _le16(d_bits), _le16(m_bits))
+    d, dmin = C.fp16_bits_to_fp32(d_bits), C.fp16_bits_to_fp32(m_bits)
+    L = _requant_min(xs, d, dmin, sc & 0xF, sc >> 4, L, 3)
+    return _bytes(sc, _pack_2bit(L.reshape(B, QK_K)), C.pack_u16(d_bits), C.pack_u16(m_bits))
 
 
 def _q3_k(x: Tensor, qw: Tensor | None) -> Tensor:
     B = x.shape[0]
     xs = x.view(B, 16, 16)
-    if qw is None:
+    if qw is None:  # quantize_row_q3_K_ref
         scales, L = make_q3_quants(xs, 4)
-        _, max_scale = _seq_max_first(scales, scales.abs())
-        nonzero = max_scale != 0
-        iscale = _div(-32.0, max_scale)
-        l6 = _i8(_nearest_int(iscale.unsqueeze(-1) * scales)).clamp_(-32, 31) + 32
-        l6 = torch.where(nonzero.unsqueeze(-1), l6, torch.zeros_like(l6))
+        _, max_scale = _max_abs_first(scales.t())
+        nonzero = max_scale != 0  # C's `if (max_scale)`: NaN counts as true
+        iscale = C.rdiv(-32.0, max_scale)
+        l6 = C.as_int8(_nearest_int(iscale.unsqueeze(-1) * scales)).clamp_(-32, 31) + 32
         packed = _pack_q3_scales(l6)
         packed = torch.where(nonzero.unsqueeze(-1), packed, torch.zeros_like(packed))
-        d_bits = _fp16_bits(torch.where(nonzero, _div(1.0, iscale), torch.zeros_like(iscale)))
-    else:
-        sigma2 = _sigma2(x, 2)
-        weight = qw.view(B, 16, 16) * _sqrt(sigma2[:, None, None] + xs * xs)
-        sw = _seq_sum(weight)
+        d_bits = _fp16(torch.where(nonzero, C.rdiv(1.0, iscale), torch.zeros_like(iscale)))
+    else:  # quantize_row_q3_K_impl
+        weight = _imatrix_weights(xs, qw, _sigma2(x, 2))
+        sw = C.seq_sum_pm(_pm(weight)).view(B, 16)
         scales, L = make_qx_quants(xs, 4, weight)
         d_block, Ls = make_qx_quants(scales, 32, sw)
         packed = _pack_q3_scales(Ls)
-        d_bits = _fp16_bits(d_block)
+        d_bits = _fp16(d_block)
     sc = _unpack_q3_scales(packed)
-    dq = _fp16_to_f32(d_bits).unsqueeze(-1) * sc.to(F32)
-    lnew = _nearest_int(_div(xs, dq.unsqueeze(-1).expand_as(xs))).clamp_(-4, 3) + 4
-    L = torch.where((dq == 0).unsqueeze(-1), L, lnew).reshape(B, QK_K)
-    # high bit of quant j goes to hmask[j % 32], bit j / 32
+    L = _requant_sym(xs, C.fp16_bits_to_fp32(d_bits), sc, L, -4, 3).reshape(B, QK_K)
+    # the high bit of quant j goes to hmask[j % 32], bit j / 32
     high = (L > 3).to(torch.int32).view(B, 8, 32)
     hmask = torch.zeros((B, 32), dtype=torch.int32, device=x.device)
     for b in range(8):
         hmask = hmask | (high[:, b] << b)
-    return _bytes(hmask, _pack_2bit(L & 3), packed, _le16(d_bits))
+    return _bytes(hmask, _pack_2bit(L & 3), packed, C.pack_u16(d_bits))
 
 
 def _q45_k(x: Tensor, qw: Tensor | None, nmax: int) -> Tensor:
     """Q4_K (nmax 15) and Q5_K (nmax 31): 8 groups of 32 with 6-bit scales and mins."""
     B = x.shape[0]
     xs = x.view(B, 8, 32)
-    if qw is None:
-        av_x = _sqrt(_div(_seq_sum(xs * xs), _full(xs[..., 0], 32.0)))
+    if qw is None:  # quantize_row_q{4,5}_K_ref
+        av_x = C.sqrt32(C.div(C.seq_sum_pm(_pm(xs * xs)).view(B, 8), 32.0))
         weights = av_x.unsqueeze(-1) + xs.abs()
         rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
-        scales, mins, L = make_qkx_quants(xs, weights, nmax, rmin, 0.1, nstep, use_mad=False, qkx3=False)
-        max_scale, _ = _seq_max_first(scales, scales)
-        max_min, _ = _seq_max_first(mins, mins)
+        scales, mins, L = make_qkx_quants(xs, weights, nmax, rmin, 0.1, nstep, use_mad=False)
+        max_scale, max_min = _max_first(scales), _max_first(mins)
         zero = torch.zeros_like(max_scale)
-        inv_scale = torch.where(max_scale > 0, _div(63.0, max_scale), zero)
-        inv_min = torch.where(max_min > 0, _div(63.0, max_min), zero)
+        inv_scale = torch.where(max_scale > 0, C.rdiv(63.0, max_scale), zero)
+        inv_min = torch.where(max_min > 0, C.rdiv(63.0, max_min), zero)
         ls = _u8(_nearest_int(inv_scale.unsqueeze(-1) * scales)).clamp_(max=63)
         lm = _u8(_nearest_int(inv_min.unsqueeze(-1) * mins)).clamp_(max=63)
-        d_bits = _fp16_bits(_div(max_scale, _full(max_scale, 63.0)))
-        m_bits = _fp16_bits(_div(max_min, _full(max_min, 63.0)))
-    else:
-        sigma2 = _sigma2(x, 2)
-        weights = qw.view(B, 8, 32) * _sqrt(sigma2[:, None, None] + xs * xs)
-        sw = _seq_sum(weights)
-        scales, mins, L = make_qkx_quants(xs, weights, nmax, -0.9, 0.05, 36, use_mad=False, qkx3=True)
+        d_bits = _fp16(C.div(max_scale, 63.0))
+        m_bits = _fp16(C.div(max_min, 63.0))
+    else:  # quantize_row_q{4,5}_K_impl
+        weights = _imatrix_weights(xs, qw, _sigma2(x, 2))
+        sw = C.seq_sum_pm(_pm(weights)).view(B, 8)
+        scales, mins, L = make_qkx_quants(xs, weights, nmax, -0.9, 0.05, 36, use_mad=False)
         d_block, ls = make_qp_quants(scales, 63, sw)
         m_block, lm = make_qp_quants(mins, 63, sw)
-        if nmax == 31:
+        if nmax == 31:  # only the Q5_K impl clamps again
             ls, lm = ls.clamp(max=63), lm.clamp(max=63)
-        d_bits, m_bits = _fp16_bits(d_block), _fp16_bits(m_block)
+        d_bits, m_bits = _fp16(d_block), _fp16(m_block)
     packed = _pack_k4_scales(ls, lm)
     sc, m = _unpack_k4_scales(packed)
-    L = _requant_min(xs, _fp16_to_f32(d_bits), _fp16_to_f32(m_bits), sc, m, L, nmax).reshape(B, 4, 2, 32)
-    head = (_le16(d_bits), _le16(m_bits), packed)
+    d, dmin = C.fp16_bits_to_fp32(d_bits), C.fp16_bits_to_fp32(m_bits)
+    L = _requant_min(xs, d, dmin, sc, m, L, nmax).reshape(B, 4, 2, 32)
+    head = (C.pack_u16(d_bits), C.pack_u16(m_bits), packed)
     if nmax == 15:
         return _bytes(*head, (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(B, 128))
     qh = torch.zeros((B, 32), dtype=torch.int32, device=x.device)
@@ -495,22 +407,21 @@ def _q45_k(x: Tensor, qw: Tensor | None, nmax: int) -> Tensor:
 
 
 def _q6_k(x: Tensor, qw: Tensor | None) -> Tensor:
+    """quantize_row_q6_K_ref / _impl: the imatrix is used as the weights directly."""
     B = x.shape[0]
     xs = x.view(B, 16, 16)
     w = xs * xs if qw is None else qw.view(B, 16, 16)
     scales, L = make_qx_quants(xs, 32, w)
-    max_abs, max_scale = _seq_max_first(scales, scales.abs())
+    max_abs, max_scale = _max_abs_first(scales.t())
     zero = max_abs < GROUP_MAX_EPS
-    iscale = _div(-128.0, max_scale)
-    d_bits = _fp16_bits(_div(1.0, iscale))
-    sc = _i8(_nearest_int(iscale.unsqueeze(-1) * scales).clamp_(max=127))
-    dq = _fp16_to_f32(d_bits).unsqueeze(-1) * sc.to(F32)
-    lnew = _nearest_int(_div(xs, dq.unsqueeze(-1).expand_as(xs))).clamp_(-32, 31) + 32
-    L = torch.where((dq == 0).unsqueeze(-1), L, lnew).reshape(B, 2, 4, 32)
+    iscale = C.rdiv(-128.0, max_scale)
+    d_bits = _fp16(C.rdiv(1.0, iscale))
+    sc = C.as_int8(_nearest_int(iscale.unsqueeze(-1) * scales).clamp_(max=127))
+    L = _requant_sym(xs, C.fp16_bits_to_fp32(d_bits), sc, L, -32, 31).reshape(B, 2, 4, 32)
     ql = torch.cat([(L[:, :, 0] & 0xF) | ((L[:, :, 2] & 0xF) << 4), (L[:, :, 1] & 0xF) | ((L[:, :, 3] & 0xF) << 4)], 2)
     qh = (L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4) | ((L[:, :, 3] >> 4) << 6)
-    out = _bytes(ql.reshape(B, 128), qh.reshape(B, 64), _u8(sc), _le16(d_bits))
-    return torch.where(zero.unsqueeze(-1), torch.zeros_like(out), out)
+    out = _bytes(ql.reshape(B, 128), qh.reshape(B, 64), _u8(sc), C.pack_u16(d_bits))
+    return torch.where(zero.unsqueeze(-1), torch.zeros_like(out), out)  # all-zero block: memset 0
 
 
 _BLOCK_QUANT: dict[str, Callable[[Tensor, Tensor | None], Tensor]] = {
@@ -528,7 +439,7 @@ _BLOCK_QUANT: dict[str, Callable[[Tensor, Tensor | None], Tensor]] = {
 def _deq_q2_k(q: Tensor) -> Tensor:
     q = q.to(torch.int32)
     sc, qs = q[:, :16], q[:, 16:80]
-    d, dmin = _fp16_to_f32(q[:, 80] | (q[:, 81] << 8)), _fp16_to_f32(q[:, 82] | (q[:, 83] << 8))
+    d, dmin = C.fp16_bits_to_fp32(q[:, 80] | (q[:, 81] << 8)), C.fp16_bits_to_fp32(q[:, 82] | (q[:, 83] << 8))
     dl = d.unsqueeze(-1) * (sc & 0xF).to(F32)
     ml = dmin.unsqueeze(-1) * (sc >> 4).to(F32)
     L = _unpack_2bit(qs).view(-1, 16, 16).to(F32)
@@ -538,17 +449,17 @@ def _deq_q2_k(q: Tensor) -> Tensor:
 def _deq_q3_k(q: Tensor) -> Tensor:
     q = q.to(torch.int32)
     hmask, qs, scb = q[:, :32], q[:, 32:96], q[:, 96:108]
-    d = _fp16_to_f32(q[:, 108] | (q[:, 109] << 8))
+    d = C.fp16_bits_to_fp32(q[:, 108] | (q[:, 109] << 8))
     dl = d.unsqueeze(-1) * _unpack_q3_scales(scb).to(F32)
     bits = torch.arange(8, dtype=torch.int32, device=q.device).view(1, 8, 1)
     high = ((hmask.unsqueeze(1) >> bits) & 1).reshape(-1, QK_K)
-    L = (_unpack_2bit(qs) - torch.where(high != 0, 0, 4)).view(-1, 16, 16).to(F32)
+    L = ((_unpack_2bit(qs) | (high << 2)) - 4).view(-1, 16, 16).to(F32)  # a clear high bit means -4
     return (dl.unsqueeze(-1) * L).reshape(-1, QK_K)
 
 
 def _deq_q45_k(q: Tensor, nmax: int) -> Tensor:
     q = q.to(torch.int32)
-    d, dmin = _fp16_to_f32(q[:, 0] | (q[:, 1] << 8)), _fp16_to_f32(q[:, 2] | (q[:, 3] << 8))
+    d, dmin = C.fp16_bits_to_fp32(q[:, 0] | (q[:, 1] << 8)), C.fp16_bits_to_fp32(q[:, 2] | (q[:, 3] << 8))
     sc, m = _unpack_k4_scales(q[:, 4:16])
     if nmax == 15:
         qs = q[:, 16:144].view(-1, 4, 1, 32)
@@ -566,8 +477,8 @@ def _deq_q45_k(q: Tensor, nmax: int) -> Tensor:
 
 def _deq_q6_k(q: Tensor) -> Tensor:
     q = q.to(torch.int32)
-    ql, qh, sc = q[:, :128].view(-1, 2, 2, 32), q[:, 128:192].view(-1, 2, 1, 32), _i8(q[:, 192:208])
-    d = _fp16_to_f32(q[:, 208] | (q[:, 209] << 8))
+    ql, qh, sc = q[:, :128].view(-1, 2, 2, 32), q[:, 128:192].view(-1, 2, 1, 32), C.as_int8(q[:, 192:208])
+    d = C.fp16_bits_to_fp32(q[:, 208] | (q[:, 209] << 8))
     low = torch.stack([ql[:, :, 0] & 0xF, ql[:, :, 1] & 0xF, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], dim=2)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=q.device).view(1, 1, 4, 1)
     L = (low | (((qh >> shifts) & 3) << 4)) - 32  # [B, 2, 4, 32]
@@ -585,50 +496,57 @@ _BLOCK_DEQUANT: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 # ----------------------------------------------------------------------------------------------------
-# row-level entry points
+# row-level entry points, registered with formats.api
 # ----------------------------------------------------------------------------------------------------
-def _check_rows(x: Tensor, qtype: str) -> tuple[int, int]:
-    if x.dim() != 2:
-        raise ValueError(f"{qtype}: expected a 2-D [rows, n_per_row] tensor, got shape {tuple(x.shape)}")
-    rows, n = x.shape
-    if n % QK_K != 0:
-        raise ValueError(f"{qtype}: row length {n} is not a multiple of {QK_K}")
-    return rows, n
+# Super-blocks per solver call. On CPU small chunks keep the candidate tensors in cache; on a GPU large
+# ones amortize the thousands of small kernel launches per call (memory ~1.5 kB per super-block and
+# temporary, so 65536 blocks stay within a few GB).
+CHUNK_BLOCKS = 1024
+CHUNK_BLOCKS_CUDA = 65536
 
 
 def quantize_rows(qtype: str, x: Tensor, imatrix: Tensor | None = None) -> Tensor:
-    """Quantize float32 rows [rows, n] to ``qtype`` bytes [rows, n/256*type_size], as ggml_quantize_chunk does."""
+    """float32 rows [rows, n] -> ``qtype`` bytes uint8 [rows, n/256*type_size], as ggml_quantize_chunk makes them.
+
+    ``imatrix`` [n] selects the quantize_row_*_impl paths. Inputs are assumed checked (formats.api does)."""
     qtype = qtype.upper()
     fn = _BLOCK_QUANT[qtype]
-    rows, n = _check_rows(x, qtype)
-    x = x.to(F32).contiguous()
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{qtype}: input contains NaN or infinite values")
+    rows, n = x.shape
+    if n % QK_K:
+        raise ValueError(f"{qtype}: row length {n} is not a multiple of {QK_K}")
     nb = n // QK_K
-    xb = x.view(rows * nb, QK_K)
+    xb = x.to(F32).contiguous().view(rows * nb, QK_K)
     qwb = None
     if imatrix is not None:
-        imatrix = imatrix.to(device=x.device, dtype=F32).reshape(-1)
-        if imatrix.numel() != n:
-            raise ValueError(f"{qtype}: imatrix has {imatrix.numel()} values, rows have {n}")
-        qwb = imatrix.view(1, nb, QK_K).expand(rows, nb, QK_K).reshape(rows * nb, QK_K)
+        im = imatrix.to(device=x.device, dtype=F32).reshape(1, nb, QK_K)
+        qwb = im.expand(rows, nb, QK_K).reshape(rows * nb, QK_K)
     ts = TYPE_SIZE[qtype]
     out = torch.empty((rows * nb, ts), dtype=torch.uint8, device=x.device)
-    for s in range(0, rows * nb, _CHUNK):
-        e = min(s + _CHUNK, rows * nb)
+    step = CHUNK_BLOCKS if x.device.type == "cpu" else CHUNK_BLOCKS_CUDA
+    for s in range(0, rows * nb, step):
+        e = min(s + step, rows * nb)
         out[s:e] = fn(xb[s:e], None if qwb is None else qwb[s:e])
     return out.view(rows, nb * ts)
 
 
 def dequantize_rows(qtype: str, q: Tensor, n: int) -> Tensor:
-    """Bytes [rows, row_bytes] -> float32 [rows, n], as ggml's dequantize_row_* computes them."""
+    """``qtype`` bytes uint8 [rows, row_bytes] -> float32 [rows, n], as ggml's dequantize_row_* computes them."""
     qtype = qtype.upper()
     ts = TYPE_SIZE[qtype]
-    if n % QK_K != 0:
-        raise ValueError(f"{qtype}: row length {n} is not a multiple of {QK_K}")
     nb = n // QK_K
-    if q.dim() != 2 or q.shape[1] != nb * ts or q.dtype != torch.uint8:
-        raise ValueError(f"{qtype}: expected uint8 [rows, {nb * ts}] for n={n}, got {q.dtype} {tuple(q.shape)}")
+    if n % QK_K or q.dim() != 2 or q.shape[1] != nb * ts:
+        raise ValueError(f"{qtype}: expected uint8 [rows, {nb * ts}] for n={n}, got {tuple(q.shape)}")
     rows = q.shape[0]
-    out = _BLOCK_DEQUANT[qtype](q.reshape(rows * nb, ts))
-    return out.reshape(rows, n)
+    return _BLOCK_DEQUANT[qtype](q.reshape(rows * nb, ts)).reshape(rows, n)
+
+
+def _register() -> None:
+    for name in TYPE_SIZE:
+        register_numerics(
+            name,
+            functools.partial(quantize_rows, name),
+            functools.partial(dequantize_rows, name),
+        )
+
+
+_register()

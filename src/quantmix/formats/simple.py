@@ -33,7 +33,7 @@ def _q_f16(x: Tensor, imatrix: Tensor | None) -> Tensor:
 
 
 def _dq_f16(q: Tensor, n: int) -> Tensor:
-    return C.fp16_bits_to_fp32(C.unpack_u16(q.reshape(q.shape[0], n, 2)))
+    return C.fp16_bits_to_fp32(C.bytes_to_i16(q.reshape(q.shape[0], n, 2)))
 
 
 def _q_bf16(x: Tensor, imatrix: Tensor | None) -> Tensor:
@@ -41,7 +41,7 @@ def _q_bf16(x: Tensor, imatrix: Tensor | None) -> Tensor:
 
 
 def _dq_bf16(q: Tensor, n: int) -> Tensor:
-    return C.bf16_bits_to_fp32(C.unpack_u16(q.reshape(q.shape[0], n, 2)))
+    return C.bf16_bits_to_fp32(C.bytes_to_i16(q.reshape(q.shape[0], n, 2)))
 
 
 # ---- shared pieces --------------------------------------------------------------------------------

@@ -201,16 +201,26 @@ def _source_type(t: TensorInfo) -> str:
     return t.source_type or "F32"
 
 
-def _ik_rules_as_llama(catalog: Catalog, rules: list[Rule]) -> list[Rule]:
+def _ik_rules_as_llama(catalog: Catalog, rules: list[Rule]) -> tuple[list[Rule], dict[str, str]]:
     """ik matching is case-sensitive and does not lower-case patterns: resolve it here, tensor by tensor, and
-    hand the llama resolver one exact-name rule per matched tensor (same result, one resolver)."""
+    hand the llama resolver one exact-name rule per matched tensor (same result, one resolver). Types only
+    ik_llama.cpp has stand in as a mainline type of the same block size; returns the rules and, per tensor,
+    the ik type to put back."""
     compiled = [(re.compile(r.pattern), r) for r in rules]
-    out = []
+    out, ik_types = [], {}
     for t in catalog:
         hit = next((r for rx, r in compiled if rx.search(t.name)), None)
-        if hit is not None:
-            out.append(Rule("^" + re.escape(t.name) + "$", hit.qtype, hit.origin))
-    return out
+        if hit is None:
+            continue
+        qtype = hit.qtype
+        if get_type(qtype).ik_only:
+            ik_types[t.name] = qtype
+            qtype = _IK_STAND_IN[get_type(qtype).block_size]
+        out.append(Rule("^" + re.escape(t.name) + "$", qtype, hit.origin))
+    return out, ik_types
+
+
+_IK_STAND_IN = {32: "Q8_0", 64: "Q2_0", 256: "Q4_K"}
 
 
 def resolve(catalog: Catalog, spec: RecipeSpec, *, imatrix_present: bool = False) -> Resolution:
@@ -220,7 +230,7 @@ def resolve(catalog: Catalog, spec: RecipeSpec, *, imatrix_present: bool = False
         if missing:
             raise RecipeError(f"{catalog.source}: no stored types to keep (not a GGUF); first: {missing[0]}")
         return Resolution(catalog, spec, [Assignment(t, t.source_type or "F32", "as stored") for t in catalog])
-    rules = _ik_rules_as_llama(catalog, spec.rules) if spec.dialect == "ik" else spec.rules
+    rules, ik_types = _ik_rules_as_llama(catalog, spec.rules) if spec.dialect == "ik" else (spec.rules, {})
     ftype = spec.ftype or NOMINAL_FTYPE
     entries = [(t.name, t.shape, _source_type(t)) for t in catalog]
     try:
@@ -238,7 +248,13 @@ def resolve(catalog: Catalog, spec: RecipeSpec, *, imatrix_present: bool = False
                 f"recipe {spec.describe()}: no rule matches tensor {d.name}; end the recipe with a catch-all "
                 f"rule (e.g. '.*=Q8_0') or give a file type (--ftype) for unmatched tensors"
             )
-        out.append(_assignment(by_name[d.name], d, origin))
+        a = _assignment(by_name[d.name], d, origin)
+        if d.name in ik_types and d.quantized:
+            if d.fell_back:
+                raise RecipeError(f"tensor {d.name}: rows of {d.shape[0]} do not fit {ik_types[d.name]}'s block, "
+                                  f"and quantmix does not know ik_llama.cpp's fallback for it")
+            a = Assignment(a.tensor, ik_types[d.name], a.reason)
+        out.append(a)
     return Resolution(catalog, spec, out)
 
 

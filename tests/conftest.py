@@ -1,0 +1,17 @@
+"""Shared test fixtures: llama.cpp's tools (built once, cached) and the real test models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def llamacpp():
+    from quantmix.tools.llamacpp import ensure_llamacpp
+
+    return ensure_llamacpp()
