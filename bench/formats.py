@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                 continue
             for use_im in (False, True):
                 m = im if use_im else None
-                quantize(x[:2], qtype, m)  # warm-up (CUDA kernels, lazy imports)
+                dequantize(quantize(x[:2], qtype, m), qtype, n)  # warm-up (CUDA kernels, lazy imports)
                 tq, q = _timed(lambda: quantize(x, qtype, m), args.device)
                 tdq, _ = _timed(lambda: dequantize(q, qtype, n), args.device)
                 row = {"shape": f"{shape_name} ({rows}x{n})", "type": qtype, "imatrix": use_im,

@@ -106,3 +106,20 @@ def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
     g.write_bytes(b"GGUF\x03\x00\x00\x00")
     with pytest.raises(GGUFHeaderError, match="trunc.gguf"):
         load_catalog(g)
+
+
+@pytest.mark.parametrize("config,n_params,n_tensors", [
+    ("deepseek-v3.json", 671_026_419_200, 1086),  # "671B" (MTP layer skipped, as llama.cpp's converter does)
+    ("qwen3-235b-a22b.json", 235_093_634_560, 1131),  # "235B"
+    ("glm-4.6.json", 356_785_898_816, 1759),  # "355B" + the NextN layer llama.cpp keeps
+])
+def test_public_large_moe_configs(tmp_path: Path, config: str, n_params: int, n_tensors: int) -> None:
+    """Real published configs of large MoE models, catalogued on the meta device without any weights."""
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy(Path(__file__).parent / "data" / "configs" / config, d / "config.json")
+    cat = catalog_from_config(d / "config.json")
+    assert cat.n_elements == n_params
+    assert len(cat) == n_tensors
+    exps = [t for t in cat if t.tensor_class == "ffn_down_exps"]
+    assert exps and all(t.shape[2] == cat.hparams.n_expert for t in exps)

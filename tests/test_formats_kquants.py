@@ -15,7 +15,6 @@ from quantmix.formats.registry import get_type
 from quantmix.tools.ggml_oracle import oracle_dequantize, oracle_quantize, oracle_row_bytes
 
 # Single-threaded: exact regardless of threads, and OpenMP spinning on a shared 2-core box is slow.
-torch.set_num_threads(1)
 
 TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 N = 1024

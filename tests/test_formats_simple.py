@@ -20,7 +20,6 @@ from quantmix.tools.ggml_oracle import oracle_dequantize, oracle_quantize, oracl
 
 # On a shared 2-core machine torch's OpenMP threads spin against other processes (100x slowdowns);
 # the quantizers are exact regardless of threads, so run them single-threaded here.
-torch.set_num_threads(1)
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS"]
 N = 1024

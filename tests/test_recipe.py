@@ -104,3 +104,34 @@ def test_written_recipe_reproduces_resolution(tmp_path: Path, glm) -> None:
         again = resolve(glm, load_recipe(f))
         assert again.types() == res.types()
         assert size_report(again).n_bytes == size_report(res).n_bytes
+
+
+def test_published_ik_recipe_with_comments(tmp_path: Path, glm) -> None:
+    """ik_llama.cpp recipes as quant makers publish them: one rule per line, # comments, ik-only types."""
+    f = tmp_path / "ik.recipe"
+    f.write_text(
+        "# Attention\n"
+        "blk\\..*\\.attn_.*=iq6_k\n"
+        "# Shared experts and dense layers\n"
+        "blk\\..*\\.ffn_(gate|up|down)_shexp\\.weight=iq6_k\n"
+        "blk\\.0\\.ffn_.*=iq6_k   # first dense layer\n"
+        "# Routed experts\n"
+        "blk\\..*\\.ffn_down_exps\\.weight=iq3_ks,blk\\..*\\.ffn_(gate|up)_exps\\.weight=iq2_kl\n"
+        "token_embd\\.weight=iq4_k\n"
+        "output\\.weight=iq6_k\n"
+        ".*=iq5_ks\n"
+    )
+    spec = load_recipe(f)
+    assert spec.dialect == "ik" and len(spec.rules) == 8
+    res = resolve(glm, spec)
+    types = res.types()
+    assert types["blk.1.ffn_down_exps.weight"] == "IQ3_KS"
+    assert types["blk.1.ffn_up_exps.weight"] == "IQ2_KL"
+    assert types["blk.0.attn_q.weight"] == "IQ6_K"
+    t = next(a for a in res.assignments if a.tensor.name == "blk.1.ffn_down_exps.weight")
+    ne0, ne1, ne2 = t.tensor.shape
+    assert t.n_bytes == ne1 * ne2 * (2 + 102 * ne0 // 256)
+    bad = tmp_path / "bad.recipe"
+    bad.write_text("# c\nattn=iq6_k\nffn_down=iq9_k\n")
+    with pytest.raises(RecipeError, match=r"bad.recipe:3.*unknown type 'iq9_k'"):
+        load_recipe(bad)

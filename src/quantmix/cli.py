@@ -68,7 +68,7 @@ def _spec_from_args(args: argparse.Namespace, is_gguf: bool) -> "RecipeSpec":
             raise CliError("--mix cannot be combined with --recipe or --ftype")
         return parse_shorthand(args.mix)
     if args.recipe:
-        spec = load_recipe(args.recipe, ftype)
+        spec = load_recipe(args.recipe, ftype, args.recipe_format)
         spec.rules = extra + spec.rules
         return spec
     if ftype:
@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help=_MODEL_HELP)
     s.add_argument("--recipe", type=Path, help="llama-quantize --tensor-type-file, or an ik_llama.cpp "
                                                "--custom-q list (one line, comma-separated)")
+    s.add_argument("--recipe-format", choices=("llama", "ik"), default=None,
+                   help="how to read --recipe: llama-quantize rules (pattern lower-cased) or ik_llama.cpp "
+                        "--custom-q rules (case-sensitive; commas or newlines, # comments); default: detect")
     s.add_argument("--mix", help="shorthand [Default]-[FFN_UP]-[FFN_GATE]-[FFN_DOWN], e.g. Q6_K-IQ2_S-IQ2_S-IQ3_S")
     s.add_argument("--ftype", help="llama-quantize file type (Q4_K_M, IQ2_M, Q8_0, ...): the mix for tensors "
                                    "that no rule matches")

@@ -4,10 +4,13 @@ The C reference quantizers run as plain IEEE float32 (x86-64 baseline, no FMA, n
 product and sum rounds once, and reductions run in loop order. To reproduce their bytes these helpers
 keep to ops whose torch results are correctly rounded on CPU and CUDA, and avoid the ones that are not:
 
-* ``torch.sqrt`` on CPU float32 is NOT correctly rounded (it differs from IEEE in ~17% of inputs):
-  use :func:`sqrt32` (double sqrt, rounded once to float32, which is exact).
-* ``scalar / tensor`` is computed by torch as ``reciprocal(tensor) * scalar`` (two roundings), and CUDA
-  divides by a CPU scalar through its reciprocal: use :func:`div` / :func:`rdiv`.
+* ``torch.sqrt`` on CPU float32 is NOT correctly rounded (measured: it differs from IEEE in ~17% of
+  random inputs): use :func:`sqrt32` (double sqrt rounded once to float32, which is exact).
+* ``scalar / tensor`` is computed by torch as ``reciprocal(tensor) * scalar`` (two roundings, measured),
+  and a CPU scalar divisor may take a reciprocal path on CUDA: use :func:`div` / :func:`rdiv`, which
+  divide by a tensor on the same device.
+* NaNs: CUDA's canonical NaN differs from x86's default NaN; :func:`nearest_int` and
+  :func:`fp32_to_fp16_bits` map NaNs to what x86 gives, so GPU bytes match ggml's (checked on an H100).
 * ``torch.sum`` / ``matmul`` reduce in tree order: use :func:`seq_sum`.
 
 Layout convention of the solvers (:func:`make_qx_quants`, :func:`make_qkx3_quants`, ...): inputs are

@@ -174,15 +174,48 @@ def parse_shorthand(text: str) -> RecipeSpec:
     return RecipeSpec(ftype=None, rules=rules, label=text.strip().upper())
 
 
-def load_recipe(path: str | Path, ftype: str | None = None) -> RecipeSpec:
-    """A recipe file: llama-quantize tensor-type file, or ik_llama.cpp custom-q list (one line, commas)."""
+def parse_custom_q_file(path: Path) -> list[Rule]:
+    """An ik_llama.cpp recipe as quant makers publish it: ``regex=type`` rules separated by commas or newlines,
+    ``#`` comments (they strip them before joining the lines into one ``--custom-q`` argument)."""
+    rules = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        for i, item in enumerate(x.strip() for x in line.split(",")):
+            if item:
+                rules.append(parse_rule(item, f"{path}:{lineno}" + (f" item {i + 1}" if "," in line else "")))
+    if not rules:
+        raise RecipeError(f"{path}: recipe has no rules")
+    return rules
+
+
+def _looks_like_ik(text: str) -> bool:
+    lines = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln]
+    if any(ln.startswith("#") for ln in text.splitlines()) or (len(lines) == 1 and "," in lines[0]):
+        return True
+    for token in " ".join(lines).replace(",", " ").split():
+        qtype = token.rsplit("=", 1)[-1]
+        try:
+            if get_type(qtype).ik_only:
+                return True
+        except UnknownTypeError:
+            pass
+    return False
+
+
+def load_recipe(path: str | Path, ftype: str | None = None, dialect: str | None = None) -> RecipeSpec:
+    """A recipe file: a llama-quantize ``--tensor-type-file`` (dialect "llama"), or an ik_llama.cpp
+    ``--custom-q`` list (dialect "ik": commas or newlines, ``#`` comments). ``dialect=None`` tells them apart:
+    comments, a single comma-separated line, or ik-only types mean ik."""
     p = Path(path)
-    text = p.read_text() if p.exists() else None
-    if text is None:
+    if not p.is_file():
         raise RecipeError(f"{p}: no such recipe file")
-    stripped = text.strip()
-    if "," in stripped and "\n" not in stripped and " " not in stripped:
-        return RecipeSpec(ftype=ftype, rules=parse_custom_q(stripped, str(p)), dialect="ik", label=p.name)
+    if dialect is None:
+        dialect = "ik" if _looks_like_ik(p.read_text()) else "llama"
+    if dialect == "ik":
+        return RecipeSpec(ftype=ftype, rules=parse_custom_q_file(p), dialect="ik", label=p.name)
+    if dialect != "llama":
+        raise RecipeError(f"unknown recipe dialect {dialect!r}: use 'llama' or 'ik'")
     return RecipeSpec(ftype=ftype, rules=parse_tensor_type_file(p), label=p.name)
 
 
