@@ -1,26 +1,34 @@
-"""Benchmark: quantize / dequantize throughput of quantmix's numerics next to ggml's C quantizer.
+"""Benchmark: quantize / quant_error / dequantize throughput of quantmix's numerics next to ggml's C quantizer.
 
-Iterates over ``supported_types()``, so every type module that registers numerics is measured.
-Shapes are real layers: a dense FFN (rows 4096 x 14336 per row, Llama-3-8B ffn_down) and a stack of
-MoE experts (160 experts x 1536 rows x 5120 per row); ``--scale`` keeps the row length and shrinks
-the row count (CPU runs need it). Also checks the bytes against ggml's on every measured tensor.
+Iterates over ``supported_types()``, so every type module that registers numerics is measured, each with
+and without an imatrix. Shapes are real layers: a dense FFN (4096 rows x 14336 per row, Llama-3-8B
+ffn_down) and GLM-4.6's routed experts (160 experts x 1536 rows x 5120 per row); ``--scale`` keeps the
+row length and shrinks the row count, ``--max-weights`` caps each measurement. Weights are synthetic
+(heavy-tailed with outlier columns), generated on the measured device.
 
-    .venv/bin/python bench/formats.py --scale 0.01                # CPU
-    .venv/bin/python bench/formats.py --device cuda --scale 0.25  # GPU (ggml column still on CPU)
+Every measured tensor is checked: ``--check-rows`` evenly spaced rows are compared byte for byte with
+ggml's C quantizer (``ggml_quantize_chunk``), or with quantmix's torch numerics on the CPU where the ggml
+library is not available (``exact`` column: ``ggml`` / ``torch`` / ``NO``). GPU times are medians of
+``--repeat`` runs between CUDA synchronizations, after a warm-up (kernel compilation excluded).
 
-Prints a markdown table: weights per second (millions) for each type, with and without an imatrix.
+    .venv/bin/python bench/formats.py                                   # CPU (small sizes)
+    .venv/bin/python bench/formats.py --device cuda --scale 1 --no-ggml # GPU, full dense layer
+
+Prints a markdown table: millions of weights per second.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from quantmix.formats.api import dequantize, quantize, supported_types
+from quantmix.formats.api import dequantize, quant_error, quantize, supported_types
 from quantmix.formats.registry import get_type
 
 SHAPES = {
@@ -30,91 +38,133 @@ SHAPES = {
 }
 
 
-def weights(rows: int, n: int, seed: int) -> torch.Tensor:
+def weights(rows: int, n: int, seed: int, device: str = "cpu") -> torch.Tensor:
     """Heavy-tailed (student-t, 3 dof) rows with a few outlier columns, like LLM weights."""
-    g = torch.Generator().manual_seed(seed)
-    x = _student_t(rows, n, g)
-    cols = torch.randperm(n, generator=g)[: max(1, n // 128)]
+    g = torch.Generator(device=device).manual_seed(seed)
+    z = torch.randn(rows, n, generator=g, device=device)
+    chi2 = torch.zeros(rows, n, device=device)
+    for _ in range(3):
+        chi2 += torch.randn(rows, n, generator=g, device=device).square()
+    x = (z / torch.sqrt(chi2 / 3.0) * 0.02).float()
+    del z, chi2
+    cols = torch.randperm(n, generator=g, device=device)[: max(1, n // 128)]
     x[:, cols] *= 30.0
     return x
 
 
-def _student_t(rows: int, n: int, g: torch.Generator) -> torch.Tensor:
-    z = torch.randn(rows, n, generator=g)
-    chi2 = torch.randn(rows, n, 3, generator=g).square().sum(-1)
-    return (z / torch.sqrt(chi2 / 3.0) * 0.02).float()
+def imatrix(n: int, seed: int, device: str = "cpu") -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    return (torch.randn(n, generator=g, device=device) ** 2 * 0.1).float()
 
 
-def imatrix(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed + 1)
-    return (torch.randn(n, generator=g) ** 2 * 0.1).float()
+def _timed(fn: Callable[[], object], device: str, repeat: int) -> tuple[float, object]:
+    """Median seconds of ``repeat`` calls (synchronized on CUDA) and the last result."""
+    times = []
+    out: object = None
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
 
 
-def _timed(fn, device: str) -> tuple[float, object]:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, out
+def _ggml_available() -> bool:
+    try:
+        from quantmix.tools.ggml_oracle import _lib
+
+        _lib()
+        return True
+    except Exception:  # noqa: BLE001 - no llama.cpp build here: fall back to the torch reference
+        return False
+
+
+def _reference_bytes(x_rows: np.ndarray, qtype: str, im: np.ndarray | None, use_ggml: bool) -> np.ndarray:
+    if use_ggml:
+        from quantmix.tools.ggml_oracle import oracle_quantize
+
+        return oracle_quantize(x_rows, qtype, im)
+    return quantize(torch.from_numpy(x_rows), qtype, None if im is None else torch.from_numpy(im),
+                    backend="torch").numpy()
 
 
 def run(args: argparse.Namespace) -> list[dict[str, object]]:
-    from quantmix.tools.ggml_oracle import oracle_quantize
-
     types = args.types or [t for t in supported_types() if t != "F32"]
+    use_ggml = _ggml_available()
     results = []
     for shape_name, (rows0, n) in SHAPES.items():
-        rows = max(1, int(round(rows0 * args.scale)))
-        x_cpu = weights(rows, n, seed=0)
-        im_cpu = imatrix(n, seed=0)
-        x = x_cpu.to(args.device)
-        im = im_cpu.to(args.device)
-        x_np = x_cpu.numpy()
+        if args.shapes and not any(s in shape_name for s in args.shapes):
+            continue
+        rows = max(1, min(int(round(rows0 * args.scale)), args.max_weights // n))
+        x = weights(rows, n, seed=0, device=args.device)
+        im = imatrix(n, seed=0, device=args.device)
+        check = np.unique(np.linspace(0, rows - 1, min(rows, args.check_rows)).round().astype(np.int64))
+        x_check = x[torch.from_numpy(check).to(x.device)].cpu().numpy()
+        im_np = im.cpu().numpy()
         for qtype in types:
             t = get_type(qtype)
             if not t.fits_row(n):
                 continue
             for use_im in (False, True):
                 m = im if use_im else None
-                dequantize(quantize(x[:2], qtype, m), qtype, n)  # warm-up (CUDA kernels, lazy imports)
-                tq, q = _timed(lambda: quantize(x, qtype, m), args.device)
-                tdq, _ = _timed(lambda: dequantize(q, qtype, n), args.device)
+                dequantize(quantize(x[:2], qtype, m), qtype, n)  # warm-up: kernel builds, lazy imports
+                quant_error(x[:2], qtype, m)
+                tq, q = _timed(lambda: quantize(x, qtype, m), args.device, args.repeat)
+                te, qe = _timed(lambda: quant_error(x, qtype, m), args.device, args.repeat)
+                tdq, _ = _timed(lambda: dequantize(q, qtype, n), args.device, args.repeat)
+                assert isinstance(q, torch.Tensor)
+                ref = _reference_bytes(x_check, qtype, im_np if use_im else None, use_ggml)
+                same = bool(np.array_equal(q[torch.from_numpy(check).to(q.device)].cpu().numpy(), ref))
                 row = {"shape": f"{shape_name} ({rows}x{n})", "type": qtype, "imatrix": use_im,
-                       "device": args.device, "q": x.numel() / tq, "dq": x.numel() / tdq}
-                if not args.no_ggml:
-                    tc, ref = _timed(lambda: oracle_quantize(x_np, qtype, im_cpu.numpy() if use_im else None), "cpu")
-                    row["ggml"] = x.numel() / tc
-                    row["exact"] = bool(np.array_equal(q.cpu().numpy(), ref))
+                       "device": args.device, "q": x.numel() / tq, "err": x.numel() / te, "dq": x.numel() / tdq,
+                       "backend": getattr(qe, "backend", "torch"),
+                       "exact": ("ggml" if use_ggml else "torch") if same else "NO"}
+                if not args.no_ggml and use_ggml:
+                    from quantmix.tools.ggml_oracle import oracle_quantize
+
+                    xs = x[: max(1, min(rows, args.ggml_weights // n))].cpu().numpy()
+                    tc, _ = _timed(lambda: oracle_quantize(xs, qtype, im_np if use_im else None), "cpu", 1)
+                    row["ggml"] = xs.size / tc
                 results.append(row)
                 print(_fmt_row(row), file=sys.stderr, flush=True)
+        del x
     return results
 
 
 def _fmt_row(r: dict[str, object]) -> str:
     ggml = f"{r['ggml'] / 1e6:.2f}" if "ggml" in r else "-"
     ratio = f"{r['q'] / r['ggml']:.2f}" if "ggml" in r else "-"
-    exact = {True: "yes", False: "NO"}.get(r.get("exact"), "-")  # type: ignore[arg-type]
     return (f"| {r['shape']} | {r['type']} | {'yes' if r['imatrix'] else 'no'} | {r['device']} | "
-            f"{r['q'] / 1e6:.2f} | {r['dq'] / 1e6:.1f} | {ggml} | {ratio} | {exact} |")
+            f"{r['q'] / 1e6:.2f} | {r['err'] / 1e6:.2f} ({r['backend']}) | {r['dq'] / 1e6:.1f} | {ggml} | {ratio} | "
+            f"{r['exact']} |")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=float, default=0.01, help="fraction of each shape's rows to use (default 0.01)")
+    ap.add_argument("--max-weights", type=int, default=1 << 20,
+                    help="cap on the weights of one measured tensor (default 2^20; raise it on a GPU)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--types", nargs="*", help="types to measure (default: every supported type but F32)")
+    ap.add_argument("--shapes", nargs="*", help="substrings of the shape names to measure (default: all)")
+    ap.add_argument("--repeat", type=int, default=1, help="timed runs per figure, median reported (default 1)")
+    ap.add_argument("--check-rows", type=int, default=8, help="rows compared byte for byte with ggml (default 8)")
+    ap.add_argument("--ggml-weights", type=int, default=1 << 20, help="weights given to ggml's C quantizer for its column")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; ggml's quantizer is single-threaded)")
-    ap.add_argument("--no-ggml", action="store_true", help="skip the ggml C quantizer column")
+    ap.add_argument("--no-ggml", action="store_true", help="skip the ggml C quantizer timing column")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("CUDA is not available")
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} torch thread(s)"
-    print(f"quantmix formats benchmark: {dev}, scale {args.scale}; throughput in millions of weights per second\n")
-    print("| shape | type | imatrix | device | quantize Mw/s | dequantize Mw/s | ggml C quantize Mw/s | quantize / ggml | bytes = ggml |")
-    print("|---|---|---|---|---:|---:|---:|---:|---|")
+    print(f"quantmix formats benchmark: {dev}, scale {args.scale}, max {args.max_weights} weights; "
+          "throughput in millions of weights per second\n")
+    print("| shape | type | imatrix | device | quantize Mw/s | quant_error Mw/s (backend) | dequantize Mw/s | "
+          "ggml C quantize Mw/s | quantize / ggml | bytes = |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---|")
     for r in run(args):
         print(_fmt_row(r))
     return 0

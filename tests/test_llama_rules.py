@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,13 +37,13 @@ from quantmix.planning.llama_rules import (
     parse_ftype,
     parse_tensor_type,
     parse_tensor_type_file,
+    quantize_exclusion,
     plan_from_gguf,
+    read_gguf_header,
     shape_fallback,
     should_quantize,
     tensors_from_gguf,
 )
-
-pytestmark = pytest.mark.slow
 
 CACHE_VERSION = "1"
 
@@ -81,9 +80,13 @@ def _tool_key() -> str:
 
 def _header_hash(path: Path) -> str:
     """Hash of a GGUF's metadata and tensor infos: all that --dry-run reads (it never touches the data)."""
-    import gguf
+    st = path.stat()
+    return _header_hash_cached(str(path), st.st_size, st.st_mtime_ns)
 
-    off = gguf.GGUFReader(path).data_offset
+
+@cache
+def _header_hash_cached(path: str, size: int, mtime_ns: int) -> str:
+    off = read_gguf_header(path).data_offset
     with open(path, "rb") as fh:
         return hashlib.sha256(fh.read(off)).hexdigest()
 
@@ -208,12 +211,12 @@ def model_gguf(name: str) -> Path:
 
 def real_models() -> list[str]:
     """Fixture models (real SmolLM2 weights) that are registered in this checkout."""
-    from quantmix.fixtures.store import FixtureError, _spec
+    from quantmix.fixtures.store import FixtureError, fixture_key
 
     out = []
     for name in ("smollm2-135m", "smollm2-768", "smollm2-moe"):
         try:
-            _spec(name)
+            fixture_key(name)
         except FixtureError:
             continue
         out.append(f"fixture:{name}")
@@ -376,6 +379,7 @@ def _report(diffs: list[str]) -> str:
 # ------------------------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_ftypes_match_llama_quantize_help() -> None:
     """FTYPES lists exactly the file types (names and llama_ftype ids) that llama-quantize accepts."""
     proc = _lc().run("llama-quantize", "--help", check=False)
@@ -390,6 +394,7 @@ def test_ftypes_match_llama_quantize_help() -> None:
         parse_ftype("Q9_K")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ALL_MODELS)
 def test_every_ftype_matches_dry_run(model: str) -> None:
     """Every file type, default mix, no imatrix: every tensor's type, order, sizes, fallbacks, totals."""
@@ -398,6 +403,7 @@ def test_every_ftype_matches_dry_run(model: str) -> None:
     assert not diffs, _report(diffs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["llama576", "llama-gqa4", "mixtral8", "qwen2moe4", *real_models()[:1]])
 def test_every_ftype_with_imatrix_matches_dry_run(model: str) -> None:
     """With an imatrix (has_imatrix changes the IQ3_XXS, IQ4_*, Q4_0/Q5_0 mixes)."""
@@ -420,6 +426,7 @@ FLAG_SETS: dict[str, tuple[tuple[str, ...], dict[str, object]]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", list(FLAG_SETS))
 @pytest.mark.parametrize("model", ["llama576", "llama-gqa4", "qwen2moe4"])
 def test_flags_match_dry_run(model: str, flags: str) -> None:
@@ -448,6 +455,7 @@ def _rules(args: list[str]) -> list[tuple[str, str]]:
     return [parse_tensor_type(a) for a in args]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rules", list(RULE_SETS))
 @pytest.mark.parametrize("model", ["llama576", "llama-gqa4", "mixtral8", "qwen2moe4"])
 def test_tensor_type_rules_match_dry_run(model: str, rules: str) -> None:
@@ -458,6 +466,7 @@ def test_tensor_type_rules_match_dry_run(model: str, rules: str) -> None:
     assert not diffs, _report(diffs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["llama576", "qwen2moe4"])
 def test_tensor_type_file_matches_dry_run(model: str) -> None:
     """--tensor-type-file (whitespace/newline separated), after --tensor-type rules given before it."""
@@ -471,14 +480,37 @@ def test_tensor_type_file_matches_dry_run(model: str) -> None:
     assert parse_tensor_type_file_text(text)[:2] == [("attn_output", "Q6_K"), ("ffn_up", "IQ3_S")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["=q4_k", "ffn_down=", "ffn_down", "ffn_down=q9_k"])
 def test_bad_rules_rejected_like_llama_quantize(bad: str) -> None:
     """What llama-quantize refuses as --tensor-type, parse_tensor_type refuses with a clear error."""
     proc = _lc().run("llama-quantize", "--dry-run", "--tensor-type", bad, model_gguf("llama-gqa4"), "Q4_0",
                      check=False)
     assert proc.returncode != 0
-    with pytest.raises(LlamaRulesError, match=re.escape(bad) if "=" in bad and bad[0] != "=" else "."):
+    with pytest.raises(LlamaRulesError, match=re.escape(repr(bad))):
         parse_tensor_type(bad)
+
+
+def test_rules_and_units_without_tools() -> None:
+    """The parts that need no llama.cpp build (the slow tests check them all against llama-quantize)."""
+    assert shape_fallback("Q4_K", 576) == ("Q5_0", True)
+    assert shape_fallback("IQ2_XXS", 1536) == ("IQ2_XXS", False)
+    assert shape_fallback("Q6_K", 400) == ("F16", True)
+    with pytest.raises(LlamaRulesError, match="no tensor type fallback"):
+        shape_fallback("Q1_0", 576)
+    assert quantize_exclusion("blk.0.ffn_norm.weight", (256, 4), "llama") == "norm"
+    assert not should_quantize("blk.0.attn_k.weight", (256, 1, 1), "llama")  # 1-D once trailing 1s are dropped
+    assert should_quantize("blk.0.attn_k.weight", (256, 64), "llama")
+    assert not should_quantize("output.weight", (256, 512), "llama", quantize_output_tensor=False)
+    assert parse_tensor_type("BLK\\.0\\.FFN_DOWN=Q4_k") == ("blk\\.0\\.ffn_down", "Q4_K")
+    assert parse_ftype("q4_k") == "Q4_K_M" and parse_ftype(15) == "Q4_K_M" and parse_ftype("0") == "F32"
+    hp = MixHParams(arch="llama", n_layer=4, n_head=8, n_head_kv=2)
+    tensors = [(f"blk.{i}.{n}.weight", (256, 256)) for i in range(4) for n in ("attn_v", "ffn_down")]
+    plan = default_mix(tensors, "Q4_K_M", hp, [("blk\\.0\\.attn_v", "q8_0")])
+    # the rule-hit attn_v does not advance the mix's attn_v counter: blk.2 gets Q4_K, not Q6_K
+    assert [d.type for d in plan if "attn_v" in d.name] == ["Q8_0", "Q4_K", "Q4_K", "Q6_K"]
+    assert [d.type for d in default_mix(tensors, "Q4_K_M", hp) if "attn_v" in d.name] == [
+        "Q4_K", "Q4_K", "Q6_K", "Q6_K"]
 
 
 def test_bad_tensor_type_file_names_its_line(tmp_path: Path) -> None:
@@ -488,6 +520,7 @@ def test_bad_tensor_type_file_names_its_line(tmp_path: Path) -> None:
         parse_tensor_type_file(p)
 
 
+@pytest.mark.slow
 def test_shape_fallback_every_type_matches_dry_run() -> None:
     """--pure with a rule matching every tensor forces each type onto rows of 64, 256, 400, 576 and 1536:
     llama-quantize's result (or its refusal) is shape_fallback's."""
@@ -501,13 +534,9 @@ def test_shape_fallback_every_type_matches_dry_run() -> None:
             rule = f"weight={t.lower()}"
             diffs += compare(gguf, "Q8_0", ("--pure", "--tensor-type", rule), rules=_rules([rule]), pure=True)
     assert not diffs, _report(diffs)
-    assert shape_fallback("Q4_K", 576) == ("Q5_0", True)
-    assert shape_fallback("IQ2_XXS", 1536) == ("IQ2_XXS", False)
-    assert shape_fallback("Q6_K", 400) == ("F16", True)
-    with pytest.raises(LlamaRulesError, match="no tensor type fallback"):
-        shape_fallback("Q1_0", 576)
 
 
+@pytest.mark.slow
 def test_hparams_from_gguf_match_llama_quantize_log() -> None:
     """MixHParams.from_gguf reads what llama-quantize's loader prints (block count, heads, experts)."""
     for model in ("llama576", "llama-gqa4", "mixtral8", "qwen2moe4", "tiny-glm4-moe"):
@@ -524,13 +553,15 @@ def test_hparams_from_gguf_match_llama_quantize_log() -> None:
     assert not MixHParams.from_gguf(model_gguf("llama-gqa4")).is_70b
 
 
+@pytest.mark.slow
 def test_comparisons_can_fail() -> None:
     """The oracle comparisons are sensitive: wrong hyperparameters, a missing imatrix flag or the file order
     give mixes that llama-quantize does not produce."""
     def types(model: str, ftype: str, **kw: object) -> list[tuple[str, str]]:
         gguf = model_gguf(model)
         hp = kw.pop("hp", None) or MixHParams.from_gguf(gguf)
-        return [(d.name, d.type) for d in default_mix(tensors_from_gguf(gguf), ftype, hp, **kw)]  # type: ignore[arg-type]
+        plan = default_mix(tensors_from_gguf(gguf), ftype, hp, **kw)  # type: ignore[arg-type]
+        return [(d.name, d.type) for d in plan]
 
     def ref(model: str, ftype: str, imatrix: bool = False) -> list[tuple[str, str]]:
         return [(str(t["name"]), str(t["type"])) for t in dry_run(model_gguf(model), ftype, imatrix=imatrix).tensors]
@@ -548,19 +579,16 @@ def test_comparisons_can_fail() -> None:
     assert types("llama-gqa4", "Q2_K", hp=replace(gqa, n_head_kv=gqa.n_head)) != ref("llama-gqa4", "Q2_K")
 
 
+@pytest.mark.slow
 def test_decisions_explain_themselves() -> None:
     """Reasons, the pre-fallback type, and what is not quantized (norms, the MoE router)."""
     gguf = model_gguf("qwen2moe4")
     rules = [parse_tensor_type("ffn_down=q4_k")]
     by = {d.name: d for d in plan_from_gguf(gguf, "Q4_K_M", tensor_type_rules=rules)}
-    assert by["blk.0.attn_norm.weight"].reason == "not quantized (norm)" and not by["blk.0.attn_norm.weight"].quantized
+    assert by["blk.0.attn_norm.weight"].reason == "not quantized (1-D)" and not by["blk.0.attn_norm.weight"].quantized
     assert by["blk.0.ffn_gate_inp.weight"].reason == "not quantized (expert router)"
     assert by["blk.0.ffn_down_exps.weight"].reason == "rule 'ffn_down=q4_k'"
     assert by["blk.0.attn_q.weight"].reason == "default mix"
-    assert not should_quantize("blk.0.ffn_norm.weight", (256, 1), "llama")
-    assert not should_quantize("blk.0.attn_k.weight", (256, 1, 1), "llama")  # 1-D once trailing 1s are dropped
-    assert should_quantize("blk.0.attn_k.weight", (256, 64), "llama")
-    assert not should_quantize("output.weight", (256, 512), "llama", quantize_output_tensor=False)
     small = {d.name: d for d in plan_from_gguf(model_gguf("llama576"), "Q4_K_M")}
     d = small["blk.0.ffn_gate.weight"]
     assert (d.default_type, d.type, d.fell_back) == ("Q4_K", "Q5_0", True)

@@ -6,12 +6,20 @@ them lazily on first use (so importing ``quantmix.formats`` stays cheap and free
 
 All quantizers reproduce ``ggml_quantize_chunk`` byte for byte: without an imatrix the ``*_ref`` paths,
 with one the ``*_impl`` paths (see quantmix.tools.ggml_oracle, which the tests compare against).
+
+Backends: ``"torch"`` is the reference implementation of every type (CPU or GPU tensors). ``"cuda"`` is
+the fused CUDA kernels of :mod:`quantmix.formats.gpu` (k-quants only): the same bytes (they repeat ggml's
+float32 arithmetic exactly; tests check them against ggml and against the torch path), hundreds of times
+faster on a GPU, and a quant_error that never materializes the bytes. ``"auto"`` (the default) takes
+``"cuda"`` for CUDA tensors of a type that has kernels and ``"torch"`` otherwise. QuantError records which
+backend computed it, so caches can tell.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +44,10 @@ NUMERICS_MODULES = (
 # GPUs take bigger chunks: their cost is per kernel launch, and the per-position loops launch many.
 CHUNK_WEIGHTS = 1 << 21
 CHUNK_WEIGHTS_GPU = 1 << 25
+# The CUDA kernels hold ~7 bytes of scratch per weight: 2^27 weights per launch keeps that under 1 GB.
+CHUNK_WEIGHTS_KERNEL = 1 << 27
+
+BACKENDS = ("auto", "torch", "cuda")
 
 
 class UnsupportedTypeError(NotImplementedError):
@@ -62,11 +74,13 @@ class QuantError:
     """Per-row error sums of a quantization, float64 tensors of shape [rows].
 
     err_w = sum_j w_j e_j^2, ref_w = sum_j w_j x_j^2 (w = imatrix, 1 without), bias = sum_j a_j e_j
-    (only when act_mean a was given), e = dequant(quant(x)) - x."""
+    (only when act_mean a was given), e = dequant(quant(x)) - x. ``backend``: "torch" or "cuda"; the two
+    agree to float64 rounding (they sum in different orders)."""
 
     err_w: Tensor
     ref_w: Tensor
     bias: Tensor | None = None
+    backend: str = "torch"  # what computed it: "torch" (through the bytes) or "cuda" (fused kernels)
 
     def relative(self) -> Tensor:
         """err_w / ref_w per row (0 where the row's reference energy is 0)."""
@@ -180,6 +194,42 @@ def _chunk_rows(n: int, device: torch.device) -> int:
     return max(1, budget // max(n, 1))
 
 
+def _chunk_rows_kernel(n: int) -> int:
+    return max(1, CHUNK_WEIGHTS_KERNEL // max(n, 1))
+
+
+_warned_fallback = False
+
+
+def _pick_backend(backend: str, t: type[GGMLType], device: torch.device, lab: str) -> str:
+    """Resolve ``backend`` ("auto" / "torch" / "cuda") for type ``t`` on ``device``."""
+    global _warned_fallback
+    if backend not in BACKENDS:
+        raise ValueError(f"{lab}: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return "torch"
+    from quantmix.formats import gpu
+
+    usable = device.type == "cuda" and gpu.has_kernel(t.name)
+    if backend == "cuda":
+        if not gpu.has_kernel(t.name):
+            raise ValueError(f"{lab}: backend 'cuda' has no kernel for {t.name} (it has {', '.join(gpu.KERNEL_TYPES)})")
+        if device.type != "cuda":
+            raise ValueError(f"{lab}: backend 'cuda' needs a CUDA tensor; this one is on {device}")
+        gpu.prepare([t.name], device)
+        return "cuda"
+    if not usable:
+        return "torch"
+    try:
+        gpu.prepare([t.name], device)
+    except gpu.KernelBuildError as e:
+        if not _warned_fallback:
+            warnings.warn(f"CUDA k-quant kernels unavailable, using the torch numerics: {e}", stacklevel=3)
+            _warned_fallback = True
+        return "torch"
+    return "cuda"
+
+
 # ---- public API -----------------------------------------------------------------------------------
 
 
@@ -189,13 +239,14 @@ def quantize(
     imatrix: Tensor | np.ndarray | None = None,
     *,
     name: str | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """Quantize float32 rows ``x [rows, n_per_row]`` to GGUF bytes ``uint8 [rows, row_bytes]`` (on x's device).
 
-    Byte-identical to ``ggml_quantize_chunk(type, x, ..., imatrix)``. ``imatrix``: importance weights
-    ``[n_per_row]`` (the mean of squared activations per input column). Raises ValueError, naming
-    ``name``, for non-finite weights, a row length the type's block does not divide, a type that
-    needs an imatrix without one, or a malformed imatrix."""
+    Byte-identical to ``ggml_quantize_chunk(type, x, ..., imatrix)`` on every backend (see the module
+    docstring). ``imatrix``: importance weights ``[n_per_row]`` (the mean of squared activations per input
+    column). Raises ValueError, naming ``name``, for non-finite weights, a row length the type's block does
+    not divide, a type that needs an imatrix without one, a malformed imatrix, or an unusable backend."""
     t = get_type(qtype)
     lab = _label(name)
     if t.requires_imatrix and imatrix is None:
@@ -210,6 +261,13 @@ def quantize(
         im = None
     rb = t.row_bytes(n)
     out = torch.empty((rows, rb), dtype=torch.uint8, device=x.device)
+    if _pick_backend(backend, t, x.device, lab) == "cuda":
+        from quantmix.formats import gpu
+
+        step = _chunk_rows_kernel(n)
+        for r0 in range(0, rows, step):
+            out[r0:r0 + step] = gpu.quantize_rows(t.name, x[r0:r0 + step], im)
+        return out
     step = _chunk_rows(n, x.device)
     for r0 in range(0, rows, step):
         q = num.quantize_rows(x[r0:r0 + step], im)
@@ -252,10 +310,13 @@ def quant_error(
     act_mean: Tensor | np.ndarray | None = None,
     *,
     name: str | None = None,
+    backend: str = "auto",
 ) -> QuantError:
     """Per-row error sums of quantizing ``x`` to ``qtype`` (see :class:`QuantError`), in float64.
 
-    Goes through the exact bytes (quantize then dequantize), chunked over rows to bound memory."""
+    The torch backend goes through the exact bytes (quantize then dequantize), chunked over rows to bound
+    memory; the cuda backend computes the same errors inside the quantization kernels (never writing the
+    bytes). Both use ggml's quantization of x (the imatrix paths when ``imatrix`` is given)."""
     t = get_type(qtype)
     lab = _label(name)
     x = _check_weights(x, name)
@@ -268,6 +329,18 @@ def quant_error(
             raise ValueError(f"{lab}: act_mean has {a.numel()} values, the rows have {n}")
         if not bool(torch.isfinite(a).all()):
             raise ValueError(f"{lab}: act_mean has non-finite values")
+    if _pick_backend(backend, t, x.device, lab) == "cuda":
+        from quantmix.formats import gpu
+
+        errs, refs, biases = [], [], []
+        step = _chunk_rows_kernel(n)
+        for r0 in range(0, rows, step):
+            e_, r_, b_ = gpu.error_rows(t.name, x[r0:r0 + step], im, None if a is None else a.float())
+            errs.append(e_)
+            refs.append(r_)
+            biases.append(b_)
+        bias_cat = torch.cat(biases) if a is not None else None  # type: ignore[arg-type]
+        return QuantError(torch.cat(errs), torch.cat(refs), bias_cat, backend="cuda")
     w = im.double() if im is not None else None
     err = torch.empty(rows, dtype=torch.float64, device=x.device)
     ref = torch.empty_like(err)
@@ -275,7 +348,7 @@ def quant_error(
     step = _chunk_rows(n, x.device)
     for r0 in range(0, rows, step):
         xc = x[r0:r0 + step]
-        q = quantize(xc, t, im, name=name)
+        q = quantize(xc, t, im, name=name, backend="torch")
         e = dequantize(q, t, n).double() - xc.double()
         x2 = xc.double().square()
         e2 = e.square()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from quantmix.formats.registry import UnknownTypeError, get_type
+from quantmix.model.gguf_header import GGUFHeader, read_gguf_header
 
 # ---------------------------------------------------------------------------------------------- ftypes
 
@@ -146,9 +147,9 @@ class MixHParams:
 
     @classmethod
     def from_gguf(cls, path_or_reader: str | PathLike[str] | Any) -> MixHParams:
-        """Read the hyperparameters from a GGUF's metadata (path or ``gguf.GGUFReader``)."""
+        """Read the hyperparameters from a GGUF's metadata (path, :class:`GGUFHeader` or ``gguf.GGUFReader``)."""
         reader = _reader(path_or_reader)
-        where = "GGUF" if not isinstance(path_or_reader, (str, PathLike)) else str(path_or_reader)
+        where = str(reader.paths[0]) if isinstance(reader, GGUFHeader) else "GGUF"
         arch = _field(reader, "general.architecture")
         if not isinstance(arch, str):
             raise LlamaRulesError(f"{where}: no general.architecture in the GGUF metadata")
@@ -175,27 +176,26 @@ class MixHParams:
 
 
 def _reader(path_or_reader: Any) -> Any:
-    import gguf
-
-    if isinstance(path_or_reader, gguf.GGUFReader):
+    """A GGUFHeader or GGUFReader stays as it is; a path is read with the fast header reader."""
+    if isinstance(path_or_reader, GGUFHeader):
         return path_or_reader
-    p = Path(path_or_reader)
-    if not p.is_file():
-        raise LlamaRulesError(f"GGUF file not found: {p}")
-    try:
-        return gguf.GGUFReader(p)
-    except Exception as e:  # the gguf package raises ValueError/struct.error on bad files
-        raise LlamaRulesError(f"{p}: not a readable GGUF file ({e})") from e
+    if hasattr(path_or_reader, "fields") and hasattr(path_or_reader, "tensors"):
+        return path_or_reader
+    return read_gguf_header(path_or_reader)
 
 
 def _field(reader: Any, key: str) -> Any:
+    if isinstance(reader, GGUFHeader):
+        return reader.fields.get(key)
     f = reader.fields.get(key)
     return None if f is None else f.contents()
 
 
 def tensors_from_gguf(path_or_reader: str | PathLike[str] | Any) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, GGUF shape, type name) of every tensor, in file order."""
+    """(name, GGUF shape, type name) of every tensor, in file order (a path, a GGUFHeader or a GGUFReader)."""
     reader = _reader(path_or_reader)
+    if isinstance(reader, GGUFHeader):
+        return [(t.name, t.shape, t.type_name) for t in reader.tensors]
     return [(t.name, tuple(int(x) for x in t.shape), t.tensor_type.name) for t in reader.tensors]
 
 
@@ -758,7 +758,14 @@ def _decide(qs: _State, name: str, shape: tuple[int, ...], cat: str, ftype: str,
 def plan_from_gguf(path: str | PathLike[str], ftype: str | int, **kwargs: Any) -> list[TensorDecision]:
     """:func:`default_mix` for a GGUF file: its tensors (with their source types) and hyperparameters."""
     reader = _reader(path)
-    return default_mix(tensors_from_gguf(reader), ftype, MixHParams.from_gguf(reader), **kwargs)
+    tensors = tensors_from_gguf(reader)
+    if kwargs.get("keep_split"):  # --keep-split walks tensors by data offset (one input file: one split)
+        if isinstance(reader, GGUFHeader):
+            offsets = [t.offset for t in reader.tensors]
+        else:
+            offsets = [int(t.data_offset) for t in reader.tensors]
+        tensors = [t for _, t in sorted(zip(offsets, tensors), key=lambda x: x[0])]
+    return default_mix(tensors, ftype, MixHParams.from_gguf(reader), **kwargs)
 
 
 def dry_run_totals(decisions: Sequence[TensorDecision]) -> tuple[int, int]:

@@ -1,0 +1,565 @@
+"""Write a quantized GGUF from a float GGUF: each tensor in its recipe type, with quantmix's own numerics.
+
+The output is laid out as llama-quantize lays it out (src/llama-quant.cpp ``llama_model_quantize_impl``), so the
+two tools' files can be compared byte for byte:
+
+- key-values: the source's, in order, split keys removed; then ``general.quantization_version`` = 2 and
+  ``general.file_type`` = the recipe's file type (each removed from where it was and appended, as
+  ``gguf_set_val_*`` does); with an imatrix, ``quantize.imatrix.file`` / ``.dataset`` / ``.entries_count`` /
+  ``.chunks_count`` the same way (tools/quantize/quantize.cpp). Values are copied as raw bytes.
+- tensors ordered as llama.cpp's model loader keys them (``weight_name_comparer``: layer number, then name;
+  non-layer tensors first), dims written as ``ggml_n_dims`` counts them, data aligned to 32 bytes.
+- a tensor whose type does not change is copied; a float one is converted row-slab by row-slab to float32 and
+  quantized with :func:`quantmix.formats.api.quantize`, per expert for 3-D tensors (each expert its own imatrix
+  row). A quantized source tensor is never requantized (llama-quantize refuses it too without a flag).
+
+Split output follows llama-gguf-split (tools/gguf-split/gguf-split.cpp): shards ``PREFIX-0000i-of-0000N.gguf``;
+shard 1 holds every key-value, each shard has ``split.no`` (u16), ``split.count`` (u16) and
+``split.tensors.count`` (i32); a new shard starts when the running sum of padded tensor sizes would exceed
+``split_max_size``. Split input is read through any one of its shards.
+
+We write the format ourselves rather than through gguf-py's GGUFWriter: copying key-values as raw bytes keeps
+their exact types, and the whole header is known before any data is written (every size follows from the
+recipe), so data streams straight to disk, one slab at a time, from the source's memory map.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantmix.calibration.imatrix_io import Imatrix, read_imatrix
+from quantmix.formats.registry import get_type, type_from_id
+from quantmix.model.gguf_header import shard_paths
+from quantmix.planning.recipe import NOMINAL_FTYPE, RecipeSpec, Resolution, resolve
+
+__all__ = ["GGUFWriteError", "quantize_gguf", "split_shard_paths", "llama_tensor_order", "needs_imatrix"]
+
+GGUF_VERSION = 3
+DEFAULT_ALIGNMENT = 32
+GGML_QNT_VERSION = 2
+# Weights per slab converted to float32 and quantized at once: bounds memory (a slab is 64 MiB of float32 on
+# CPU) whatever the tensor's size.
+SLAB_WEIGHTS = 1 << 24
+SLAB_WEIGHTS_GPU = 1 << 26
+KV_OVERRIDE_STR_MAX = 127  # llama_model_kv_override.val_str holds 128 bytes, NUL included
+
+_FLOAT_SOURCES = ("F32", "F16", "BF16")
+_SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+_LAYER = re.compile(r"blk\.([+-]?\d+)")
+
+# GGUF value type ids (gguf.h)
+_U16, _I32, _U32, _STR = 2, 5, 4, 8
+
+
+class GGUFWriteError(ValueError):
+    """The source, recipe or imatrix cannot make this file; the message names the file or tensor."""
+
+
+# ------------------------------------------------------------------------------------------------ source
+
+
+@dataclass(frozen=True)
+class _SourceTensor:
+    name: str
+    shape: tuple[int, ...]  # ggml order, ne0 first
+    type_name: str
+    data: np.ndarray  # uint8 view into the shard's memory map
+    shard: Path
+    file_offset: int = 0  # where the data starts in the shard
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass
+class _Source:
+    paths: list[Path]
+    kv: dict[str, bytes]  # key -> raw GGUF bytes of the whole key-value (key, type, value), in file order
+    tensors: list[_SourceTensor]
+
+    def kv_u32(self, key: str) -> int | None:
+        raw = self.kv.get(key)
+        if raw is None:
+            return None
+        klen = struct.unpack_from("<Q", raw, 0)[0]
+        vtype = struct.unpack_from("<I", raw, 8 + klen)[0]
+        if vtype != _U32:
+            return None
+        return int(struct.unpack_from("<I", raw, 12 + klen)[0])
+
+
+_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+class _Cursor:
+    """Walks a GGUF header in a memory map (gguf-py's reader builds an object per array element, which takes
+    seconds on a 50k-token vocabulary; skipping over values takes milliseconds)."""
+
+    def __init__(self, buf: np.ndarray, path: Path) -> None:
+        self.buf, self.path, self.pos = buf, path, 0
+
+    def take(self, fmt: str) -> tuple:
+        size = struct.calcsize(fmt)
+        if self.pos + size > self.buf.size:
+            raise GGUFWriteError(f"{self.path}: truncated GGUF header at byte {self.pos}")
+        out = struct.unpack(fmt, self.buf[self.pos:self.pos + size].tobytes())
+        self.pos += size
+        return out
+
+    def string(self) -> str:
+        (n,) = self.take("<Q")
+        if self.pos + n > self.buf.size:
+            raise GGUFWriteError(f"{self.path}: truncated GGUF header at byte {self.pos}")
+        s = self.buf[self.pos:self.pos + n].tobytes().decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def skip_value(self, vtype: int) -> None:
+        if vtype in _SCALAR_SIZE:
+            self.pos += _SCALAR_SIZE[vtype]
+        elif vtype == _STR:
+            (n,) = self.take("<Q")
+            self.pos += n
+        elif vtype == 9:  # array
+            etype, count = self.take("<IQ")
+            if etype in _SCALAR_SIZE:
+                self.pos += _SCALAR_SIZE[etype] * count
+            else:
+                for _ in range(count):
+                    self.skip_value(etype)
+        else:
+            raise GGUFWriteError(f"{self.path}: unknown GGUF value type {vtype} at byte {self.pos}")
+        if self.pos > self.buf.size:
+            raise GGUFWriteError(f"{self.path}: truncated GGUF header")
+
+
+def _read_shard(path: Path) -> tuple[dict[str, bytes], list[_SourceTensor]]:
+    """Raw key-values (key -> its bytes, in file order) and tensors (views into the map) of one GGUF file."""
+    try:
+        buf = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as e:
+        raise GGUFWriteError(f"{path}: cannot map file ({e})") from None
+    c = _Cursor(buf, path)
+    if buf.size < 24 or buf[:4].tobytes() != b"GGUF":
+        raise GGUFWriteError(f"{path}: not a GGUF file (bad magic)")
+    c.pos = 4
+    (version,) = c.take("<I")
+    if version not in (2, 3):
+        raise GGUFWriteError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+    n_tensors, n_kv = c.take("<QQ")
+    kv: dict[str, bytes] = {}
+    align = DEFAULT_ALIGNMENT
+    for _ in range(n_kv):
+        start = c.pos
+        key = c.string()
+        (vtype,) = c.take("<I")
+        vstart = c.pos
+        c.skip_value(vtype)
+        kv[key] = buf[start:c.pos].tobytes()
+        if key == "general.alignment" and vtype == _U32:
+            align = int(struct.unpack("<I", buf[vstart:vstart + 4].tobytes())[0])
+    if align <= 0 or align & (align - 1):
+        raise GGUFWriteError(f"{path}: general.alignment {align} is not a power of 2")
+    infos = []
+    for _ in range(n_tensors):
+        name = c.string()
+        (n_dims,) = c.take("<I")
+        if not 1 <= n_dims <= 4:
+            raise GGUFWriteError(f"{path}: tensor {name} has {n_dims} dimensions")
+        shape = c.take(f"<{n_dims}Q")
+        type_id, offset = c.take("<IQ")
+        infos.append((name, tuple(int(x) for x in shape), int(type_id), int(offset)))
+    data_start = _pad(c.pos, align)
+    tensors = []
+    for name, shape, type_id, offset in infos:
+        try:
+            t = type_from_id(type_id)
+        except ValueError:
+            raise GGUFWriteError(f"{path}: tensor {name} has unknown ggml type id {type_id}") from None
+        try:
+            n = int(t.tensor_bytes(shape))
+        except ValueError as e:
+            raise GGUFWriteError(f"{path}: tensor {name}: {e}") from None
+        lo = data_start + offset
+        if lo + n > buf.size:
+            raise GGUFWriteError(f"{path}: tensor {name} lies past the end of the file (truncated download?)")
+        tensors.append(_SourceTensor(name, shape, t.name, buf[lo:lo + n], path, lo))
+    return kv, tensors
+
+
+def _open_source(src: Path) -> _Source:
+    if not src.exists():
+        raise GGUFWriteError(f"{src}: no such file")
+    try:
+        paths = shard_paths(src)
+    except ValueError as e:
+        raise GGUFWriteError(str(e)) from None
+    kv: dict[str, bytes] = {}
+    tensors: list[_SourceTensor] = []
+    for i, shard in enumerate(paths):
+        shard_kv, shard_tensors = _read_shard(shard)
+        if i == 0:
+            kv = {k: v for k, v in shard_kv.items() if k not in _SPLIT_KEYS}
+        tensors.extend(shard_tensors)
+    seen: set[str] = set()
+    for t in tensors:
+        if t.name in seen:
+            raise GGUFWriteError(f"{src}: tensor {t.name} appears twice")
+        seen.add(t.name)
+    return _Source(paths, kv, tensors)
+
+
+def llama_tensor_order(names: list[str]) -> list[str]:
+    """Tensor names in the order llama.cpp's loader (and so llama-quantize) keeps them: by the layer number of
+    ``blk.N.`` (-1 for the rest), then by name."""
+
+    def key(n: str) -> tuple[int, str]:
+        m = _LAYER.match(n)
+        return (int(m.group(1)) if m else -1, n)
+
+    return sorted(names, key=key)
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+def needs_imatrix(name: str, qtype: str, ftype: str | None) -> bool:
+    """llama-quantize's tensor_requires_imatrix: types flagged in the registry (Q2_K only in a Q2_K_S file),
+    never token_embd / per_layer_token_embd / output."""
+    if name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
+        return False
+    t = get_type(qtype)
+    return bool(t.llama_quantize_requires_imatrix) or (t.name == "Q2_K" and (ftype or "").upper() == "Q2_K_S")
+
+
+@dataclass(frozen=True)
+class _Planned:
+    src: _SourceTensor
+    qtype: str
+    imatrix: np.ndarray | None  # float32 [n_mat, ne0] when quantized with one
+
+    @property
+    def copy(self) -> bool:
+        return self.qtype == self.src.type_name
+
+    @property
+    def n_bytes(self) -> int:
+        return self.src.data.size if self.copy else int(get_type(self.qtype).tensor_bytes(self.src.shape))
+
+
+def _plan(source: _Source, resolution: Resolution, imatrix: Imatrix | None, ftype: str | None) -> list[_Planned]:
+    from quantmix.formats.api import numerics
+
+    by_src = {t.name: t for t in source.tensors}
+    by_res = {a.tensor.name: a for a in resolution.assignments}
+    extra = sorted(set(by_res) - set(by_src))
+    if extra:
+        raise GGUFWriteError(f"{source.paths[0]}: the recipe types tensor {extra[0]}, which the GGUF does not have"
+                             f" ({len(extra)} such tensors)")
+    missing = sorted(set(by_src) - set(by_res))
+    if missing:
+        raise GGUFWriteError(f"{source.paths[0]}: the resolved recipe has no type for tensor {missing[0]}"
+                             f" ({len(missing)} such tensors): resolve it against this GGUF's catalog")
+    plan = []
+    for name in llama_tensor_order(list(by_src)):
+        st, a = by_src[name], by_res[name]
+        if tuple(a.tensor.shape) != st.shape:
+            raise GGUFWriteError(f"{source.paths[0]}: tensor {name} has shape {list(st.shape)}, the recipe's catalog "
+                                 f"says {list(a.tensor.shape)}")
+        qtype = st.type_name if a.reason.startswith("not quantized") else get_type(a.qtype).name
+        w = None
+        if qtype != st.type_name:
+            if st.type_name not in _FLOAT_SOURCES:
+                raise GGUFWriteError(f"{st.shard}: tensor {name} is stored as {st.type_name}; quantmix quantizes "
+                                     f"only from F32/F16/BF16 (requantizing loses accuracy; llama-quantize refuses it "
+                                     f"without --allow-requantize)")
+            if not get_type(qtype).fits_row(st.shape[0]):
+                raise GGUFWriteError(f"tensor {name}: rows of {st.shape[0]} do not fit {qtype}'s block of "
+                                     f"{get_type(qtype).block_size}")
+            if imatrix is not None:
+                try:
+                    w = imatrix.weights_for(name, st.shape)
+                except ValueError as e:
+                    raise GGUFWriteError(str(e)) from None
+            if w is None and needs_imatrix(name, qtype, ftype):
+                why = "no imatrix was given" if imatrix is None else f"{imatrix.path} has no entry for it"
+                raise GGUFWriteError(f"tensor {name}: type {qtype} needs an importance matrix (imatrix) and {why}; "
+                                     f"llama-quantize refuses this too (pass --imatrix, or pick another type)")
+            numerics(qtype)  # UnsupportedTypeError now, before anything is written
+        plan.append(_Planned(st, qtype, w))
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+
+
+def _kv_key(key: str) -> bytes:
+    k = key.encode()
+    return struct.pack("<Q", len(k)) + k
+
+
+def _kv_u32(key: str, v: int) -> bytes:
+    return _kv_key(key) + struct.pack("<II", _U32, v)
+
+
+def _kv_u16(key: str, v: int) -> bytes:
+    return _kv_key(key) + struct.pack("<IH", _U16, v)
+
+
+def _kv_i32(key: str, v: int) -> bytes:
+    return _kv_key(key) + struct.pack("<Ii", _I32, v)
+
+
+def _kv_str(key: str, v: bytes) -> bytes:
+    return _kv_key(key) + struct.pack("<IQ", _STR, len(v)) + v
+
+
+def _set(kv: dict[str, bytes], key: str, raw: bytes) -> None:
+    """gguf_set_val_*: remove the key wherever it is, append it at the end."""
+    kv.pop(key, None)
+    kv[key] = raw
+
+
+def _pad(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+def _n_dims(shape: tuple[int, ...]) -> int:
+    """ggml_n_dims: trailing dimensions of 1 are not written."""
+    for i in range(len(shape) - 1, 0, -1):
+        if shape[i] > 1:
+            return i + 1
+    return 1
+
+
+def _header(kv: dict[str, bytes], tensors: list[_Planned], align: int) -> bytes:
+    out = [b"GGUF", struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(kv)), *kv.values()]
+    offset = 0
+    for p in tensors:
+        shape = p.src.shape[:_n_dims(p.src.shape)]
+        out.append(_kv_key(p.src.name))
+        out.append(struct.pack("<I", len(shape)) + struct.pack(f"<{len(shape)}Q", *shape))
+        out.append(struct.pack("<IQ", get_type(p.qtype).type_id, offset))
+        offset += _pad(p.n_bytes, align)
+    head = b"".join(out)
+    return head + b"\0" * (_pad(len(head), align) - len(head))
+
+
+def _output_kv(source: _Source, resolution: Resolution, imatrix: Imatrix | None,
+               imatrix_label: str | None) -> dict[str, bytes]:
+    from quantmix.planning.llama_rules import ftype_id
+
+    kv = dict(source.kv)
+    spec = resolution.spec
+    _set(kv, "general.quantization_version", _kv_u32("general.quantization_version", GGML_QNT_VERSION))
+    if spec.keep_source or (spec.ftype or "").upper() == "COPY":
+        old = source.kv_u32("general.file_type")
+        if old is not None:
+            _set(kv, "general.file_type", _kv_u32("general.file_type", old))
+    else:
+        _set(kv, "general.file_type", _kv_u32("general.file_type", ftype_id(spec.ftype or NOMINAL_FTYPE)))
+    if imatrix is not None and len(imatrix):
+        label = (imatrix_label if imatrix_label is not None else str(imatrix.path)).encode()
+        _set(kv, "quantize.imatrix.file", _kv_str("quantize.imatrix.file", label[:KV_OVERRIDE_STR_MAX]))
+        if imatrix.datasets:
+            ds = imatrix.datasets[0].encode()[:KV_OVERRIDE_STR_MAX]
+            _set(kv, "quantize.imatrix.dataset", _kv_str("quantize.imatrix.dataset", ds))
+        _set(kv, "quantize.imatrix.entries_count", _kv_u32("quantize.imatrix.entries_count", len(imatrix)))
+        if imatrix.chunk_count > 0:
+            _set(kv, "quantize.imatrix.chunks_count", _kv_u32("quantize.imatrix.chunks_count", imatrix.chunk_count))
+    return kv
+
+
+# ------------------------------------------------------------------------------------------------ splitting
+
+
+def split_shard_paths(out: Path, n_split: int) -> list[Path]:
+    """llama_split_path: ``PREFIX-00001-of-0000N.gguf`` where PREFIX is ``out`` without ``.gguf``."""
+    stem = out.name[:-5] if out.name.endswith(".gguf") else out.name
+    return [out.with_name(f"{stem}-{i:05d}-of-{n_split:05d}.gguf") for i in range(1, n_split + 1)]
+
+
+def _split(plan: list[_Planned], max_bytes: int, align: int) -> list[list[_Planned]]:
+    """gguf-split's size strategy: a new shard when the running padded tensor size would exceed the limit
+    (a shard always gets at least one tensor)."""
+    shards: list[list[_Planned]] = [[]]
+    cur = 0
+    for p in plan:
+        n = _pad(p.n_bytes, align)
+        if shards[-1] and cur + n > max_bytes:
+            shards.append([])
+            cur = 0
+        shards[-1].append(p)
+        cur += n
+    return shards
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _to_f32(raw: np.ndarray, type_name: str) -> np.ndarray:
+    """Raw little-endian bytes of a float tensor slab -> float32 (exact for F16 and BF16)."""
+    if type_name == "F32":
+        return raw.view("<f4").astype(np.float32)  # copy: the map is read-only
+    if type_name == "F16":
+        return raw.view("<f2").astype(np.float32)
+    if type_name == "BF16":
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    raise AssertionError(type_name)
+
+
+def _write_tensor(fh, p: _Planned, device: torch.device, on_weights: Callable[[int], None]) -> int:
+    """Write one tensor's data (unpadded); returns the bytes written."""
+    from quantmix.formats.api import quantize
+
+    st = p.src
+    if p.copy:
+        step = 1 << 26
+        for o in range(0, st.data.size, step):
+            fh.write(memoryview(st.data[o:o + step]))
+        on_weights(st.n_elements)
+        return int(st.data.size)
+    ne0 = st.shape[0]
+    rows_per_mat = int(np.prod(st.shape[1:2], dtype=np.int64)) if len(st.shape) > 1 else 1
+    n_rows = st.n_elements // ne0
+    n_mat = n_rows // rows_per_mat
+    src_rb = st.data.size // n_rows
+    slab = SLAB_WEIGHTS if device.type == "cpu" else SLAB_WEIGHTS_GPU
+    step = max(1, slab // ne0)
+    written = 0
+    for e in range(n_mat):
+        im = None
+        if p.imatrix is not None:
+            im = torch.from_numpy(p.imatrix[e if p.imatrix.shape[0] > 1 else 0].copy()).to(device)
+        for r0 in range(0, rows_per_mat, step):
+            r1 = min(rows_per_mat, r0 + step)
+            g0, g1 = e * rows_per_mat + r0, e * rows_per_mat + r1
+            x = _to_f32(st.data[g0 * src_rb:g1 * src_rb], st.type_name).reshape(r1 - r0, ne0)
+            q = quantize(torch.from_numpy(x).to(device), p.qtype, im, name=st.name)
+            b = q.cpu().numpy().tobytes()
+            fh.write(b)
+            written += len(b)
+            on_weights((r1 - r0) * ne0)
+    return written
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ------------------------------------------------------------------------------------------------ public
+
+
+def quantize_gguf(
+    src: str | Path,
+    recipe: RecipeSpec | Resolution,
+    out: str | Path,
+    imatrix: str | Path | Imatrix | None = None,
+    split_max_size: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    *,
+    imatrix_label: str | None = None,
+    on_tensor: Callable[[int, str], None] | None = None,
+) -> Path:
+    """Quantize the float GGUF ``src`` (any shard of a split one) to ``out`` following ``recipe``.
+
+    ``recipe``: a RecipeSpec (resolved here against ``src``'s catalog) or a Resolution made by
+    :func:`quantmix.planning.recipe.resolve`. ``imatrix``: a llama.cpp imatrix file (GGUF or legacy .dat) or a
+    loaded :class:`Imatrix`; ``imatrix_label`` is what ``quantize.imatrix.file`` records (default: its path).
+    ``split_max_size``: bytes of tensor data per shard; the output is then llama-gguf-split's shards and the
+    first one is returned. ``device``: where the quantizers run (default: CUDA when present).
+    ``on_tensor(i, name)`` is called before tensor i is written.
+
+    Everything is checked (types, imatrix needs, shapes) before a byte is written; the file is written to a
+    temporary file next to ``out`` and renamed, so an error or interrupt leaves nothing behind.
+    """
+    from quantmix.model.catalog import catalog_from_gguf
+
+    src, out = Path(src), Path(out)
+    source = _open_source(src)
+    if any(out.resolve() == p.resolve() for p in source.paths):
+        raise GGUFWriteError(f"{out}: the output would overwrite its own source")
+    im = read_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
+    if isinstance(recipe, Resolution):
+        resolution = recipe
+    elif isinstance(recipe, RecipeSpec):
+        resolution = resolve(catalog_from_gguf(src), recipe, imatrix_present=im is not None)
+    else:
+        raise TypeError(f"recipe: expected a RecipeSpec or Resolution, got {type(recipe).__name__}")
+    ftype = resolution.spec.ftype
+    plan = _plan(source, resolution, im, ftype)
+    kv = _output_kv(source, resolution, im, imatrix_label)
+    align = source.kv_u32("general.alignment") or DEFAULT_ALIGNMENT
+    if align & (align - 1):
+        raise GGUFWriteError(f"{source.paths[0]}: general.alignment {align} is not a power of 2")
+
+    if split_max_size is None:
+        shards, paths = [plan], [out]
+        headers = [_header(kv, plan, align)]
+    else:
+        if split_max_size <= 0:
+            raise GGUFWriteError(f"split_max_size must be positive, got {split_max_size}")
+        shards = _split(plan, split_max_size, align)
+        paths = split_shard_paths(out, len(shards))
+        headers = []
+        for i, sh in enumerate(shards):
+            skv = dict(kv) if i == 0 else {}
+            _set(skv, "split.no", _kv_u16("split.no", i))
+            _set(skv, "split.count", _kv_u16("split.count", len(shards)))
+            _set(skv, "split.tensors.count", _kv_i32("split.tensors.count", len(plan)))
+            headers.append(_header(skv, sh, align))
+
+    dev = _default_device(device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temps: list[Path] = []
+    total = sum(p.src.n_elements for p in plan)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="w", unit_scale=True, desc=out.name, disable=not progress, leave=False)
+    try:
+        i_tensor = 0
+        for path, head, sh in zip(paths, headers, shards):
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps.append(Path(tmp))
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual mode
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(head)
+                for p in sh:
+                    if on_tensor is not None:
+                        on_tensor(i_tensor, p.src.name)
+                    bar.set_postfix_str(p.src.name, refresh=False)
+                    n = _write_tensor(fh, p, dev, bar.update)
+                    if n != p.n_bytes:
+                        raise RuntimeError(f"tensor {p.src.name}: wrote {n} bytes, expected {p.n_bytes}")
+                    fh.write(b"\0" * (_pad(n, align) - n))
+                    i_tensor += 1
+                fh.flush()
+                os.fsync(fh.fileno())
+        for tmp, path in zip(temps, paths):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+    return paths[0]

@@ -1,0 +1,246 @@
+"""Simulated quantization: give a Hugging Face model the weights llama.cpp would load from the quantized GGUF.
+
+Each weight is replaced by its quantize -> dequantize image under the recipe, computed in GGUF row order with
+the same numerics the GGUF writer uses, so a forward pass in transformers sees exactly the weights llama.cpp
+computes with (up to the kernels' float arithmetic). That lets quantization errors be measured (KL-divergence,
+perplexity) with a transformers forward pass, on GPU, without writing a file.
+
+Mapping HF parameters to GGUF tensors goes through the catalog built from the model's config
+(:func:`quantmix.model.catalog.catalog_from_config`, whose ``TensorInfo.hf_sources`` name the checkpoint
+tensors behind each GGUF tensor) and the catalog's own undoing of transformers' in-memory fusions, so:
+
+- plain linear weights map one to one (HF ``[out, in]`` is GGUF ``[ne0=in, ne1=out]``, same memory order);
+- llama.cpp's converter permutes attn_q / attn_k rows for llama-family models (``LlamaModel.permute`` in
+  conversion/llama.py, so rope can use adjacent pairs): those are permuted to GGUF order, quantized, and
+  permuted back;
+- merged experts: GGUF ``ffn_*_exps`` ``[ne0, ne1, n_expert]`` is the stack of per-expert checkpoint tensors;
+  transformers 5 keeps them fused in memory (``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` = gate then up,
+  ``down_proj`` ``[E, H, I]``), so each GGUF tensor is a slice of a fused parameter, quantized per expert with
+  that expert's imatrix row;
+- a GGUF stored in F16/BF16 is rounded to it first (what the quantizer read); tied embeddings are one
+  parameter, quantized as token_embd (llama.cpp reuses it as the output head).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from quantmix.calibration.imatrix_io import Imatrix, read_imatrix
+from quantmix.formats.registry import get_type
+from quantmix.model.catalog import Catalog, TensorInfo
+from quantmix.planning.recipe import Resolution
+
+__all__ = ["SimulationError", "SimulatedTensor", "SimulationReport", "simulate_quantization",
+           "permute_rows", "unpermute_rows", "PERMUTED_QK_ARCHITECTURES"]
+
+# HF architectures whose llama.cpp converter permutes q/k rows (LlamaModel and subclasses with undo_permute).
+PERMUTED_QK_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "ArceeForCausalLM",
+    "SmolLM3ForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM",
+})
+
+
+class SimulationError(ValueError):
+    """The model and the recipe do not fit together; the message names the tensor or parameter."""
+
+
+@dataclass(frozen=True)
+class SimulatedTensor:
+    """One GGUF tensor applied to the model: where it went and how much it changed the weights."""
+
+    gguf_name: str
+    qtype: str
+    param: str
+    rel_mse: float  # sum (w' - w)^2 / sum w^2 over this tensor
+    part: tuple[int, int] | None = None  # rows [start, stop) along dim 1 of a fused 3-D expert parameter
+    permuted_heads: int = 0  # q/k rows were permuted with this head count for quantization
+
+
+@dataclass
+class SimulationReport:
+    """What :func:`simulate_quantization` did."""
+
+    tensors: list[SimulatedTensor] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)  # GGUF tensors left in float32 (identity)
+    not_in_model: list[str] = field(default_factory=list)  # GGUF tensors with no HF parameter (rope_freqs, ...)
+    n_weights: int = 0  # weights replaced
+
+    def by_name(self) -> dict[str, SimulatedTensor]:
+        return {t.gguf_name: t for t in self.tensors}
+
+
+def permute_rows(w: Tensor, n_head: int) -> Tensor:
+    """llama.cpp's converter permutation (HF rotate-half layout -> GGUF interleaved pairs) of q/k rows."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rows(w: Tensor, n_head: int) -> Tensor:
+    """Inverse of :func:`permute_rows`."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ------------------------------------------------------------------------------------------------ mapping
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one GGUF tensor lives in the model: parameter, slice along dim 1 of a fused 3-D parameter,
+    and the head count of a q/k row permutation (0: none)."""
+
+    info: TensorInfo
+    param: str
+    part: slice | None
+    n_head_perm: int
+
+
+def _config_catalog(model: nn.Module) -> tuple[Catalog, object]:
+    from quantmix.model.catalog import catalog_from_config
+
+    cfg = model.config  # type: ignore[attr-defined]
+    with tempfile.TemporaryDirectory(prefix="quantmix-sim-") as d:
+        cfg.save_pretrained(d)
+        return catalog_from_config(Path(d)), cfg
+
+
+def _targets(model: nn.Module) -> dict[str, _Target]:
+    """GGUF tensor name -> its place in the model."""
+    from quantmix.model.catalog import _checkpoint_tensors
+
+    catalog, cfg = _config_catalog(model)
+    by_source: dict[str, list[TensorInfo]] = {}
+    for t in catalog:
+        for s in t.hf_sources:
+            by_source.setdefault(s, []).append(t)
+    tc = getattr(cfg, "text_config", None) or cfg
+    arch = (getattr(cfg, "architectures", None) or [type(model).__name__])[0]
+    permute = arch in PERMUTED_QK_ARCHITECTURES
+    n_head = int(getattr(tc, "num_attention_heads", 0) or 0)
+    n_kv = int(getattr(tc, "num_key_value_heads", None) or n_head)
+    out: dict[str, _Target] = {}
+    for pname, p in model.named_parameters():
+        parts = _checkpoint_tensors(cfg, [(pname, tuple(p.shape))])
+        fused = len(parts) > 1 or parts[0][2] != (parts[0][0],)
+        off = 0
+        for merged, part_shape, sources in parts:
+            hits = {t.name: t for s in sources for t in by_source.get(s, [])}
+            if len(hits) > 1:
+                raise SimulationError(f"parameter {pname}: becomes {len(hits)} GGUF tensors ({', '.join(sorted(hits))});"
+                                      f" simulating that split is not supported")
+            if not hits:
+                off += part_shape[1] if fused and len(part_shape) > 1 else 0
+                continue
+            info = next(iter(hits.values()))
+            if tuple(reversed(part_shape)) != tuple(info.shape):
+                raise SimulationError(f"parameter {pname} ({list(part_shape)}) does not match GGUF tensor {info.name} "
+                                      f"{list(info.shape)}")
+            part = slice(off, off + part_shape[1]) if fused else None
+            if fused:
+                off += part_shape[1]
+            perm = 0
+            if permute and info.tensor_class == "attn_q" and merged.endswith("q_proj.weight"):
+                perm = n_head
+            elif permute and info.tensor_class == "attn_k" and merged.endswith("k_proj.weight"):
+                perm = n_kv
+            out[info.name] = _Target(info, pname, part, perm)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ numerics
+
+
+def _round_to(x: Tensor, type_name: str) -> Tensor:
+    if type_name == "F16":
+        return x.to(torch.float16).float()
+    if type_name == "BF16":
+        return x.to(torch.bfloat16).float()
+    return x
+
+
+def _image(w: Tensor, qtype: str, src_type: str, imatrix: np.ndarray | None, name: str, dev: torch.device) -> Tensor:
+    """quantize -> dequantize of GGUF-ordered rows ``w`` [..., rows, ne0] (leading dim: experts)."""
+    from quantmix.formats.api import dequantize, quantize
+
+    x = _round_to(w.detach().to(device=dev, dtype=torch.float32), src_type)
+    if qtype == src_type:
+        return x
+    ne0 = x.shape[-1]
+    flat = x.reshape(-1, x.shape[-2], ne0) if x.dim() > 2 else x.reshape(1, -1, ne0)
+    out = torch.empty_like(flat)
+    for e in range(flat.shape[0]):
+        im = None
+        if imatrix is not None:
+            im = torch.from_numpy(np.ascontiguousarray(imatrix[e if imatrix.shape[0] > 1 else 0])).to(dev)
+        q = quantize(flat[e].contiguous(), qtype, im, name=name)
+        out[e] = dequantize(q, qtype, ne0, name=name)
+    return out.reshape(x.shape)
+
+
+# ------------------------------------------------------------------------------------------------ public
+
+
+@torch.no_grad()
+def simulate_quantization(
+    model: nn.Module,
+    resolution: Resolution,
+    imatrix: str | Path | Imatrix | None = None,
+    device: str | torch.device | None = None,
+) -> SimulationReport:
+    """Replace, in place, every weight of ``model`` by what llama.cpp would load from the GGUF that
+    :func:`quantmix.export.gguf_writer.quantize_gguf` writes for ``resolution`` (and ``imatrix``).
+
+    One GGUF tensor at a time (bounded extra memory). ``device``: where quantization runs (default: CUDA when
+    present); results are written back to each parameter's own device. Parameters should be float32: a
+    lower-precision model cannot hold the dequantized values exactly (a SimulationError says so)."""
+    from quantmix.export.gguf_writer import needs_imatrix
+
+    im = read_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    targets = _targets(model)
+    params = dict(model.named_parameters())
+    report = SimulationReport()
+    ftype = resolution.spec.ftype
+    for a in resolution.assignments:
+        name = a.tensor.name
+        src_type = a.tensor.source_type or "F32"
+        qtype = src_type if a.reason.startswith("not quantized") else get_type(a.qtype).name
+        tgt = targets.get(name)
+        if tgt is None:
+            report.not_in_model.append(name)
+            continue
+        if tuple(tgt.info.shape) != tuple(a.tensor.shape):
+            raise SimulationError(f"tensor {name}: the recipe's shape {list(a.tensor.shape)} is not the model's "
+                                  f"{list(tgt.info.shape)}")
+        if qtype == "F32" and src_type == "F32":
+            report.unchanged.append(name)
+            continue
+        p = params[tgt.param]
+        if p.dtype != torch.float32:
+            raise SimulationError(f"parameter {tgt.param} is {p.dtype}: load the model in float32 to simulate "
+                                  f"quantization exactly")
+        w = p.data[:, tgt.part] if tgt.part is not None else p.data
+        wq = permute_rows(w, tgt.n_head_perm) if tgt.n_head_perm else w
+        w_im = None
+        if qtype != src_type and im is not None:
+            w_im = im.weights_for(name, tuple(a.tensor.shape))
+        if w_im is None and qtype != src_type and needs_imatrix(name, qtype, ftype):
+            raise SimulationError(f"tensor {name}: type {qtype} needs an importance matrix (imatrix)")
+        new = _image(wq, qtype, src_type, w_im, name, dev)
+        if tgt.n_head_perm:
+            new = unpermute_rows(new, tgt.n_head_perm)
+        new = new.to(p.device)
+        ref = w.double().square().sum()
+        err = (new.double() - w.double()).square().sum()
+        w.copy_(new)
+        part = (tgt.part.start, tgt.part.stop) if tgt.part is not None else None
+        report.tensors.append(SimulatedTensor(name, qtype, tgt.param, float(err / ref) if ref > 0 else 0.0, part,
+                                              tgt.n_head_perm))
+        report.n_weights += w.numel()
+    return report

@@ -1,0 +1,163 @@
+"""The fast k-quant kernels (quantmix.formats.gpu): byte-exact with ggml and the torch numerics.
+
+Two halves. The host half runs everywhere: kquants.cu compiled with g++ (the same source the GPU runs,
+same float32 arithmetic) is compared with ggml's C quantizer, and its fused error sums with the torch
+quant_error. The CUDA half skips without a GPU; on one it compares the NVRTC-built kernels with the torch
+numerics on the CPU (itself checked against ggml in test_formats_kquants.py): edge cases, all imatrix
+kinds, and a row subsample of a real-shaped layer, plus the fused quant_error, determinism, chunking.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from formats_data import edge_rows, heavy_tailed, imatrices, imatrix_for
+from quantmix.formats import api
+from quantmix.formats.api import QuantError, quant_error, quantize
+from quantmix.formats.gpu import KERNEL_TYPES, driver
+
+TYPES = list(KERNEL_TYPES)
+N = 1024
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+
+
+def _assert_same(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != {ref.shape}"
+    bad = np.nonzero((ours != ref).any(axis=1))[0]
+    if len(bad):
+        r = int(bad[0])
+        col = int(np.nonzero(ours[r] != ref[r])[0][0])
+        pytest.fail(f"{what}: {len(bad)} of {len(ref)} rows differ; first row {r} byte {col}: "
+                    f"ours {ours[r, col]} reference {ref[r, col]}")
+
+
+def _assert_errors_close(got: QuantError | tuple, x: torch.Tensor, qtype: str, im: torch.Tensor | None,
+                         a: torch.Tensor, what: str) -> None:
+    """Same float32 quantization, float64 sums in another order: equal to float64 rounding."""
+    ref = quant_error(x, qtype, im, a, backend="torch")
+    e, r, b = (got.err_w, got.ref_w, got.bias) if isinstance(got, QuantError) else got
+    assert torch.allclose(e.cpu(), ref.err_w, rtol=1e-11, atol=0.0), f"{what}: err_w differs"
+    assert torch.allclose(r.cpu(), ref.ref_w, rtol=1e-11, atol=0.0), f"{what}: ref_w differs"
+    assert b is not None and ref.bias is not None, f"{what}: bias missing"
+    err = api.dequantize(quantize(x, qtype, im, backend="torch"), qtype, x.shape[1]).double() - x.double()
+    tol = 1e-12 * (err.abs() @ a.double().abs()) + 1e-300  # rounding of sum a e scales with sum |a e|
+    assert bool(((b.cpu() - ref.bias).abs() <= tol).all()), f"{what}: bias differs"
+
+
+# ---- host build: the kernels' arithmetic against ggml, without a GPU -------------------------------
+
+
+@pytest.fixture(scope="module")
+def host():  # type: ignore[no-untyped-def]
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("no C++ compiler for the host build of kquants.cu")
+    from quantmix.formats.gpu import hostbuild
+
+    return hostbuild.launcher()
+
+
+@pytest.fixture(scope="module")
+def rows() -> np.ndarray:
+    return np.concatenate([heavy_tailed(24, N, seed=51), edge_rows(N, seed=52)])
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_host_kernels_match_ggml(qtype: str, host, rows: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    from quantmix.tools.ggml_oracle import oracle_quantize
+
+    for im_name, im in [("none", None), *imatrices(N, seed=53)]:
+        ours = driver.run(host, qtype, torch.from_numpy(rows), None if im is None else torch.from_numpy(im))
+        _assert_same(ours.numpy(), oracle_quantize(rows, qtype, im), f"{qtype} host kernels imatrix={im_name}")
+    long_rows = heavy_tailed(3, 4096 + 256, seed=54)  # 17 super-blocks: each reads its own imatrix slice
+    im = imatrix_for(long_rows.shape[1], seed=55)
+    for m in (None, im):
+        ours = driver.run(host, qtype, torch.from_numpy(long_rows), None if m is None else torch.from_numpy(m))
+        _assert_same(ours.numpy(), oracle_quantize(long_rows, qtype, m), f"{qtype} host kernels long rows")
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_host_fused_errors_match_torch(qtype: str, host, rows: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    x = torch.from_numpy(rows[np.abs(rows).max(axis=1) < 1e20])  # 1e30 rows give inf errors on both sides
+    a = torch.from_numpy(np.random.default_rng(56).standard_normal(N).astype(np.float32))
+    for im in (None, torch.from_numpy(imatrix_for(N, seed=57))):
+        got = driver.run(host, qtype, x, im, errors=True, act_mean=a, error_weights=im)
+        _assert_errors_close(got, x, qtype, im, a, f"{qtype} host errors")
+
+
+def test_backend_argument_is_checked() -> None:
+    x = torch.from_numpy(heavy_tailed(2, 256, seed=58))
+    with pytest.raises(ValueError, match="unknown backend"):
+        quantize(x, "Q4_K", backend="fast")
+    with pytest.raises(ValueError, match="needs a CUDA tensor"):
+        quantize(x, "Q4_K", backend="cuda")
+    with pytest.raises(ValueError, match="no kernel for Q8_0"):
+        quantize(x, "Q8_0", backend="cuda")
+    assert quant_error(x, "Q4_K").backend == "torch"
+
+
+# ---- CUDA: the NVRTC build on a GPU ----------------------------------------------------------------
+
+
+def _torch_cpu(x: np.ndarray, qtype: str, im: np.ndarray | None) -> np.ndarray:
+    return quantize(torch.from_numpy(x), qtype, None if im is None else torch.from_numpy(im), backend="torch").numpy()
+
+
+@cuda
+@pytest.mark.parametrize("qtype", TYPES)
+def test_cuda_kernels_match_torch_exact(qtype: str, rows: np.ndarray) -> None:
+    xg = torch.from_numpy(rows).cuda()
+    for im_name, im in [("none", None), *imatrices(N, seed=59)]:
+        ours = quantize(xg, qtype, None if im is None else torch.from_numpy(im).cuda(), backend="cuda")
+        _assert_same(ours.cpu().numpy(), _torch_cpu(rows, qtype, im), f"{qtype} cuda imatrix={im_name}")
+
+
+@cuda
+@pytest.mark.parametrize("qtype", TYPES)
+def test_cuda_real_shape_subsample(qtype: str) -> None:
+    """A dense 4096x14336 layer and an expert slice (row length 5120), made on the GPU; a spread of rows
+    is compared with the torch numerics on the CPU."""
+    g = torch.Generator(device="cuda").manual_seed(60)
+    for rows, n in ((4096, 14336), (1536, 5120)):
+        x = torch.randn(rows, n, generator=g, device="cuda") * 0.02
+        x[:, torch.randperm(n, generator=g, device="cuda")[: n // 128]] *= 30.0
+        im = torch.rand(n, generator=g, device="cuda") ** 4
+        pick = torch.linspace(0, rows - 1, 12, device="cuda").round().long()
+        xs = x[pick].cpu().numpy()
+        for m in (None, im):
+            q = quantize(x, qtype, m, backend="cuda")[pick].cpu().numpy()
+            _assert_same(q, _torch_cpu(xs, qtype, None if m is None else m.cpu().numpy()), f"{qtype} {rows}x{n}")
+
+
+@cuda
+@pytest.mark.parametrize("qtype", TYPES)
+def test_cuda_fused_quant_error(qtype: str, rows: np.ndarray) -> None:
+    x = rows[np.abs(rows).max(axis=1) < 1e20]
+    a = np.random.default_rng(61).standard_normal(N).astype(np.float32)
+    for im in (None, imatrix_for(N, seed=62)):
+        imt = None if im is None else torch.from_numpy(im)
+        got = quant_error(torch.from_numpy(x).cuda(), qtype, None if imt is None else imt.cuda(),
+                          torch.from_numpy(a).cuda())
+        assert got.backend == "cuda"
+        _assert_errors_close(got, torch.from_numpy(x), qtype, imt, torch.from_numpy(a), f"{qtype} cuda quant_error")
+
+
+@cuda
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q4_K"])
+def test_cuda_deterministic_and_chunking_independent(qtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.from_numpy(heavy_tailed(40, N, seed=63)).cuda()
+    im = torch.from_numpy(imatrix_for(N, seed=64)).cuda()
+    a = quantize(x, qtype, im)
+    e = quant_error(x, qtype, im)
+    assert torch.equal(a, quantize(x, qtype, im))
+    monkeypatch.setattr(api, "CHUNK_WEIGHTS_KERNEL", 3 * N)  # 3 rows per launch
+    assert torch.equal(a, quantize(x, qtype, im))
+    assert torch.equal(e.err_w, quant_error(x, qtype, im).err_w)
+    # an unaligned view (the kernels read 16 bytes at a time) gives the same bytes
+    flat = torch.empty(x.numel() + 1, device="cuda")
+    view = flat[1:].view_as(x)
+    view.copy_(x)
+    assert torch.equal(a, quantize(view, qtype, im))
