@@ -28,6 +28,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from quantmix.formats import gpu
 from quantmix.formats.api import dequantize, quant_error, quantize, supported_types
 from quantmix.formats.registry import get_type
 
@@ -108,18 +109,24 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
             t = get_type(qtype)
             if not t.fits_row(n):
                 continue
+            # the torch numerics on a GPU are far slower than the kernels: measure them on fewer rows
+            nrows = rows
+            if args.device == "cuda" and not gpu.has_kernel(qtype):
+                nrows = max(1, min(rows, args.max_weights_torch // n))
+            xt = x[:nrows]
+            chk = check[check < nrows]
             for use_im in (False, True):
                 m = im if use_im else None
                 dequantize(quantize(x[:2], qtype, m), qtype, n)  # warm-up: kernel builds, lazy imports
                 quant_error(x[:2], qtype, m)
-                tq, q = _timed(lambda: quantize(x, qtype, m), args.device, args.repeat)
-                te, qe = _timed(lambda: quant_error(x, qtype, m), args.device, args.repeat)
+                tq, q = _timed(lambda: quantize(xt, qtype, m), args.device, args.repeat)
+                te, qe = _timed(lambda: quant_error(xt, qtype, m), args.device, args.repeat)
                 tdq, _ = _timed(lambda: dequantize(q, qtype, n), args.device, args.repeat)
                 assert isinstance(q, torch.Tensor)
-                ref = _reference_bytes(x_check, qtype, im_np if use_im else None, use_ggml)
-                same = bool(np.array_equal(q[torch.from_numpy(check).to(q.device)].cpu().numpy(), ref))
-                row = {"shape": f"{shape_name} ({rows}x{n})", "type": qtype, "imatrix": use_im,
-                       "device": args.device, "q": x.numel() / tq, "err": x.numel() / te, "dq": x.numel() / tdq,
+                ref = _reference_bytes(x_check[: len(chk)], qtype, im_np if use_im else None, use_ggml)
+                same = bool(np.array_equal(q[torch.from_numpy(chk).to(q.device)].cpu().numpy(), ref))
+                row = {"shape": f"{shape_name} ({nrows}x{n})", "type": qtype, "imatrix": use_im,
+                       "device": args.device, "q": xt.numel() / tq, "err": xt.numel() / te, "dq": xt.numel() / tdq,
                        "backend": getattr(qe, "backend", "torch"),
                        "exact": ("ggml" if use_ggml else "torch") if same else "NO"}
                 if not args.no_ggml and use_ggml:
@@ -147,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=float, default=0.01, help="fraction of each shape's rows to use (default 0.01)")
     ap.add_argument("--max-weights", type=int, default=1 << 20,
                     help="cap on the weights of one measured tensor (default 2^20; raise it on a GPU)")
+    ap.add_argument("--max-weights-torch", type=int, default=1 << 25,
+                    help="on CUDA, cap for types without kernels (torch numerics; default 2^25)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--types", nargs="*", help="types to measure (default: every supported type but F32)")
     ap.add_argument("--shapes", nargs="*", help="substrings of the shape names to measure (default: all)")

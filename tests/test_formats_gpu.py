@@ -84,7 +84,7 @@ def test_host_fused_errors_match_torch(qtype: str, host, rows: np.ndarray) -> No
     x = torch.from_numpy(rows[np.abs(rows).max(axis=1) < 1e20])  # 1e30 rows give inf errors on both sides
     a = torch.from_numpy(np.random.default_rng(56).standard_normal(N).astype(np.float32))
     for im in (None, torch.from_numpy(imatrix_for(N, seed=57))):
-        got = driver.run(host, qtype, x, im, errors=True, act_mean=a, error_weights=im)
+        got = driver.run(host, qtype, x, im, errors=True, act_mean=a)
         _assert_errors_close(got, x, qtype, im, a, f"{qtype} host errors")
 
 

@@ -158,4 +158,8 @@ def test_cuda_matches_ggml(qtype: str, random_rows: np.ndarray, special_rows: np
         ours = quantize(torch.from_numpy(x).cuda(), qtype, None if im is None else torch.from_numpy(im).cuda())
         _assert_bytes_equal(ours.cpu().numpy(), oracle_quantize(x, qtype, im), x, f"{qtype} cuda imatrix={im_name}")
         deq = dequantize(ours, qtype, N).cpu().numpy()
-        assert _bits_equal(deq, oracle_dequantize(ours.cpu().numpy(), qtype, N)), f"{qtype}: cuda dequantize"
+        ref = oracle_dequantize(ours.cpu().numpy(), qtype, N)
+        # NaN payload bits differ between CUDA and x86; NaN positions and every finite value must not
+        assert np.array_equal(np.isnan(deq), np.isnan(ref)), f"{qtype}: cuda dequantize NaN pattern"
+        finite = ~np.isnan(ref)
+        assert _bits_equal(deq[finite], ref[finite]), f"{qtype}: cuda dequantize"

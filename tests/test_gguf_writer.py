@@ -256,8 +256,9 @@ def test_moe_per_expert_imatrix_identical_to_llama_quantize(lc, tmp_path: Path) 
     exps = next(n for n in im.entries if "_exps" in n)
     assert im.entries[exps].n_mat == 4 and np.all(im.weights(exps)[1] == 1.0)
 
-    plan = [(r"ffn_up_exps", "Q4_K"), (r"ffn_gate_exps", "IQ4_XS"), (r"ffn_down_exps", "Q4_0"),
-            (r"shexp", "Q5_K"), (r"attn_v", "Q3_K"), (r"attn_k", "IQ4_NL"), (r"attn_q", "Q2_K")]
+    plan = [(r"ffn_up_exps", "Q6_K"), (r"ffn_gate_exps", "IQ4_XS"), (r"ffn_down_exps", "Q4_0"),
+            (r"shexp", "Q8_0"), (r"attn_v", "Q3_K"), (r"attn_k", "IQ4_NL"), (r"attn_q", "Q2_K"),
+            (r"attn_output", "Q4_K"), (r"token_embd", "Q5_K")]
     rules, _ = _rules(plan)
     res = resolve(cat, RecipeSpec(ftype=None, rules=rules), imatrix_present=True)
     ours = quantize_gguf(src, res, tmp_path / "qm.gguf", imatrix=imat, progress=False)

@@ -54,7 +54,6 @@ def error_rows(
     """Per-row float64 (sum w e^2, sum w x^2, sum a e) of quantizing ``x`` (w = imatrix, 1 without)."""
     from quantmix.formats.gpu import driver
 
-    res = driver.run(_launcher(x.device), qtype.upper(), x, imatrix, errors=True, act_mean=act_mean,
-                     error_weights=imatrix)
+    res = driver.run(_launcher(x.device), qtype.upper(), x, imatrix, errors=True, act_mean=act_mean)
     assert isinstance(res, tuple)
     return res

@@ -54,7 +54,7 @@ def library_path() -> Path:
 
 
 class HostLauncher:
-    """driver.Launcher over the g++ build: every 'kernel' is a loop over its n items."""
+    """driver.Launcher over the g++ build: every 'kernel' is a loop over its blocks, phases one after another."""
 
     device = torch.device("cpu")
     backend = "host"
@@ -62,10 +62,10 @@ class HostLauncher:
     def __init__(self) -> None:
         self._lib = ctypes.CDLL(str(library_path()))
 
-    def launch(self, name: str, args: driver.Args, n: int, threads: int, *extra: int) -> None:
+    def launch(self, name: str, args: driver.Args, nsub: int, mode: int) -> None:
         fn = getattr(self._lib, name)
         fn.restype = None
-        fn(ctypes.byref(args), ctypes.c_int(n), *[ctypes.c_int(e) for e in extra])
+        fn(ctypes.byref(args), ctypes.c_int(nsub), ctypes.c_int(mode))
 
 
 @functools.lru_cache(maxsize=1)

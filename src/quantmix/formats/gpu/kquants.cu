@@ -39,8 +39,8 @@
 #define QM_UNROLL
 #endif
 
-#ifndef QM_RINT
-#define QM_RINT 0
+#ifndef QM_RINT  // 1: rintf (one instruction); 0: two additions of 1.5*2^23. Both are nearest_int here.
+#define QM_RINT 1
 #endif
 
 typedef unsigned char u8;
@@ -473,193 +473,64 @@ QM_DEV float make_qp(int nmax, const float* x, u8* L, const float* qw) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// per-type search (one sub-block) and finish (one super-block)
+// the fused kernel: one block of TPB threads = TPB consecutive groups (sub-blocks) = TPB/G super-blocks
 // ------------------------------------------------------------------------------------------------
+#define TPB 128
+
 struct Args {
     const float* x;       // [nsub * SUB] weights of this launch (whole rows)
-    const float* qw;      // imatrix [n_per_row] (imatrix paths and error weights), else unused
+    const float* qw;      // imatrix [n_per_row] (quantizer weights and error weights), else unused
     const float* act;     // act_mean [n_per_row] (error mode with bias), else unused
-    float* sumx2;         // per super-block sum of x^2 (imatrix paths of Q2_K..Q5_K)
-    float* s_scale;       // per sub-block scale
-    float* s_min;         // per sub-block min (the_min) or unused
-    float* s_sw;          // per sub-block weight sum (imatrix paths)
-    u8* L;                // per weight levels
     u8* out;              // block bytes (bytes mode)
     double* err;          // per super-block sum w e^2 (error mode)
     double* ref;          // per super-block sum w x^2
     double* bias;         // per super-block sum a e
     int sb_per_row;       // super-blocks per row
-    int has_qw;           // error mode: weight errors by qw
-    int has_act;          // error mode: compute bias
+    int has_qw;           // imatrix given (quantizer and error weights)
+    int has_act;          // error mode: compute the bias
 };
 
 template <int SUB>
-QM_DEV void load_vec(const float* p, float* v) {
+struct Smem {
+    enum { G = QK_K / SUB, NSB = TPB / (QK_K / SUB) };
+    float x[TPB][SUB + 1];  // +1: conflict-free column access by the group threads
+    u8 L[NSB][QK_K];        // levels, super-block element order
+    float scale[TPB], mn[TPB], sw[TPB];
+    float deff[TPB], meff[TPB];  // the dequantizer's per-group factors (also those of the requantization)
+    float sumx2[NSB];
+    u8 hdr[NSB][32];        // per type: scale bytes, fp16 d / dmin, flags
+    double e_err[TPB], e_ref[TPB], e_bias[TPB];
+};
+
+template <int SUB>
+QM_DEV void load_qw(const Args& a, i64 sub, float* qw) {
+    const int sub_per_row = a.sb_per_row * (QK_K / SUB);
+    const float* p = a.qw + (i64)(sub % sub_per_row) * SUB;
 #ifdef QM_CUDA  // 16-byte loads (the driver passes 16-byte aligned buffers)
     QM_UNROLL
     for (int i = 0; i < SUB; i += 4) {
         float4 q = *(const float4*)(p + i);
-        v[i] = q.x;
-        v[i + 1] = q.y;
-        v[i + 2] = q.z;
-        v[i + 3] = q.w;
+        qw[i] = q.x;
+        qw[i + 1] = q.y;
+        qw[i + 2] = q.z;
+        qw[i + 3] = q.w;
     }
 #else
-    for (int i = 0; i < SUB; ++i) v[i] = p[i];
+    for (int i = 0; i < SUB; ++i) qw[i] = p[i];
 #endif
 }
 
 template <int SUB>
-QM_DEV void load_sub(const Args& a, i64 sub, float* x, float* qw, bool need_qw) {
-    load_vec<SUB>(a.x + sub * SUB, x);
-    if (need_qw) {
-        const int sub_per_row = a.sb_per_row * (QK_K / SUB);
-        load_vec<SUB>(a.qw + (i64)(sub % sub_per_row) * SUB, qw);
-    }
+QM_DEV void group_x(const Smem<SUB>& sm, int t, float* x) {
+    QM_UNROLL
+    for (int i = 0; i < SUB; ++i) x[i] = sm.x[t][i];
 }
 
-QM_DEV void store_L(const Args& a, i64 base, const u8* L, int n) {
-    for (int i = 0; i < n; ++i) a.L[base + i] = L[i];
-}
-
-// sum of x^2 over one super-block, in loop order
-QM_DEV void sb_sumx2(const Args& a, i64 sb) {
-    const float* xp = a.x + sb * QK_K;
-    float s = 0;
-    for (int j = 0; j < QK_K; ++j) s += xp[j] * xp[j];
-    a.sumx2[sb] = s;
-}
-
-// Q2_K: 16 groups of 16, levels 0..3
-template <bool IMAT>
-QM_DEV void search_q2k(const Args& a, i64 sub) {
-    float x[16], qw[16], w[16];
-    u8 L[16];
-    load_sub<16>(a, sub, x, qw, IMAT);
-    float the_min, scale;
-    if (IMAT) {
-        float sigma2 = a.sumx2[sub / 16] / (float)QK_K;
-        float sw = 0;
-        QM_UNROLL
-        for (int l = 0; l < 16; ++l) {
-            w[l] = qw[l] * sqrtf(sigma2 + x[l] * x[l]);
-        }
-        for (int l = 0; l < 16; ++l) sw += w[l];
-        a.s_sw[sub] = sw;
-        scale = make_qkx<16, 3, false>(x, w, -0.9f, 0.05f, 36, &the_min, L);
-    } else {
-        QM_UNROLL
-        for (int l = 0; l < 16; ++l) w[l] = fabsf(x[l]);
-        scale = make_qkx<16, 3, true>(x, w, -0.5f, 0.1f, 15, &the_min, L);
-    }
-    a.s_scale[sub] = scale;
-    a.s_min[sub] = the_min;
-    store_L(a, sub * 16, L, 16);
-}
-
-template <bool IMAT>
-QM_DEV void build_q2k(const Args& a, i64 sb, const float* x, u8* L, u8* y) {
-    // y: scales[16] qs[64] d[2] dmin[2]
-    float scales[16], mins[16];
-    for (int j = 0; j < 16; ++j) {
-        scales[j] = a.s_scale[sb * 16 + j];
-        mins[j] = a.s_min[sb * 16 + j];
-    }
-    u8* sc = y;
-    if (IMAT) {
-        float sw[16];
-        u8 Ls[16], Lm[16];
-        for (int j = 0; j < 16; ++j) sw[j] = a.s_sw[sb * 16 + j];
-        float dm = make_qp<16>(15, scales, Ls, sw);
-        float mm = make_qp<16>(15, mins, Lm, sw);
-        wr_fp16(y + 80, fp32_to_fp16(dm));
-        wr_fp16(y + 82, fp32_to_fp16(mm));
-        for (int j = 0; j < 16; ++j) sc[j] = (u8)(Ls[j] | (Lm[j] << 4));
-    } else {
-        float max_scale = 0, max_min = 0;
-        for (int j = 0; j < 16; ++j) {
-            if (scales[j] > max_scale) max_scale = scales[j];
-            if (mins[j] > max_min) max_min = mins[j];
-        }
-        if (max_scale > 0) {
-            float iscale = 15.f / max_scale;
-            for (int j = 0; j < 16; ++j) sc[j] = (u8)nearest_int(iscale * scales[j]);
-            wr_fp16(y + 80, fp32_to_fp16(max_scale / 15.f));
-        } else {
-            for (int j = 0; j < 16; ++j) sc[j] = 0;
-            wr_fp16(y + 80, fp32_to_fp16(0.f));
-        }
-        if (max_min > 0) {
-            float iscale = 15.f / max_min;
-            for (int j = 0; j < 16; ++j) {
-                int l = nearest_int(iscale * mins[j]);
-                sc[j] = (u8)(sc[j] | (l << 4));
-            }
-            wr_fp16(y + 82, fp32_to_fp16(max_min / 15.f));
-        } else {
-            wr_fp16(y + 82, fp32_to_fp16(0.f));
-        }
-    }
-    float dm = rd_fp16(y + 80), mm = rd_fp16(y + 82);
-    for (int j = 0; j < 16; ++j) {
-        const float d = dm * (float)(sc[j] & 0xF);
-        if (!(d != 0.f)) continue;
-        const float m = mm * (float)(sc[j] >> 4);
-        for (int ii = 0; ii < 16; ++ii) {
-            int l = nearest_int((x[16 * j + ii] + m) / d);
-            l = l < 3 ? l : 3;
-            l = l > 0 ? l : 0;
-            L[16 * j + ii] = (u8)l;
-        }
-    }
-    for (int j = 0; j < QK_K; j += 128) {
-        for (int l = 0; l < 32; ++l) {
-            y[16 + j / 4 + l] = (u8)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
-        }
-    }
-}
-
-QM_DEV void deq_q2k(const u8* b, float* yv) {
-    const float d = rd_fp16(b + 80), mn = rd_fp16(b + 82);
-    const u8* q = b + 16;
-    int is = 0;
-    float* y = yv;
-    for (int n = 0; n < QK_K; n += 128) {
-        int shift = 0;
-        for (int j = 0; j < 4; ++j) {
-            u8 sc = b[is++];
-            float dl = d * (float)(sc & 0xF), ml = mn * (float)(sc >> 4);
-            for (int l = 0; l < 16; ++l) *y++ = dl * (float)((q[l] >> shift) & 3) - ml;
-            sc = b[is++];
-            dl = d * (float)(sc & 0xF);
-            ml = mn * (float)(sc >> 4);
-            for (int l = 0; l < 16; ++l) *y++ = dl * (float)((q[l + 16] >> shift) & 3) - ml;
-            shift += 2;
-        }
-        q += 32;
-    }
-}
-
-// Q3_K: 16 groups of 16, signed levels -4..3, 6-bit signed group scales
-template <bool IMAT>
-QM_DEV void search_q3k(const Args& a, i64 sub) {
-    float x[16], qw[16], w[16];
-    u8 L[16];
-    load_sub<16>(a, sub, x, qw, IMAT);
-    float scale;
-    if (IMAT) {
-        float sigma2 = (2.f * a.sumx2[sub / 16]) / (float)QK_K;
-        QM_UNROLL
-        for (int l = 0; l < 16; ++l) w[l] = qw[l] * sqrtf(sigma2 + x[l] * x[l]);
-        float sumw = 0;
-        for (int l = 0; l < 16; ++l) sumw += w[l];
-        a.s_sw[sub] = sumw;
-        scale = make_qx_fast<16, 4>(x, w, L);
-    } else {
-        scale = make_q3<16, 4>(x, L);
-    }
-    a.s_scale[sub] = scale;
-    store_L(a, sub * 16, L, 16);
+template <int SUB>
+QM_DEV void put_L(Smem<SUB>& sm, int t, const u8* L) {
+    const int G = QK_K / SUB;
+    u8* p = sm.L[t / G] + SUB * (t % G);
+    for (int i = 0; i < SUB; ++i) p[i] = L[i];
 }
 
 QM_DEV void pack_q3_scale(u8* s, int j, int l) {
@@ -672,140 +543,6 @@ QM_DEV void pack_q3_scale(u8* s, int j, int l) {
     s[j % 4 + 8] = (u8)(s[j % 4 + 8] | (l << (2 * (j / 4))));
 }
 
-template <bool IMAT>
-QM_DEV void build_q3k(const Args& a, i64 sb, const float* x, u8* L, u8* y) {
-    // y: hmask[32] qs[64] scales[12] d[2]
-    float scales[16];
-    for (int j = 0; j < 16; ++j) scales[j] = a.s_scale[sb * 16 + j];
-    u8* s = y + 96;
-    for (int j = 0; j < 12; ++j) s[j] = 0;
-    if (IMAT) {
-        float sw[16];
-        signed char Ls[16];
-        for (int j = 0; j < 16; ++j) sw[j] = a.s_sw[sb * 16 + j];
-        float d_block = make_qx_exact<16, 32>(scales, sw, Ls);
-        for (int j = 0; j < 16; ++j) pack_q3_scale(s, j, (int)Ls[j]);
-        wr_fp16(y + 108, fp32_to_fp16(d_block));
-    } else {
-        float max_scale = 0, amax = 0;
-        for (int j = 0; j < 16; ++j) {
-            float sc = fabsf(scales[j]);
-            if (sc > amax) {
-                amax = sc;
-                max_scale = scales[j];
-            }
-        }
-        if (max_scale != 0.f) {
-            float iscale = -32.f / max_scale;
-            for (int j = 0; j < 16; ++j) {
-                int l = (signed char)nearest_int(iscale * scales[j]);
-                l = l < 31 ? l : 31;
-                l = l > -32 ? l : -32;
-                l = (signed char)(l + 32);
-                pack_q3_scale(s, j, l);
-            }
-            wr_fp16(y + 108, fp32_to_fp16(1.f / iscale));
-        } else {
-            wr_fp16(y + 108, fp32_to_fp16(0.f));
-        }
-    }
-    const float dall = rd_fp16(y + 108);
-    for (int j = 0; j < 16; ++j) {
-        int sc = j < 8 ? (s[j] & 0xF) : (s[j - 8] >> 4);
-        sc = (signed char)((sc | (((s[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32);
-        float d = dall * (float)sc;
-        if (!(d != 0.f)) continue;
-        for (int ii = 0; ii < 16; ++ii) {
-            int l = nearest_int(x[16 * j + ii] / d);
-            l = l < 3 ? l : 3;
-            l = l > -4 ? l : -4;
-            L[16 * j + ii] = (u8)(l + 4);
-        }
-    }
-    u8* hmask = y;
-    for (int j = 0; j < 32; ++j) hmask[j] = 0;
-    int m = 0;
-    u8 hm = 1;
-    for (int j = 0; j < QK_K; ++j) {
-        if (L[j] > 3) {
-            hmask[m] = (u8)(hmask[m] | hm);
-            L[j] = (u8)(L[j] - 4);
-        }
-        if (++m == QK_K / 8) {
-            m = 0;
-            hm = (u8)(hm << 1);
-        }
-    }
-    for (int j = 0; j < QK_K; j += 128) {
-        for (int l = 0; l < 32; ++l) {
-            y[32 + j / 4 + l] = (u8)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
-        }
-    }
-}
-
-QM_DEV void deq_q3k(const u8* b, float* yv) {
-    const u8* hm = b;
-    const u8* q = b + 32;
-    const u8* sb = b + 96;
-    const float d_all = rd_fp16(b + 108);
-    // the 16 six-bit scales, as dequantize_row_q3_K unpacks them
-    int scales[16];
-    for (int j = 0; j < 16; ++j) {
-        int lo = j < 8 ? (sb[j] & 0xF) : (sb[j - 8] >> 4);
-        int hi = (sb[8 + j % 4] >> (2 * (j / 4))) & 3;
-        scales[j] = (signed char)(lo | (hi << 4));
-    }
-    int is = 0;
-    u8 mm = 1;
-    float* y = yv;
-    for (int n = 0; n < QK_K; n += 128) {
-        int shift = 0;
-        for (int j = 0; j < 4; ++j) {
-            float dl = d_all * (float)(scales[is++] - 32);
-            for (int l = 0; l < 16; ++l) *y++ = dl * (float)((int)((q[l] >> shift) & 3) - ((hm[l] & mm) ? 0 : 4));
-            dl = d_all * (float)(scales[is++] - 32);
-            for (int l = 0; l < 16; ++l) *y++ = dl * (float)((int)((q[l + 16] >> shift) & 3) - ((hm[l + 16] & mm) ? 0 : 4));
-            shift += 2;
-            mm = (u8)(mm << 1);
-        }
-        q += 32;
-    }
-}
-
-// Q4_K / Q5_K: 8 groups of 32 with 6-bit scales and mins
-template <int NMAX, bool IMAT>
-QM_DEV void search_q45k(const Args& a, i64 sub) {
-    float x[32], qw[32], w[32];
-    u8 L[32];
-    load_sub<32>(a, sub, x, qw, IMAT);
-    float the_min, scale;
-    if (IMAT) {
-        float sigma2 = (2.f * a.sumx2[sub / 8]) / (float)QK_K;
-        QM_UNROLL
-        for (int l = 0; l < 32; ++l) w[l] = qw[l] * sqrtf(sigma2 + x[l] * x[l]);
-        float sumw = 0;
-        QM_UNROLL
-        for (int l = 0; l < 32; ++l) sumw += w[l];
-        a.s_sw[sub] = sumw;
-        scale = make_qkx<32, NMAX, false>(x, w, -0.9f, 0.05f, 36, &the_min, L);
-    } else {
-        float sum_x2 = 0;
-        QM_UNROLL
-        for (int l = 0; l < 32; ++l) sum_x2 += x[l] * x[l];
-        float av_x = sqrtf(sum_x2 / 32.f);
-        QM_UNROLL
-        for (int l = 0; l < 32; ++l) w[l] = av_x + fabsf(x[l]);
-        if (NMAX == 15) {
-            scale = make_qkx<32, NMAX, false>(x, w, -1.f, 0.1f, 20, &the_min, L);
-        } else {
-            scale = make_qkx<32, NMAX, false>(x, w, -0.5f, 0.1f, 15, &the_min, L);
-        }
-    }
-    a.s_scale[sub] = scale;
-    a.s_min[sub] = the_min;
-    store_L(a, sub * 32, L, 32);
-}
-
 QM_DEV void get_scale_min_k4(int j, const u8* q, u8* d, u8* m) {
     if (j < 4) {
         *d = (u8)(q[j] & 63);
@@ -816,326 +553,523 @@ QM_DEV void get_scale_min_k4(int j, const u8* q, u8* d, u8* m) {
     }
 }
 
-template <int NMAX, bool IMAT>
-QM_DEV void build_q45k(const Args& a, i64 sb, const float* x, u8* L, u8* y) {
-    // y: d[2] dmin[2] scales[12] (Q5_K: qh[32]) qs[128]
-    float scales[8], mins[8];
-    u8 ls8[8], lm8[8];
-    for (int j = 0; j < 8; ++j) {
-        scales[j] = a.s_scale[sb * 8 + j];
-        mins[j] = a.s_min[sb * 8 + j];
+template <int SUB>
+QM_DEV void load_x_block(Smem<SUB>& sm, const float* xb, int t, int nloc) {
+    for (int e = 4 * t; e < nloc * SUB; e += 4 * TPB) {
+#ifdef QM_CUDA
+        float4 v = *(const float4*)(xb + e);
+        float vv[4] = {v.x, v.y, v.z, v.w};
+#else
+        const float* vv = xb + e;
+#endif
+        for (int k = 0; k < 4; ++k) sm.x[(e + k) / SUB][(e + k) % SUB] = vv[k];
     }
-    float d_block, m_block;
-    if (IMAT) {
-        float sw[8];
-        for (int j = 0; j < 8; ++j) sw[j] = a.s_sw[sb * 8 + j];
-        d_block = make_qp<8>(63, scales, ls8, sw);
-        m_block = make_qp<8>(63, mins, lm8, sw);
-        if (NMAX == 31) {
+}
+
+// ---- Q2_K: 16 groups of 16, levels 0..3; block: scales[16] qs[64] d dmin -------------------------
+template <bool IM>
+struct Q2K {
+    enum { SUB = 16, TS = 84, SUMX2 = IM };
+    typedef Smem<16> S;
+    static QM_MEMBER void search(const Args& a, S& sm, int t, i64 sub) {
+        float x[16], qw[16], w[16];
+        u8 L[16];
+        group_x<16>(sm, t, x);
+        float the_min, scale;
+        if (IM) {
+            load_qw<16>(a, sub, qw);
+            float sigma2 = sm.sumx2[t / 16] / (float)QK_K;
+            QM_UNROLL
+            for (int l = 0; l < 16; ++l) w[l] = qw[l] * sqrtf(sigma2 + x[l] * x[l]);
+            float sw = 0;
+            for (int l = 0; l < 16; ++l) sw += w[l];
+            sm.sw[t] = sw;
+            scale = make_qkx<16, 3, false>(x, w, -0.9f, 0.05f, 36, &the_min, L);
+        } else {
+            QM_UNROLL
+            for (int l = 0; l < 16; ++l) w[l] = fabsf(x[l]);
+            scale = make_qkx<16, 3, true>(x, w, -0.5f, 0.1f, 15, &the_min, L);
+        }
+        sm.scale[t] = scale;
+        sm.mn[t] = the_min;
+        put_L<16>(sm, t, L);
+    }
+    static QM_MEMBER void sb_level(S& sm, int s) {
+        const int t0 = s * 16;
+        u8* h = sm.hdr[s];  // [0..15] scale bytes, [16..19] d, dmin
+        u8* sc = h;
+        if (IM) {
+            u8 Ls[16], Lm[16];
+            float dm = make_qp<16>(15, sm.scale + t0, Ls, sm.sw + t0);
+            float mm = make_qp<16>(15, sm.mn + t0, Lm, sm.sw + t0);
+            wr_fp16(h + 16, fp32_to_fp16(dm));
+            wr_fp16(h + 18, fp32_to_fp16(mm));
+            for (int j = 0; j < 16; ++j) sc[j] = (u8)(Ls[j] | (Lm[j] << 4));
+        } else {
+            float max_scale = 0, max_min = 0;
+            for (int j = 0; j < 16; ++j) {
+                if (sm.scale[t0 + j] > max_scale) max_scale = sm.scale[t0 + j];
+                if (sm.mn[t0 + j] > max_min) max_min = sm.mn[t0 + j];
+            }
+            if (max_scale > 0) {
+                float iscale = 15.f / max_scale;
+                for (int j = 0; j < 16; ++j) sc[j] = (u8)nearest_int(iscale * sm.scale[t0 + j]);
+                wr_fp16(h + 16, fp32_to_fp16(max_scale / 15.f));
+            } else {
+                for (int j = 0; j < 16; ++j) sc[j] = 0;
+                wr_fp16(h + 16, fp32_to_fp16(0.f));
+            }
+            if (max_min > 0) {
+                float iscale = 15.f / max_min;
+                for (int j = 0; j < 16; ++j) sc[j] = (u8)(sc[j] | (nearest_int(iscale * sm.mn[t0 + j]) << 4));
+                wr_fp16(h + 18, fp32_to_fp16(max_min / 15.f));
+            } else {
+                wr_fp16(h + 18, fp32_to_fp16(0.f));
+            }
+        }
+        const float dm = rd_fp16(h + 16), mm = rd_fp16(h + 18);
+        for (int j = 0; j < 16; ++j) {
+            sm.deff[t0 + j] = dm * (float)(sc[j] & 0xF);
+            sm.meff[t0 + j] = mm * (float)(sc[j] >> 4);
+        }
+    }
+    static QM_MEMBER void requant(S& sm, int t) {
+        const float d = sm.deff[t], m = sm.meff[t];
+        if (!(d != 0.f)) return;
+        u8* p = sm.L[t / 16] + 16 * (t % 16);
+        for (int i = 0; i < 16; ++i) {
+            int l = nearest_int((sm.x[t][i] + m) / d);
+            l = l < 3 ? l : 3;
+            p[i] = (u8)(l > 0 ? l : 0);
+        }
+    }
+    static QM_MEMBER float deq(const S& sm, int t, int i) {
+        return sm.deff[t] * (float)sm.L[t / 16][16 * (t % 16) + i] - sm.meff[t];
+    }
+    static QM_MEMBER u8 pack(const S& sm, int s, int k) {
+        if (k < 16) return sm.hdr[s][k];
+        if (k >= 80) return sm.hdr[s][16 + (k - 80)];
+        const u8* L = sm.L[s];
+        const int q = k - 16, j = 128 * (q / 32), l = q % 32;
+        return (u8)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
+    }
+};
+
+// ---- Q3_K: 16 groups of 16, levels -4..3, 6-bit scales; block: hmask[32] qs[64] scales[12] d ---------
+template <bool IM>
+struct Q3K {
+    enum { SUB = 16, TS = 110, SUMX2 = IM };
+    typedef Smem<16> S;
+    static QM_MEMBER void search(const Args& a, S& sm, int t, i64 sub) {
+        float x[16], qw[16], w[16];
+        u8 L[16];
+        group_x<16>(sm, t, x);
+        float scale;
+        if (IM) {
+            load_qw<16>(a, sub, qw);
+            float sigma2 = (2.f * sm.sumx2[t / 16]) / (float)QK_K;
+            QM_UNROLL
+            for (int l = 0; l < 16; ++l) w[l] = qw[l] * sqrtf(sigma2 + x[l] * x[l]);
+            float sumw = 0;
+            for (int l = 0; l < 16; ++l) sumw += w[l];
+            sm.sw[t] = sumw;
+            scale = make_qx_fast<16, 4>(x, w, L);
+        } else {
+            scale = make_q3<16, 4>(x, L);
+        }
+        sm.scale[t] = scale;
+        put_L<16>(sm, t, L);
+    }
+    static QM_MEMBER void sb_level(S& sm, int s) {
+        const int t0 = s * 16;
+        u8* h = sm.hdr[s];  // [0..11] scale bytes, [12..13] d
+        for (int j = 0; j < 12; ++j) h[j] = 0;
+        if (IM) {
+            // finite scales keep |iscale * x| <= 33, where the float path equals the integer one (any weights)
+            bool finite = true;
+            for (int j = 0; j < 16; ++j) finite = finite && fabsf(sm.scale[t0 + j]) <= 3.4028235e38f;
+            signed char Ls[16];
+            float d_block = finite ? make_qx_fast<16, 32>(sm.scale + t0, sm.sw + t0, (u8*)Ls)
+                                   : make_qx_exact<16, 32>(sm.scale + t0, sm.sw + t0, Ls);
+            for (int j = 0; j < 16; ++j) pack_q3_scale(h, j, (int)Ls[j]);
+            wr_fp16(h + 12, fp32_to_fp16(d_block));
+        } else {
+            float max_scale = 0, amax = 0;
+            for (int j = 0; j < 16; ++j) {
+                float a = fabsf(sm.scale[t0 + j]);
+                if (a > amax) {
+                    amax = a;
+                    max_scale = sm.scale[t0 + j];
+                }
+            }
+            if (max_scale != 0.f) {
+                float iscale = -32.f / max_scale;
+                for (int j = 0; j < 16; ++j) {
+                    int l = (signed char)nearest_int(iscale * sm.scale[t0 + j]);
+                    l = l < 31 ? l : 31;
+                    l = l > -32 ? l : -32;
+                    pack_q3_scale(h, j, (signed char)(l + 32));
+                }
+                wr_fp16(h + 12, fp32_to_fp16(1.f / iscale));
+            } else {
+                wr_fp16(h + 12, fp32_to_fp16(0.f));
+            }
+        }
+        const float dall = rd_fp16(h + 12);
+        for (int j = 0; j < 16; ++j) {
+            int sc = j < 8 ? (h[j] & 0xF) : (h[j - 8] >> 4);
+            sc = (signed char)((sc | (((h[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32);
+            sm.deff[t0 + j] = dall * (float)sc;
+        }
+    }
+    static QM_MEMBER void requant(S& sm, int t) {
+        const float d = sm.deff[t];
+        if (!(d != 0.f)) return;
+        u8* p = sm.L[t / 16] + 16 * (t % 16);
+        for (int i = 0; i < 16; ++i) {
+            int l = nearest_int(sm.x[t][i] / d);
+            l = l < 3 ? l : 3;
+            p[i] = (u8)((l > -4 ? l : -4) + 4);
+        }
+    }
+    static QM_MEMBER float deq(const S& sm, int t, int i) {
+        return sm.deff[t] * (float)((int)sm.L[t / 16][16 * (t % 16) + i] - 4);
+    }
+    static QM_MEMBER u8 pack(const S& sm, int s, int k) {
+        const u8* L = sm.L[s];
+        if (k < 32) {  // hmask: bit b of byte m is the high bit of element 32*b + m
+            int v = 0;
+            for (int b = 0; b < 8; ++b) v |= (L[32 * b + k] > 3) << b;
+            return (u8)v;
+        }
+        if (k < 96) {
+            const int q = k - 32, j = 128 * (q / 32), l = q % 32;
+            return (u8)((L[j + l] & 3) | ((L[j + l + 32] & 3) << 2) | ((L[j + l + 64] & 3) << 4) | ((L[j + l + 96] & 3) << 6));
+        }
+        return sm.hdr[s][k - 96];
+    }
+};
+
+// ---- Q4_K / Q5_K: 8 groups of 32, 6-bit scales and mins; block: d dmin scales[12] (qh[32]) qs[128] ----
+template <int NMAX, bool IM>
+struct Q45K {
+    enum { SUB = 32, TS = NMAX == 15 ? 144 : 176, SUMX2 = IM };
+    typedef Smem<32> S;
+    static QM_MEMBER void search(const Args& a, S& sm, int t, i64 sub) {
+        float x[32], qw[32], w[32];
+        u8 L[32];
+        group_x<32>(sm, t, x);
+        float the_min, scale;
+        if (IM) {
+            load_qw<32>(a, sub, qw);
+            float sigma2 = (2.f * sm.sumx2[t / 8]) / (float)QK_K;
+            QM_UNROLL
+            for (int l = 0; l < 32; ++l) w[l] = qw[l] * sqrtf(sigma2 + x[l] * x[l]);
+            float sumw = 0;
+            QM_UNROLL
+            for (int l = 0; l < 32; ++l) sumw += w[l];
+            sm.sw[t] = sumw;
+            scale = make_qkx<32, NMAX, false>(x, w, -0.9f, 0.05f, 36, &the_min, L);
+        } else {
+            float sum_x2 = 0;
+            QM_UNROLL
+            for (int l = 0; l < 32; ++l) sum_x2 += x[l] * x[l];
+            float av_x = sqrtf(sum_x2 / 32.f);
+            QM_UNROLL
+            for (int l = 0; l < 32; ++l) w[l] = av_x + fabsf(x[l]);
+            if (NMAX == 15) {
+                scale = make_qkx<32, NMAX, false>(x, w, -1.f, 0.1f, 20, &the_min, L);
+            } else {
+                scale = make_qkx<32, NMAX, false>(x, w, -0.5f, 0.1f, 15, &the_min, L);
+            }
+        }
+        sm.scale[t] = scale;
+        sm.mn[t] = the_min;
+        put_L<32>(sm, t, L);
+    }
+    static QM_MEMBER void sb_level(S& sm, int s) {
+        const int t0 = s * 8;
+        u8* h = sm.hdr[s];  // the block's first 16 bytes: d dmin scales[12]
+        u8 ls8[8], lm8[8];
+        float d_block, m_block;
+        if (IM) {
+            d_block = make_qp<8>(63, sm.scale + t0, ls8, sm.sw + t0);
+            m_block = make_qp<8>(63, sm.mn + t0, lm8, sm.sw + t0);
+            if (NMAX == 31) {
+                for (int j = 0; j < 8; ++j) {
+                    ls8[j] = ls8[j] < 63 ? ls8[j] : 63;
+                    lm8[j] = lm8[j] < 63 ? lm8[j] : 63;
+                }
+            }
+        } else {
+            float max_scale = 0, max_min = 0;
             for (int j = 0; j < 8; ++j) {
-                ls8[j] = ls8[j] < 63 ? ls8[j] : 63;
-                lm8[j] = lm8[j] < 63 ? lm8[j] : 63;
+                if (sm.scale[t0 + j] > max_scale) max_scale = sm.scale[t0 + j];
+                if (sm.mn[t0 + j] > max_min) max_min = sm.mn[t0 + j];
+            }
+            float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
+            float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+            for (int j = 0; j < 8; ++j) {
+                u8 ls = (u8)nearest_int(inv_scale * sm.scale[t0 + j]);
+                u8 lm = (u8)nearest_int(inv_min * sm.mn[t0 + j]);
+                ls8[j] = ls < 63 ? ls : 63;
+                lm8[j] = lm < 63 ? lm : 63;
+            }
+            d_block = max_scale / 63.f;
+            m_block = max_min / 63.f;
+        }
+        u8* sc = h + 4;
+        for (int j = 0; j < 8; ++j) {
+            const u8 ls = ls8[j], lm = lm8[j];
+            if (j < 4) {
+                sc[j] = ls;
+                sc[j + 4] = lm;
+            } else {
+                sc[j + 4] = (u8)((ls & 0xF) | ((lm & 0xF) << 4));
+                sc[j - 4] = (u8)(sc[j - 4] | ((ls >> 4) << 6));
+                sc[j - 0] = (u8)(sc[j - 0] | ((lm >> 4) << 6));
             }
         }
-    } else {
-        float max_scale = 0, max_min = 0;
+        wr_fp16(h, fp32_to_fp16(d_block));
+        wr_fp16(h + 2, fp32_to_fp16(m_block));
+        const float dd = rd_fp16(h), dmn = rd_fp16(h + 2);
         for (int j = 0; j < 8; ++j) {
-            if (scales[j] > max_scale) max_scale = scales[j];
-            if (mins[j] > max_min) max_min = mins[j];
-        }
-        float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
-        float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
-        for (int j = 0; j < 8; ++j) {
-            u8 ls = (u8)nearest_int(inv_scale * scales[j]);
-            u8 lm = (u8)nearest_int(inv_min * mins[j]);
-            ls8[j] = ls < 63 ? ls : 63;
-            lm8[j] = lm < 63 ? lm : 63;
-        }
-        d_block = max_scale / 63.f;
-        m_block = max_min / 63.f;
-    }
-    u8* s = y + 4;
-    for (int j = 0; j < 8; ++j) {
-        u8 ls = ls8[j], lm = lm8[j];
-        if (j < 4) {
-            s[j] = ls;
-            s[j + 4] = lm;
-        } else {
-            s[j + 4] = (u8)((ls & 0xF) | ((lm & 0xF) << 4));
-            s[j - 4] = (u8)(s[j - 4] | ((ls >> 4) << 6));
-            s[j - 0] = (u8)(s[j - 0] | ((lm >> 4) << 6));
+            u8 a, m;
+            get_scale_min_k4(j, sc, &a, &m);
+            sm.deff[t0 + j] = dd * (float)a;
+            sm.meff[t0 + j] = dmn * (float)m;
         }
     }
-    wr_fp16(y, fp32_to_fp16(d_block));
-    wr_fp16(y + 2, fp32_to_fp16(m_block));
-    const float dd = rd_fp16(y), dmn = rd_fp16(y + 2);
-    for (int j = 0; j < 8; ++j) {
-        u8 sc, m;
-        get_scale_min_k4(j, s, &sc, &m);
-        const float d = dd * (float)sc;
-        if (!(d != 0.f)) continue;
-        const float dm = dmn * (float)m;
-        for (int ii = 0; ii < 32; ++ii) {
-            int l = nearest_int((x[32 * j + ii] + dm) / d);
+    static QM_MEMBER void requant(S& sm, int t) {
+        const float d = sm.deff[t], dm = sm.meff[t];
+        if (!(d != 0.f)) return;
+        u8* p = sm.L[t / 8] + 32 * (t % 8);
+        for (int i = 0; i < 32; ++i) {
+            int l = nearest_int((sm.x[t][i] + dm) / d);
             l = l < NMAX ? l : NMAX;
-            l = l > 0 ? l : 0;
-            L[32 * j + ii] = (u8)l;
+            p[i] = (u8)(l > 0 ? l : 0);
         }
     }
-    if (NMAX == 15) {
-        u8* q = y + 16;
-        for (int j = 0; j < QK_K; j += 64) {
-            for (int l = 0; l < 32; ++l) q[l] = (u8)(L[j + l] | (L[j + l + 32] << 4));
-            q += 32;
-        }
-    } else {
-        u8* qh = y + 16;
-        u8* ql = y + 48;
-        for (int j = 0; j < 32; ++j) qh[j] = 0;
-        u8 m1 = 1, m2 = 2;
-        for (int n = 0; n < QK_K; n += 64) {
-            for (int j = 0; j < 32; ++j) {
-                int l1 = L[n + j];
-                if (l1 > 15) {
-                    l1 -= 16;
-                    qh[j] = (u8)(qh[j] | m1);
-                }
-                int l2 = L[n + j + 32];
-                if (l2 > 15) {
-                    l2 -= 16;
-                    qh[j] = (u8)(qh[j] | m2);
-                }
-                ql[j] = (u8)(l1 | (l2 << 4));
-            }
-            m1 = (u8)(m1 << 2);
-            m2 = (u8)(m2 << 2);
-            ql += 32;
-        }
+    static QM_MEMBER float deq(const S& sm, int t, int i) {
+        return sm.deff[t] * (float)sm.L[t / 8][32 * (t % 8) + i] - sm.meff[t];
     }
-}
-
-template <int NMAX>
-QM_DEV void deq_q45k(const u8* b, float* yv) {
-    const float d = rd_fp16(b), mn = rd_fp16(b + 2);
-    const u8* s = b + 4;
-    const u8* qh = b + 16;
-    const u8* q = NMAX == 15 ? b + 16 : b + 48;
-    int is = 0;
-    u8 sc, m;
-    u8 u1 = 1, u2 = 2;
-    float* y = yv;
-    for (int j = 0; j < QK_K; j += 64) {
-        get_scale_min_k4(is + 0, s, &sc, &m);
-        const float d1 = d * (float)sc, m1 = mn * (float)m;
-        get_scale_min_k4(is + 1, s, &sc, &m);
-        const float d2 = d * (float)sc, m2 = mn * (float)m;
+    static QM_MEMBER u8 pack(const S& sm, int s, int k) {
+        if (k < 16) return sm.hdr[s][k];
+        const u8* L = sm.L[s];
         if (NMAX == 15) {
-            for (int l = 0; l < 32; ++l) *y++ = d1 * (float)(q[l] & 0xF) - m1;
-            for (int l = 0; l < 32; ++l) *y++ = d2 * (float)(q[l] >> 4) - m2;
+            const int q = k - 16, j = 64 * (q / 32), l = q % 32;
+            return (u8)(L[j + l] | (L[j + l + 32] << 4));
+        }
+        if (k < 48) {  // qh: bits 2c, 2c+1 of byte l are the high bits of elements 64c + l, 64c + 32 + l
+            const int l = k - 16;
+            int v = 0;
+            for (int c = 0; c < 4; ++c) v |= ((L[64 * c + l] > 15) << (2 * c)) | ((L[64 * c + 32 + l] > 15) << (2 * c + 1));
+            return (u8)v;
+        }
+        const int q = k - 48, j = 64 * (q / 32), l = q % 32;
+        return (u8)((L[j + l] & 0xF) | ((L[j + l + 32] & 0xF) << 4));
+    }
+};
+
+// ---- Q6_K: 16 groups of 16, levels -32..31, int8 scales; block: ql[128] qh[64] scales[16] d -----------
+template <bool IM>
+struct Q6K {
+    enum { SUB = 16, TS = 210, SUMX2 = 0 };
+    typedef Smem<16> S;
+    static QM_MEMBER void search(const Args& a, S& sm, int t, i64 sub) {
+        float x[16], w[16];
+        u8 L[16];
+        group_x<16>(sm, t, x);
+        if (IM) {
+            load_qw<16>(a, sub, w);
         } else {
-            for (int l = 0; l < 32; ++l) *y++ = d1 * (float)((q[l] & 0xF) + ((qh[l] & u1) ? 16 : 0)) - m1;
-            for (int l = 0; l < 32; ++l) *y++ = d2 * (float)((q[l] >> 4) + ((qh[l] & u2) ? 16 : 0)) - m2;
-            u1 = (u8)(u1 << 2);
-            u2 = (u8)(u2 << 2);
+            QM_UNROLL
+            for (int l = 0; l < 16; ++l) w[l] = x[l] * x[l];
         }
-        q += 32;
-        is += 2;
+        sm.scale[t] = make_qx_fast<16, 32>(x, w, L);
+        put_L<16>(sm, t, L);
     }
-}
-
-// Q6_K: 16 groups of 16, levels -32..31, int8 group scales
-template <bool IMAT>
-QM_DEV void search_q6k(const Args& a, i64 sub) {
-    float x[16], qw[16], w[16];
-    u8 L[16];
-    load_sub<16>(a, sub, x, qw, IMAT);
-    QM_UNROLL
-    for (int l = 0; l < 16; ++l) w[l] = IMAT ? qw[l] : x[l] * x[l];
-    a.s_scale[sub] = make_qx_fast<16, 32>(x, w, L);
-    store_L(a, sub * 16, L, 16);
-}
-
-template <bool IMAT>
-QM_DEV void build_q6k(const Args& a, i64 sb, const float* x, u8* L, u8* y) {
-    // y: ql[128] qh[64] scales[16] (int8) d[2]
-    float scales[16];
-    float max_scale = 0, max_abs_scale = 0;
-    for (int j = 0; j < 16; ++j) {
-        scales[j] = a.s_scale[sb * 16 + j];
-        float as = fabsf(scales[j]);
-        if (as > max_abs_scale) {
-            max_abs_scale = as;
-            max_scale = scales[j];
+    static QM_MEMBER void sb_level(S& sm, int s) {
+        const int t0 = s * 16;
+        u8* h = sm.hdr[s];  // [0..15] int8 scales, [16..17] d, [18] all-zero block
+        float max_scale = 0, max_abs_scale = 0;
+        for (int j = 0; j < 16; ++j) {
+            float as = fabsf(sm.scale[t0 + j]);
+            if (as > max_abs_scale) {
+                max_abs_scale = as;
+                max_scale = sm.scale[t0 + j];
+            }
         }
+        h[18] = max_abs_scale < GROUP_MAX_EPS;
+        if (h[18]) {  // C: memset(block, 0): every byte and every dequantized value 0
+            for (int j = 0; j < 18; ++j) h[j] = 0;
+            for (int j = 0; j < 16; ++j) sm.deff[t0 + j] = 0.f;
+            return;
+        }
+        float iscale = -128.f / max_scale;
+        wr_fp16(h + 16, fp32_to_fp16(1.f / iscale));
+        for (int j = 0; j < 16; ++j) {
+            int l = nearest_int(iscale * sm.scale[t0 + j]);
+            h[j] = (u8)(signed char)(l < 127 ? l : 127);
+        }
+        const float dd = rd_fp16(h + 16);
+        for (int j = 0; j < 16; ++j) sm.deff[t0 + j] = dd * (float)(signed char)h[j];
     }
-    if (max_abs_scale < GROUP_MAX_EPS) {
-        for (int i = 0; i < 210; ++i) y[i] = 0;
-        return;
-    }
-    float iscale = -128.f / max_scale;
-    wr_fp16(y + 208, fp32_to_fp16(1.f / iscale));
-    signed char* sc = (signed char*)(y + 192);
-    for (int j = 0; j < 16; ++j) {
-        int l = nearest_int(iscale * scales[j]);
-        sc[j] = (signed char)(l < 127 ? l : 127);
-    }
-    const float dd = rd_fp16(y + 208);
-    for (int j = 0; j < 16; ++j) {
-        float d = dd * (float)sc[j];
-        if (!(d != 0.f)) continue;
-        for (int ii = 0; ii < 16; ++ii) {
-            int l = nearest_int(x[16 * j + ii] / d);
+    static QM_MEMBER void requant(S& sm, int t) {
+        u8* p = sm.L[t / 16] + 16 * (t % 16);
+        if (sm.hdr[t / 16][18]) {  // all-zero block: levels 0 (dequantized as 0 * (0 - 32))
+            for (int i = 0; i < 16; ++i) p[i] = 0;
+            return;
+        }
+        const float d = sm.deff[t];
+        if (!(d != 0.f)) return;
+        for (int i = 0; i < 16; ++i) {
+            int l = nearest_int(sm.x[t][i] / d);
             l = l < 31 ? l : 31;
-            l = l > -32 ? l : -32;
-            L[16 * j + ii] = (u8)(l + 32);
+            p[i] = (u8)((l > -32 ? l : -32) + 32);
         }
     }
-    u8* ql = y;
-    u8* qh = y + 128;
-    for (int j = 0; j < QK_K; j += 128) {
-        for (int l = 0; l < 32; ++l) {
-            const u8 q1 = L[j + l + 0] & 0xF;
-            const u8 q2 = L[j + l + 32] & 0xF;
-            const u8 q3 = L[j + l + 64] & 0xF;
-            const u8 q4 = L[j + l + 96] & 0xF;
-            ql[l + 0] = (u8)(q1 | (q3 << 4));
-            ql[l + 32] = (u8)(q2 | (q4 << 4));
-            qh[l] = (u8)((L[j + l] >> 4) | ((L[j + l + 32] >> 4) << 2) | ((L[j + l + 64] >> 4) << 4) |
-                         ((L[j + l + 96] >> 4) << 6));
-        }
-        ql += 64;
-        qh += 32;
+    static QM_MEMBER float deq(const S& sm, int t, int i) {
+        return sm.deff[t] * (float)((int)(sm.L[t / 16][16 * (t % 16) + i] & 63) - 32);
     }
-}
+    static QM_MEMBER u8 pack(const S& sm, int s, int k) {
+        const u8* L = sm.L[s];
+        if (sm.hdr[s][18]) return 0;
+        if (k < 128) {
+            const int j = 128 * (k / 64), r = k % 64;
+            const int l = r % 32, o = r < 32 ? 0 : 32;
+            return (u8)((L[j + l + o] & 0xF) | ((L[j + l + o + 64] & 0xF) << 4));
+        }
+        if (k < 192) {
+            const int q = k - 128, j = 128 * (q / 32), l = q % 32;
+            return (u8)((L[j + l] >> 4) | ((L[j + l + 32] >> 4) << 2) | ((L[j + l + 64] >> 4) << 4) | ((L[j + l + 96] >> 4) << 6));
+        }
+        return sm.hdr[s][k - 192];
+    }
+};
 
-QM_DEV void deq_q6k(const u8* b, float* yv) {
-    const float d = rd_fp16(b + 208);
-    const u8* ql = b;
-    const u8* qh = b + 128;
-    const signed char* sc = (const signed char*)(b + 192);
-    float* y = yv;
-    for (int n = 0; n < QK_K; n += 128) {
-        for (int l = 0; l < 32; ++l) {
-            int is = l / 16;
-            const int q1 = (signed char)((ql[l + 0] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
-            const int q2 = (signed char)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
-            const int q3 = (signed char)((ql[l + 0] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-            const int q4 = (signed char)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-            y[l + 0] = d * (float)sc[is + 0] * (float)q1;
-            y[l + 32] = d * (float)sc[is + 2] * (float)q2;
-            y[l + 64] = d * (float)sc[is + 4] * (float)q3;
-            y[l + 96] = d * (float)sc[is + 6] * (float)q4;
-        }
-        y += 128;
-        ql += 64;
-        qh += 32;
-        sc += 8;
+// ---- the phases of one block (separated by barriers on the GPU, plain loops on the host) ----------
+#ifdef QM_CUDA
+#define QM_PHASE(...)                  \
+    {                                  \
+        const int t = threadIdx.x;     \
+        __VA_ARGS__                    \
+    }                                  \
+    __syncthreads();
+#else
+#define QM_PHASE(...)                   \
+    for (int t = 0; t < TPB; ++t) {     \
+        __VA_ARGS__                     \
     }
-}
+#endif
 
-// finish one super-block: build the block bytes (x and L read and L rewritten in place in global memory,
-// which keeps the thread's local memory to the block itself), then store them or accumulate the errors
 template <typename T>
-QM_DEV void finish_sb(const Args& a, i64 sb, int mode) {
-    enum { TS = T::TS };
-    u8 y[TS];
-    const float* xp = a.x + sb * QK_K;
-    T::build(a, sb, xp, a.L + sb * QK_K, y);
+QM_DEV void kq_block(const Args& a, typename T::S& sm, i64 blk, int nsub, int mode) {
+    enum { SUB = T::SUB, G = QK_K / T::SUB, TS = T::TS };
+    const i64 s0 = blk * TPB;
+    const int nloc = (int)((i64)nsub - s0 < TPB ? (i64)nsub - s0 : TPB);  // groups here (whole super-blocks)
+    const float* xb = a.x + s0 * SUB;
+    // 1. the block's weights into shared memory, coalesced
+    QM_PHASE(load_x_block<SUB>(sm, xb, t, nloc);)
+    // 2. sum of x^2 per super-block, in element order (imatrix paths of Q2_K..Q5_K). Super-block work goes
+    //    to threads 0..NSB-1 (one warp), not to the first thread of each group: a quarter of the issue slots.
+    if (T::SUMX2) {
+        QM_PHASE(
+            if (t < nloc / G) {
+                float s = 0;
+                for (int e = 0; e < QK_K; ++e) {
+                    const float v = sm.x[t * G + e / SUB][e % SUB];
+                    s += v * v;
+                }
+                sm.sumx2[t] = s;
+            })
+    }
+    // 3. the scale search of each group
+    QM_PHASE(if (t < nloc) T::search(a, sm, t, s0 + t);)
+    // 4. super-block scales, fp16 d/dmin, the dequantizer's group factors
+    QM_PHASE(if (t < nloc / G) T::sb_level(sm, t);)
+    // 5. re-quantization with the final scales; in error mode, the errors of the dequantized group
+    QM_PHASE(
+        if (t < nloc) {
+            T::requant(sm, t);
+            if (mode == 1) {
+                const i64 col0 = (((s0 + t) / G) % a.sb_per_row) * QK_K + (t % G) * SUB;
+                double se = 0, sx = 0, sa = 0;
+                for (int i = 0; i < SUB; ++i) {
+                    const double xi = (double)sm.x[t][i];
+                    const double e = (double)T::deq(sm, t, i) - xi;
+                    const double wi = a.has_qw ? (double)a.qw[col0 + i] : 1.0;
+                    se += wi * e * e;
+                    sx += wi * xi * xi;
+                    if (a.has_act) sa += (double)a.act[col0 + i] * e;
+                }
+                sm.e_err[t] = se;
+                sm.e_ref[t] = sx;
+                sm.e_bias[t] = sa;
+            }
+        })
+    // 6. the block bytes, coalesced (or the per-super-block error sums, groups added in order)
     if (mode == 0) {
-        u8* op = a.out + sb * TS;
-        for (int i = 0; i < TS; ++i) op[i] = y[i];
-        return;
+        QM_PHASE(
+            u8* ob = a.out + (s0 / G) * TS;
+            for (int b = t; b < (nloc / G) * TS; b += TPB) ob[b] = T::pack(sm, b / TS, b % TS);)
+    } else {
+        QM_PHASE(
+            if (t < nloc / G) {
+                double se = 0, sx = 0, sa = 0;
+                for (int j = 0; j < G; ++j) {
+                    se += sm.e_err[t * G + j];
+                    sx += sm.e_ref[t * G + j];
+                    sa += sm.e_bias[t * G + j];
+                }
+                const i64 sb = s0 / G + t;
+                a.err[sb] = se;
+                a.ref[sb] = sx;
+                if (a.has_act) a.bias[sb] = sa;
+            })
     }
-    float yv[QK_K];
-    T::deq(y, yv);
-    const i64 col0 = (i64)(sb % a.sb_per_row) * QK_K;
-    double se = 0, sx = 0, sa = 0;
-    for (int i = 0; i < QK_K; ++i) {
-        double xi = (double)xp[i];
-        double e = (double)yv[i] - xi;
-        double wi = a.has_qw ? (double)a.qw[col0 + i] : 1.0;
-        se += wi * e * e;
-        sx += wi * xi * xi;
-        if (a.has_act) sa += (double)a.act[col0 + i] * e;
-    }
-    a.err[sb] = se;
-    a.ref[sb] = sx;
-    if (a.has_act) a.bias[sb] = sa;
 }
 
 // ------------------------------------------------------------------------------------------------
-// entry points: CUDA kernels, or host loops over the same bodies (the CPU check of this arithmetic)
+// entry points: CUDA kernels, or host loops over the same block bodies (the CPU check of this arithmetic)
 // ------------------------------------------------------------------------------------------------
-#define QM_TYPE(NAME, TSZ, SEARCH, BUILD, DEQ)                                                          \
-    struct NAME {                                                                                        \
-        enum { TS = TSZ };                                                                               \
-        static QM_MEMBER void search(const Args& a, i64 i) { SEARCH(a, i); }                            \
-        static QM_MEMBER void build(const Args& a, i64 sb, const float* x, u8* L, u8* y) { BUILD(a, sb, x, L, y); } \
-        static QM_MEMBER void deq(const u8* b, float* y) { DEQ(b, y); }                                  \
-    };
-
-QM_TYPE(T_q2k_ref, 84, search_q2k<false>, build_q2k<false>, deq_q2k)
-QM_TYPE(T_q2k_imat, 84, search_q2k<true>, build_q2k<true>, deq_q2k)
-QM_TYPE(T_q3k_ref, 110, search_q3k<false>, build_q3k<false>, deq_q3k)
-QM_TYPE(T_q3k_imat, 110, search_q3k<true>, build_q3k<true>, deq_q3k)
-#define QM_S4R search_q45k<15, false>
-#define QM_S4I search_q45k<15, true>
-#define QM_S5R search_q45k<31, false>
-#define QM_S5I search_q45k<31, true>
-#define QM_B4R build_q45k<15, false>
-#define QM_B4I build_q45k<15, true>
-#define QM_B5R build_q45k<31, false>
-#define QM_B5I build_q45k<31, true>
-QM_TYPE(T_q4k_ref, 144, QM_S4R, QM_B4R, deq_q45k<15>)
-QM_TYPE(T_q4k_imat, 144, QM_S4I, QM_B4I, deq_q45k<15>)
-QM_TYPE(T_q5k_ref, 176, QM_S5R, QM_B5R, deq_q45k<31>)
-QM_TYPE(T_q5k_imat, 176, QM_S5I, QM_B5I, deq_q45k<31>)
-QM_TYPE(T_q6k_ref, 210, search_q6k<false>, build_q6k<false>, deq_q6k)
-QM_TYPE(T_q6k_imat, 210, search_q6k<true>, build_q6k<true>, deq_q6k)
+typedef Q2K<false> T_q2k_ref;
+typedef Q2K<true> T_q2k_imat;
+typedef Q3K<false> T_q3k_ref;
+typedef Q3K<true> T_q3k_imat;
+typedef Q45K<15, false> T_q4k_ref;
+typedef Q45K<15, true> T_q4k_imat;
+typedef Q45K<31, false> T_q5k_ref;
+typedef Q45K<31, true> T_q5k_imat;
+typedef Q6K<false> T_q6k_ref;
+typedef Q6K<true> T_q6k_imat;
 
 #define QM_FOR_TYPES(X) \
     X(q2k_ref) X(q2k_imat) X(q3k_ref) X(q3k_imat) X(q4k_ref) X(q4k_imat) X(q5k_ref) X(q5k_imat) X(q6k_ref) X(q6k_imat)
 
 #ifdef QM_CUDA
 
-#ifndef QM_SEARCH_THREADS
-#define QM_SEARCH_THREADS 128
-#endif
-
-#define QM_KERNELS(NAME)                                                                                \
-    QM_GLOBAL void __launch_bounds__(QM_SEARCH_THREADS) qm_search_##NAME(const Args* ap, int n) {       \
-        i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;                                              \
-        if (i < n) T_##NAME::search(*ap, i);                                                             \
-    }                                                                                                    \
-    QM_GLOBAL void __launch_bounds__(64) qm_finish_##NAME(const Args* ap, int n, int mode) {            \
-        i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;                                              \
-        if (i < n) finish_sb<T_##NAME>(*ap, i, mode);                                                    \
+#define QM_KERNEL(NAME)                                                                          \
+    QM_GLOBAL void __launch_bounds__(TPB) qm_kq_##NAME(const Args* ap, int nsub, int mode) {    \
+        __shared__ T_##NAME::S sm;                                                                \
+        kq_block<T_##NAME>(*ap, sm, blockIdx.x, nsub, mode);                                      \
     }
+
 #ifdef QM_ONLY  // one type and path per NVRTC program: smaller programs, compiled in parallel
-#define QM_KERNELS_EXPANDED(NAME) QM_KERNELS(NAME)
-QM_KERNELS_EXPANDED(QM_ONLY)
+#define QM_KERNEL_EXPANDED(NAME) QM_KERNEL(NAME)
+QM_KERNEL_EXPANDED(QM_ONLY)
 #else
-QM_FOR_TYPES(QM_KERNELS)
+QM_FOR_TYPES(QM_KERNEL)
 #endif
 
-QM_GLOBAL void qm_sumx2(const Args* ap, int n) {
-    i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) sb_sumx2(*ap, i);
-}
-
 #else
 
-#define QM_HOST(NAME)                                                                                   \
-    extern "C" void qm_search_##NAME(const Args* ap, int n) {                                           \
-        for (i64 i = 0; i < n; ++i) T_##NAME::search(*ap, i);                                            \
-    }                                                                                                    \
-    extern "C" void qm_finish_##NAME(const Args* ap, int n, int mode) {                                 \
-        for (i64 i = 0; i < n; ++i) finish_sb<T_##NAME>(*ap, i, mode);                                   \
+#define QM_HOST(NAME)                                                                            \
+    extern "C" void qm_kq_##NAME(const Args* ap, int nsub, int mode) {                          \
+        T_##NAME::S* sm = new T_##NAME::S;                                                        \
+        for (i64 b = 0; b * TPB < nsub; ++b) kq_block<T_##NAME>(*ap, *sm, b, nsub, mode);         \
+        delete sm;                                                                                \
     }
 QM_FOR_TYPES(QM_HOST)
-
-extern "C" void qm_sumx2(const Args* ap, int n) {
-    for (i64 i = 0; i < n; ++i) sb_sumx2(*ap, i);
-}
 
 #endif

@@ -27,6 +27,7 @@ from quantmix.paths import cache_dir
 SOURCE = Path(__file__).with_name("kquants.cu")
 OPTIONS = ("--fmad=false", "--prec-div=true", "--prec-sqrt=true", "--ftz=false", "-std=c++17")
 PATHS = [f"{kt.stem}_{m}" for kt in driver.KERNEL_TYPES.values() for m in ("ref", "imat")]
+TPB = 128  # threads per block = groups per block (kquants.cu's TPB)
 
 _lock = threading.Lock()
 
@@ -126,15 +127,11 @@ class CudaLauncher:
         self.device = device
         self.defines = defines
         self.arch = _arch(device)
-        self.search_threads = 128  # threads per block of the search kernels (their __launch_bounds__)
-        for d in defines:
-            if d.startswith("QM_SEARCH_THREADS="):
-                self.search_threads = int(d.split("=", 1)[1])
         self._kernels: dict[str, Any] = {}
 
     def prepare(self, paths: list[str] | None = None) -> None:
         """Compile and load the given programs (all by default), several at once."""
-        todo = [p for p in (paths or PATHS) if f"qm_search_{p}" not in self._kernels]
+        todo = [p for p in (paths or PATHS) if f"qm_kq_{p}" not in self._kernels]
         if not todo:
             return
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as ex:
@@ -142,18 +139,18 @@ class CudaLauncher:
         load = _load_module()
         with _lock, torch.cuda.device(self.device):
             for p, cubin in cubins.items():
-                names = [f"qm_search_{p}", f"qm_finish_{p}", "qm_sumx2"]
-                mod = load(cubin, names)
-                self._kernels.setdefault("qm_sumx2", mod["qm_sumx2"])
-                self._kernels[names[0]] = mod[names[0]]
-                self._kernels[names[1]] = mod[names[1]]
+                name = f"qm_kq_{p}"
+                try:
+                    self._kernels[name] = load(cubin, [name])[name]
+                except Exception as e:  # noqa: BLE001 - re-raised with what failed
+                    raise KernelBuildError(f"loading {name} ({SOURCE}) failed: {e}") from e
 
-    def launch(self, name: str, args: driver.Args, n: int, threads: int, *extra: int) -> None:
+    def launch(self, name: str, args: driver.Args, nsub: int, mode: int) -> None:
         if name not in self._kernels:
-            self.prepare([name.split("_", 2)[2]] if name != "qm_sumx2" else [PATHS[0]])
+            self.prepare([name[len("qm_kq_"):]])
         blob = torch.frombuffer(bytearray(bytes(args)), dtype=torch.uint8).to(self.device)
         with torch.cuda.device(self.device):
-            self._kernels[name](grid=((n + threads - 1) // threads, 1, 1), block=(threads, 1, 1), args=[blob, n, *extra])
+            self._kernels[name](grid=((nsub + TPB - 1) // TPB, 1, 1), block=(TPB, 1, 1), args=[blob, nsub, mode])
 
 
 @functools.lru_cache(maxsize=None)
