@@ -23,6 +23,7 @@ from quantmix.export.gguf_writer import (
     GGUFWriteError,
     _read_shard,
     llama_tensor_order,
+    parse_split_size,
     quantize_gguf,
     split_shard_paths,
 )
@@ -284,7 +285,7 @@ def test_split_output_and_split_input(lc, tmp_path: Path) -> None:
     res = resolve(catalog_from_gguf(src), RecipeSpec(ftype=None, rules=[Rule("ffn", "Q4_0"), Rule(".*", "Q8_0")]))
     whole = quantize_gguf(src, res, tmp_path / "whole.gguf", progress=False)
 
-    first = quantize_gguf(src, res, tmp_path / "part.gguf", split_max_size=300_000, progress=False)
+    first = quantize_gguf(src, res, tmp_path / "part.gguf", split_max_size=parse_split_size("300000"), progress=True)
     shards = sorted(tmp_path.glob("part-*-of-*.gguf"))
     assert first == shards[0] and len(shards) >= 3
     assert shards == split_shard_paths(tmp_path / "part.gguf", len(shards))
@@ -305,6 +306,14 @@ def test_split_output_and_split_input(lc, tmp_path: Path) -> None:
     assert len(src_shards) > 1
     again = quantize_gguf(src_shards[-1], res, tmp_path / "from-split.gguf", progress=False)
     _assert_same_file(again, whole)
+
+
+def test_parse_split_size() -> None:
+    assert parse_split_size("45G") == 45 * 10**9 and parse_split_size("300M") == 3 * 10**8
+    assert parse_split_size("1234") == 1234
+    for bad in ("0G", "-1M", "12K", "G", ""):
+        with pytest.raises(GGUFWriteError, match="split size"):
+            parse_split_size(bad)
 
 
 def _entries(d: Path) -> set[str]:

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from quantmix.paths import cache_dir, file_lock
+from quantmix.planning.recipe import RecipeError, parse_tensor_type_file
 from quantmix.planning.llama_rules import (
     FTYPE_BASE_TYPE,
     FTYPES,
@@ -36,7 +37,6 @@ from quantmix.planning.llama_rules import (
     llama_tensor_order,
     parse_ftype,
     parse_tensor_type,
-    parse_tensor_type_file,
     quantize_exclusion,
     plan_from_gguf,
     read_gguf_header,
@@ -129,29 +129,14 @@ MODELS: dict[str, tuple[str, str, dict[str, object]]] = {
 # tiny models of quantmix.fixtures.tiny reused here (NextN layers, MLA)
 TINY_REUSED = ("tiny-glm4-moe", "tiny-deepseek-v3")
 
-_CONVERT_NO_VOCAB = r"""
-import sys
-from pathlib import Path
-root, model_dir, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-sys.path.insert(0, str(root / "gguf-py"))
-sys.path.insert(0, str(root))
-import convert_hf_to_gguf
-_get = convert_hf_to_gguf.get_model_class
-def _no_vocab_class(*args, **kwargs):
-    cls = _get(*args, **kwargs)
-    cls.set_vocab = lambda self: None
-    return cls
-convert_hf_to_gguf.get_model_class = _no_vocab_class
-sys.argv = ["convert_hf_to_gguf.py", model_dir, "--outfile", out, "--outtype", "f32"]
-convert_hf_to_gguf.main()
-"""
+_CONVERT_NO_VOCAB = Path(__file__).parent / "support" / "convert_no_vocab.py"
 
 
 def _convert_no_vocab(model_dir: Path, out: Path) -> None:
     """llama.cpp's converter with the vocabulary step skipped (these models have no tokenizer; llama-quantize
     never reads the vocabulary)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", _CONVERT_NO_VOCAB, str(_lc().root), str(model_dir), str(out)],
+    proc = subprocess.run([sys.executable, str(_CONVERT_NO_VOCAB), str(_lc().root), str(model_dir), str(out)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed on {model_dir}:\n{proc.stderr[-3000:]}")
@@ -162,7 +147,8 @@ def _model_key(name: str) -> str:
 
     from quantmix.tools.llamacpp import SDIST_VERSION
 
-    blob = json.dumps([CACHE_VERSION, MODELS[name], _CONVERT_NO_VOCAB, SDIST_VERSION, transformers.__version__],
+    blob = json.dumps([CACHE_VERSION, MODELS[name], _CONVERT_NO_VOCAB.read_text(), SDIST_VERSION,
+                       transformers.__version__],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -187,7 +173,7 @@ def model_gguf(name: str) -> Path:
         from quantmix.fixtures.tiny import get_tiny
 
         src = get_tiny(name)
-        key = hashlib.sha256((name + _CONVERT_NO_VOCAB + (src / "config.json").read_text()).encode()).hexdigest()
+        key = hashlib.sha256((name + _CONVERT_NO_VOCAB.read_text() + (src / "config.json").read_text()).encode()).hexdigest()
         out = _cache_root() / "models" / f"{name}-{key[:16]}.gguf"
         build = lambda tmp: _convert_no_vocab(src, tmp)  # noqa: E731
     elif name.startswith("fixture:"):
@@ -369,7 +355,7 @@ def parse_tensor_type_file_text(text: str) -> list[tuple[str, str]]:
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / "types.txt"
         p.write_text(text)
-        return parse_tensor_type_file(p)
+        return [(r.pattern.lower(), r.qtype) for r in parse_tensor_type_file(p)]
 
 
 def _report(diffs: list[str]) -> str:
@@ -516,7 +502,7 @@ def test_rules_and_units_without_tools() -> None:
 def test_bad_tensor_type_file_names_its_line(tmp_path: Path) -> None:
     p = tmp_path / "rules.txt"
     p.write_text("ffn_down=q4_k\nattn_v=q8_0 attn_q=nope\n")
-    with pytest.raises(LlamaRulesError, match=r"rules\.txt:2: .*attn_q=nope"):
+    with pytest.raises(RecipeError, match=r"rules\.txt:2: .*unknown type 'nope'"):
         parse_tensor_type_file(p)
 
 

@@ -41,7 +41,8 @@ from quantmix.formats.registry import get_type, type_from_id
 from quantmix.model.gguf_header import shard_paths
 from quantmix.planning.recipe import NOMINAL_FTYPE, RecipeSpec, Resolution, resolve
 
-__all__ = ["GGUFWriteError", "quantize_gguf", "split_shard_paths", "llama_tensor_order", "needs_imatrix"]
+__all__ = ["GGUFWriteError", "quantize_gguf", "split_shard_paths", "parse_split_size", "llama_tensor_order",
+           "needs_imatrix"]
 
 GGUF_VERSION = 3
 DEFAULT_ALIGNMENT = 32
@@ -387,6 +388,17 @@ def split_shard_paths(out: Path, n_split: int) -> list[Path]:
     """llama_split_path: ``PREFIX-00001-of-0000N.gguf`` where PREFIX is ``out`` without ``.gguf``."""
     stem = out.name[:-5] if out.name.endswith(".gguf") else out.name
     return [out.with_name(f"{stem}-{i:05d}-of-{n_split:05d}.gguf") for i in range(1, n_split + 1)]
+
+
+def parse_split_size(text: str) -> int:
+    """llama-gguf-split's ``--split-max-size``: ``N`` followed by M (10^6 bytes) or G (10^9 bytes); a plain
+    number is bytes."""
+    t = str(text).strip()
+    unit = {"M": 10**6, "G": 10**9}.get(t[-1:].upper(), 1)
+    digits = t[:-1] if unit > 1 else t
+    if not digits.isdigit() or int(digits) <= 0:
+        raise GGUFWriteError(f"split size {text!r}: expected a positive number followed by M or G (e.g. 45G)")
+    return int(digits) * unit
 
 
 def _split(plan: list[_Planned], max_bytes: int, align: int) -> list[list[_Planned]]:

@@ -20,7 +20,6 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from os import PathLike
-from pathlib import Path
 from typing import Any
 
 from quantmix.formats.registry import UnknownTypeError, get_type
@@ -371,23 +370,6 @@ def parse_tensor_type(arg: str) -> tuple[str, str]:
     except LlamaRulesError as e:
         raise LlamaRulesError(f"invalid quantization type in {arg!r}: {e}") from None
     return pat.lower(), t
-
-
-def parse_tensor_type_file(path: str | PathLike[str]) -> list[tuple[str, str]]:
-    """``--tensor-type-file``: whitespace-separated PATTERN=TYPE tokens, in order."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise LlamaRulesError(f"cannot read tensor type file {p}: {e}") from e
-    rules = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        for tok in line.split():
-            try:
-                rules.append(parse_tensor_type(tok))
-            except LlamaRulesError as e:
-                raise LlamaRulesError(f"{p}:{lineno}: {e}") from None
-    return rules
 
 
 def _compile_rules(rules: Sequence[tuple[str, str]]) -> list[tuple[str, re.Pattern[str], str]]:
