@@ -21,13 +21,14 @@ import pytest
 from quantmix.calibration.imatrix_io import ImatrixError, read_imatrix
 from quantmix.export.gguf_writer import (
     GGUFWriteError,
-    _read_shard,
-    llama_tensor_order,
+    open_source,
     parse_split_size,
     quantize_gguf,
     split_shard_paths,
 )
 from quantmix.formats.api import supported_types
+from quantmix.model.gguf_header import read_gguf_header
+from quantmix.planning.llama_rules import llama_tensor_order
 from quantmix.model.catalog import catalog_from_gguf
 from quantmix.paths import cache_dir, file_lock
 from quantmix.planning.recipe import RecipeSpec, Rule, resolve, write_recipe
@@ -128,8 +129,8 @@ def _llama_quantize(lc, src: Path, resolution, out: Path, imatrix: Path | None =
 
 def _describe_difference(a: Path, b: Path) -> str:
     """Where two GGUFs differ: key-values, tensor order, types, bytes."""
-    kv_a, t_a = _read_shard(a)
-    kv_b, t_b = _read_shard(b)
+    sa, sb = open_source(a), open_source(b)
+    kv_a, t_a, kv_b, t_b = sa.kv, sa.tensors, sb.kv, sb.tensors
     out = []
     if list(kv_a) != list(kv_b):
         out.append(f"key order differs:\n {list(kv_a)}\n {list(kv_b)}")
@@ -153,8 +154,8 @@ def _assert_same_file(a: Path, b: Path) -> None:
 
 
 def _tensors_equal(a: list[Path], b: list[Path]) -> None:
-    ta = {t.name: t for p in a for t in _read_shard(p)[1]}
-    tb = {t.name: t for p in b for t in _read_shard(p)[1]}
+    ta = {t.name: t for t in open_source(a[0]).tensors}
+    tb = {t.name: t for t in open_source(b[0]).tensors}
     assert list(ta) == list(tb)
     for name, t in ta.items():
         u = tb[name]
@@ -187,7 +188,7 @@ def test_tiny_llama_every_type_identical_to_llama_quantize(lc, tmp_path: Path) -
     ours = quantize_gguf(src, res, tmp_path / "qm.gguf", progress=False)
     theirs = _llama_quantize(lc, src, res, tmp_path / "lq.gguf")
     _assert_same_file(ours, theirs)
-    kv, tensors = _read_shard(ours)
+    tensors = open_source(ours).tensors
     assert {t.type_name for t in tensors} >= {t for _, t in plan if t in have} - {"F16"}
 
 
@@ -208,8 +209,7 @@ def test_smollm2_identical_to_llama_quantize(lc, tmp_path: Path, model: str, ima
         assert res.fallbacks, "576-wide rows should make k-quants fall back"
     ours = quantize_gguf(src, res, tmp_path / "qm.gguf", imatrix=imat, progress=False)
     theirs = _llama_quantize(lc, src, res, tmp_path / "lq.gguf", imat)
-    kv_a, _ = _read_shard(ours)
-    kv_b, _ = _read_shard(theirs)
+    kv_a, kv_b = open_source(ours).kv, open_source(theirs).kv
     assert set(kv_a) == set(kv_b)
     assert [k for k in kv_a if kv_a[k] != kv_b[k]] == []  # LEGIT_KV_DIFFERENCES only if the paths differed
     if imat is not None:
@@ -290,10 +290,11 @@ def test_split_output_and_split_input(lc, tmp_path: Path) -> None:
     assert first == shards[0] and len(shards) >= 3
     assert shards == split_shard_paths(tmp_path / "part.gguf", len(shards))
     for i, shard in enumerate(shards):
-        kv, tensors = _read_shard(shard)
+        h = read_gguf_header(shard, all_shards=False)
+        kv = h.raw_fields
         assert list(kv)[-3:] == ["split.no", "split.count", "split.tensors.count"]
         assert (i == 0) == ("general.architecture" in kv)
-        assert sum(t.data.size for t in tensors) <= 300_000 or len(tensors) == 1
+        assert h.tensor_bytes <= 300_000 or len(h.tensors) == 1
     merged = tmp_path / "merged.gguf"
     lc.run("llama-gguf-split", "--merge", shards[0], merged, stdin=subprocess.DEVNULL)
     _tensors_equal([merged], [whole])
@@ -345,7 +346,7 @@ def test_failure_midway_leaves_nothing(lc, tmp_path: Path) -> None:
     (out_dir / "m.gguf").write_bytes(b"previous")
     bad = tmp_path / "bad.gguf"
     shutil.copy(src, bad)
-    _, tensors = _read_shard(bad)
+    tensors = open_source(bad).tensors
     victim = next(t for t in tensors if t.name == "blk.1.ffn_up.weight")
     offset = victim.file_offset + 4 * 1000  # the 1001st float of that tensor
     with open(bad, "r+b") as fh:

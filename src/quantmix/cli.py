@@ -114,6 +114,40 @@ def _cmd_size(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from quantmix.export.gguf_writer import parse_split_size, quantize_gguf
+
+    src = Path(args.model)
+    if not src.exists():
+        from quantmix.fixtures.store import get_fixture, registered_fixtures
+
+        if args.model not in registered_fixtures():
+            raise CliError(f"{args.model}: no such file, and not a built-in fixture ({', '.join(registered_fixtures())})")
+        src = get_fixture(args.model).gguf_f32
+    if src.suffix != ".gguf":
+        raise CliError(f"{src}: quantize reads a float GGUF (convert_hf_to_gguf.py --outtype f32|f16|bf16; any shard)")
+    spec = _spec_from_args(args, is_gguf=False)
+    split = parse_split_size(args.split_max_size) if args.split_max_size else None
+    out = quantize_gguf(src, spec, args.out, imatrix=args.imatrix, split_max_size=split, device=args.device,
+                        progress=not args.quiet, imatrix_label=str(args.imatrix) if args.imatrix else None)
+    print(out)
+    return 0
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """The one way to name a recipe on the command line (size, quantize, eval)."""
+    p.add_argument("--recipe", type=Path, help="llama-quantize --tensor-type-file, or an ik_llama.cpp "
+                                               "--custom-q list (commas or newlines, # comments)")
+    p.add_argument("--recipe-format", choices=("llama", "ik"), default=None,
+                   help="how to read --recipe: llama-quantize rules (pattern lower-cased) or ik_llama.cpp "
+                        "--custom-q rules (case-sensitive); default: detect")
+    p.add_argument("--mix", help="shorthand [Default]-[FFN_UP]-[FFN_GATE]-[FFN_DOWN], e.g. Q6_K-IQ2_S-IQ2_S-IQ3_S")
+    p.add_argument("--ftype", help="llama-quantize file type (Q4_K_M, IQ2_M, Q8_0, ...): the mix for tensors "
+                                   "that no rule matches")
+    p.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
+                   help="a llama-quantize --tensor-type rule (repeatable; before the recipe's rules)")
+
+
 def _cmd_fixtures(args: argparse.Namespace) -> int:
     from quantmix.fixtures.store import registered_fixtures
     from quantmix.fixtures.text import NAMES as TEXT_NAMES, text_path
@@ -162,16 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  quantmix size model.gguf --recipe recipe.txt --ftype Q4_K_M\n"
                               "  quantmix size published-00001-of-00005.gguf   # cost it as stored")
     s.add_argument("model", help=_MODEL_HELP)
-    s.add_argument("--recipe", type=Path, help="llama-quantize --tensor-type-file, or an ik_llama.cpp "
-                                               "--custom-q list (one line, comma-separated)")
-    s.add_argument("--recipe-format", choices=("llama", "ik"), default=None,
-                   help="how to read --recipe: llama-quantize rules (pattern lower-cased) or ik_llama.cpp "
-                        "--custom-q rules (case-sensitive; commas or newlines, # comments); default: detect")
-    s.add_argument("--mix", help="shorthand [Default]-[FFN_UP]-[FFN_GATE]-[FFN_DOWN], e.g. Q6_K-IQ2_S-IQ2_S-IQ3_S")
-    s.add_argument("--ftype", help="llama-quantize file type (Q4_K_M, IQ2_M, Q8_0, ...): the mix for tensors "
-                                   "that no rule matches")
-    s.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
-                   help="a llama-quantize --tensor-type rule (repeatable; before the recipe's rules)")
+    _add_recipe_args(s)
     s.add_argument("--imatrix", action="store_true", help="cost as if an importance matrix were given "
                                                           "(changes some default mixes)")
     s.add_argument("--json", action="store_true", help="print JSON (per-tensor types and bytes)")
@@ -179,6 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the resolved recipe, every tensor typed explicitly")
     s.add_argument("--ik", action="store_true", help="with --write-recipe: ik_llama.cpp --custom-q form")
     s.set_defaults(func=_cmd_size)
+
+    q = sub.add_parser("quantize", help="write the quantized GGUF of a recipe (llama-quantize's bytes)",
+                       description="Quantize a float GGUF (what convert_hf_to_gguf.py writes) with quantmix's "
+                                   "numerics, tensor by tensor with bounded memory, on CUDA when present: the same "
+                                   "file, byte for byte, as llama-quantize --tensor-type-file for the same recipe "
+                                   "and imatrix. Written to a temporary file, then renamed.")
+    q.add_argument("model", help="float GGUF (any shard of a split one) or a built-in fixture name")
+    q.add_argument("-o", "--out", type=Path, required=True, help="output .gguf (split: OUT-0000i-of-0000N.gguf)")
+    _add_recipe_args(q)
+    q.add_argument("--imatrix", type=Path, help="importance matrix: llama-imatrix output (GGUF or legacy .dat) "
+                                                "or quantmix imatrix's")
+    q.add_argument("--split-max-size", metavar="N(M|G)", help="shard size, as llama-gguf-split (e.g. 50G)")
+    q.add_argument("--device", help="cuda, cuda:1 or cpu (default: CUDA when present)")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=_cmd_quantize)
 
     f = sub.add_parser("fixtures", help="build (or locate) the built-in test models and texts",
                        description="Build the real test models (SmolLM2 from PyPI, made 256-aligned, and a MoE "

@@ -11,6 +11,10 @@ Optionally the raw inputs of chosen modules are kept (MoEfication clustering, ro
 Statistics are keyed by the weight's parameter name in the model (``model.layers.0.mlp.down_proj.weight``,
 ``model.layers.0.mlp.experts.gate_up_proj``), so they map one-to-one onto tensors when exporting.
 
+``ActivationStats.all_experts`` makes the expert collector send every token through every expert (statistics
+only; the module's output keeps the real routing), as ExLlamaV3 does, so that no expert is left uncalibrated.
+Accumulators live on the device of the activations they receive (no host round trip per call).
+
 Adding a module kind: write a collector ``(stats, module_name, module, args, kwargs, output) -> None``
 and put it in ``COLLECTORS`` with a predicate; :func:`collect_activations` hooks every module that a
 predicate accepts.
@@ -19,7 +23,8 @@ predicate accepts.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +34,7 @@ __all__ = [
     "ActivationStats",
     "ChannelStats",
     "collect_activations",
+    "hook_modules",
     "token_chunks",
     "COLLECTORS",
 ]
@@ -43,8 +49,8 @@ class ChannelStats:
     counts: torch.Tensor
 
     @classmethod
-    def zeros(cls, n_mat: int, n_in: int) -> ChannelStats:
-        z = dict(dtype=torch.float64)
+    def zeros(cls, n_mat: int, n_in: int, device: torch.device | str | None = None) -> ChannelStats:
+        z = dict(dtype=torch.float64, device=device)
         return cls(torch.zeros(n_mat, n_in, **z), torch.zeros(n_mat, n_in, **z), torch.zeros(n_mat, **z))
 
     @property
@@ -56,9 +62,22 @@ class ChannelStats:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
         if x.shape[1] != self.in_sum2.shape[1]:
             raise ValueError(f"input has {x.shape[1]} channels, statistics hold {self.in_sum2.shape[1]}")
-        self.in_sum2[mat] += (x * x).sum(0)
-        self.in_sum[mat] += x.sum(0)
+        dev = self.in_sum2.device
+        self.in_sum2[mat] += (x * x).sum(0).to(dev)
+        self.in_sum[mat] += x.sum(0).to(dev)
         self.counts[mat] += x.shape[0]
+
+    def add_all(self, x: torch.Tensor) -> None:
+        """Add the rows of ``x`` [tokens, n_in] to every matrix (every expert sees every token)."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        dev = self.in_sum2.device
+        self.in_sum2 += (x * x).sum(0).to(dev)[None, :]
+        self.in_sum += x.sum(0).to(dev)[None, :]
+        self.counts += x.shape[0]
+
+    def cpu(self) -> ChannelStats:
+        """The same statistics on the host."""
+        return ChannelStats(self.in_sum2.cpu(), self.in_sum.cpu(), self.counts.cpu())
 
     def mean_sq(self) -> torch.Tensor:
         """E[x^2] per channel [n_mat, n_in] (0 where a matrix saw no token)."""
@@ -72,24 +91,30 @@ class ChannelStats:
         if other.in_sum2.shape != self.in_sum2.shape:
             raise ValueError(f"cannot merge statistics of shape {tuple(other.in_sum2.shape)} "
                              f"into {tuple(self.in_sum2.shape)}")
-        self.in_sum2 += other.in_sum2
-        self.in_sum += other.in_sum
-        self.counts += other.counts
+        dev = self.in_sum2.device
+        self.in_sum2 += other.in_sum2.to(dev)
+        self.in_sum += other.in_sum.to(dev)
+        self.counts += other.counts.to(dev)
 
 
 @dataclass
 class ActivationStats:
-    """Statistics per weight tensor, kept raw inputs per module, and the number of tokens run."""
+    """Statistics per weight tensor, kept raw inputs per module, and the number of tokens run.
+
+    ``all_experts``: expert collectors count every token for every expert (see the module docstring).
+    """
 
     stats: dict[str, ChannelStats] = field(default_factory=dict)
     inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     n_tokens: int = 0
+    all_experts: bool = False
 
-    def channel(self, weight_name: str, n_mat: int, n_in: int) -> ChannelStats:
-        """The statistics of ``weight_name``, created on first use."""
+    def channel(self, weight_name: str, n_mat: int, n_in: int,
+                device: torch.device | str | None = None) -> ChannelStats:
+        """The statistics of ``weight_name``, created on first use (on ``device``, default the host)."""
         st = self.stats.get(weight_name)
         if st is None:
-            st = self.stats[weight_name] = ChannelStats.zeros(n_mat, n_in)
+            st = self.stats[weight_name] = ChannelStats.zeros(n_mat, n_in, device)
         elif st.in_sum2.shape != (n_mat, n_in):
             raise ValueError(f"{weight_name}: statistics of shape {tuple(st.in_sum2.shape)}, "
                              f"input of shape ({n_mat}, {n_in})")
@@ -131,7 +156,23 @@ def _first_arg(args: tuple, kwargs: dict, name: str) -> torch.Tensor:
 def _collect_linear(stats: ActivationStats, name: str, mod: nn.Module, args: tuple, kwargs: dict,
                     output: object) -> None:
     x = _first_arg(args, kwargs, "input")
-    stats.channel(f"{name}.weight", 1, mod.in_features).add(x)  # type: ignore[attr-defined]
+    stats.channel(f"{name}.weight", 1, mod.in_features, x.device).add(x)  # type: ignore[attr-defined]
+
+
+def _is_router(mod: nn.Module) -> bool:
+    """transformers 5.x MoE routers (``*TopKRouter``): a bare 2-D ``weight`` [n_expert, hidden], not nn.Linear."""
+    w = getattr(mod, "weight", None)
+    return (not isinstance(mod, nn.Linear) and "router" in type(mod).__name__.lower()
+            and isinstance(w, torch.Tensor) and w.dim() == 2)
+
+
+def _collect_router(stats: ActivationStats, name: str, mod: nn.Module, args: tuple, kwargs: dict,
+                    output: object) -> None:
+    x = _first_arg(args, kwargs, "hidden_states")
+    n_in = int(mod.weight.shape[1])  # type: ignore[union-attr]
+    if x.shape[-1] != n_in:
+        raise ValueError(f"{name}: router input has {x.shape[-1]} channels, its weight {n_in}")
+    stats.channel(f"{name}.weight", 1, n_in, x.device).add(x)
 
 
 def _is_fused_experts(mod: nn.Module) -> bool:
@@ -144,10 +185,11 @@ def _is_fused_experts(mod: nn.Module) -> bool:
 
 def _collect_fused_experts(stats: ActivationStats, name: str, mod: nn.Module, args: tuple, kwargs: dict,
                            output: object) -> None:
-    """Per-expert statistics: a token adds to an expert's row only when routed to it.
+    """Per-expert statistics: a token adds to an expert's row only when routed to it (every expert's row
+    with ``stats.all_experts``).
 
-    The down projection's input (act(gate) * up) is internal to the module, so it is recomputed for the
-    routed tokens of each expert.
+    The down projection's input (act(gate) * up) is internal to the module (computed in a loop or grouped,
+    depending on transformers' experts implementation), so it is recomputed here for each expert's tokens.
     """
     hidden = args[0] if len(args) > 0 else kwargs["hidden_states"]
     top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
@@ -155,14 +197,23 @@ def _collect_fused_experts(stats: ActivationStats, name: str, mod: nn.Module, ar
     dp_w: torch.Tensor = mod.down_proj  # type: ignore[assignment]
     n_exp, two_i, hid = gu_w.shape
     inter = two_i // 2
+    if hidden.shape[-1] != hid:
+        raise ValueError(f"{name}: expert input has {hidden.shape[-1]} channels, gate_up_proj {tuple(gu_w.shape)}")
     hidden = hidden.detach().reshape(-1, hid)
+    dev = hidden.device
+    gu_st = stats.channel(f"{name}.gate_up_proj", n_exp, hid, dev)
+    dp_st = stats.channel(f"{name}.down_proj", n_exp, inter, dev)
+    if stats.all_experts:
+        gu_st.add_all(hidden)
+        for e in range(n_exp):
+            g, u = nn.functional.linear(hidden, gu_w[e]).chunk(2, dim=-1)
+            dp_st.add(mod.act_fn(g) * u, e)  # type: ignore[operator]
+        return
     idx = top_k_index.reshape(hidden.shape[0], -1)
-    gu_st = stats.channel(f"{name}.gate_up_proj", n_exp, hid)
-    dp_st = stats.channel(f"{name}.down_proj", n_exp, inter)
-    for e in range(n_exp):
+    flat = idx.flatten()
+    used = torch.unique(flat[(flat >= 0) & (flat < n_exp)])  # out-of-range ids mean "no expert" in some models
+    for e in used.tolist():
         tok = (idx == e).any(-1).nonzero().flatten()
-        if tok.numel() == 0:
-            continue
         x = hidden[tok]
         gu_st.add(x, e)
         g, u = nn.functional.linear(x, gu_w[e]).chunk(2, dim=-1)
@@ -172,6 +223,7 @@ def _collect_fused_experts(stats: ActivationStats, name: str, mod: nn.Module, ar
 COLLECTORS: list[tuple[Callable[[nn.Module], bool], Collector]] = [
     (lambda m: isinstance(m, nn.Linear), _collect_linear),
     (_is_fused_experts, _collect_fused_experts),
+    (_is_router, _collect_router),
 ]
 
 
@@ -201,23 +253,21 @@ def token_chunks(ids: Sequence[int] | torch.Tensor, n_ctx: int, max_chunks: int 
     return [chunks[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-@torch.no_grad()
-def collect_activations(
-    model: nn.Module,
-    token_batches: Iterable[torch.Tensor],
+@contextmanager
+def hook_modules(
+    root: nn.Module,
+    stats: ActivationStats,
+    prefix: str = "",
     modules: Sequence[str] | None = None,
     keep_inputs: Sequence[str] = (),
     keep_dtype: torch.dtype = torch.float32,
-    stats: ActivationStats | None = None,
-) -> ActivationStats:
-    """Run ``model`` on each [batch, seq] token batch and gather input statistics.
+) -> Iterator[int]:
+    """Hook every supported module under ``root`` (named ``prefix`` + its name inside ``root``) so that each
+    forward call adds to ``stats``; yields the number of hooks, removes them on exit.
 
-    ``modules``: fnmatch patterns of module names to gather statistics for (None: every supported module,
-    i.e. every nn.Linear and fused expert block). ``keep_inputs``: patterns of module names whose raw inputs
-    (flattened to [tokens, n_in], cast to ``keep_dtype``) are kept in ``stats.inputs``. Pass ``stats`` to
-    keep accumulating into an earlier result.
+    ``modules`` / ``keep_inputs`` as in :func:`collect_activations`. Hooking one decoder layer at a time with
+    its full name as ``prefix`` gives the same statistics keys as hooking the whole model.
     """
-    stats = stats if stats is not None else ActivationStats()
     handles = []
 
     def make_hook(name: str, fn: Collector | None, keep: bool):  # noqa: ANN202 - closure factory
@@ -230,13 +280,39 @@ def collect_activations(
         return hook
 
     try:
-        for name, mod in model.named_modules():
+        for sub, mod in root.named_modules():
+            name = f"{prefix}.{sub}" if prefix and sub else (prefix or sub)
             fn = _collector_for(mod) if _matches(name, modules) else None
             keep = any(fnmatch.fnmatchcase(name, p) for p in keep_inputs)
             if fn is None and not keep:
                 continue
             handles.append(mod.register_forward_hook(make_hook(name, fn, keep), with_kwargs=True))
-        if not handles:
+        yield len(handles)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def collect_activations(
+    model: nn.Module,
+    token_batches: Iterable[torch.Tensor],
+    modules: Sequence[str] | None = None,
+    keep_inputs: Sequence[str] = (),
+    keep_dtype: torch.dtype = torch.float32,
+    stats: ActivationStats | None = None,
+) -> ActivationStats:
+    """Run ``model`` on each [batch, seq] token batch and gather input statistics.
+
+    ``modules``: fnmatch patterns of module names to gather statistics for (None: every supported module,
+    i.e. every nn.Linear, fused expert block and router). ``keep_inputs``: patterns of module names whose raw
+    inputs (flattened to [tokens, n_in], cast to ``keep_dtype``) are kept in ``stats.inputs``. Pass ``stats``
+    to keep accumulating into an earlier result. The whole model is resident; for models larger than memory
+    see :mod:`quantmix.calibration.imatrix` (layer by layer).
+    """
+    stats = stats if stats is not None else ActivationStats()
+    with hook_modules(model, stats, "", modules, keep_inputs, keep_dtype) as n_hooks:
+        if not n_hooks:
             raise ValueError(f"no module of {type(model).__name__} matches modules={modules!r} "
                              f"or keep_inputs={list(keep_inputs)!r}")
         for batch in token_batches:
@@ -245,7 +321,4 @@ def collect_activations(
                 batch = batch[None]
             model(input_ids=batch, use_cache=False, logits_to_keep=1)
             stats.n_tokens += batch.numel()
-    finally:
-        for h in handles:
-            h.remove()
     return stats

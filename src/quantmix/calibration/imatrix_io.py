@@ -10,17 +10,25 @@ What llama-quantize does with them (tools/quantize/quantize.cpp ``load_imatrix``
 - Legacy .dat: ``int32 n_entries``, then per entry ``int32 len, name, int32 ncall, int32 nval, float[nval]``
   (sums already divided by the per-call token count and multiplied by ncall), then optionally
   ``int32 chunk_count, int32 len, dataset``. The weight is ``sums / ncall`` (the raw sums when ncall is 0).
+
+Writing (:func:`write_imatrix`) follows llama-imatrix's ``save_imatrix`` byte for byte: GGUF v3, key-values
+``general.type`` = "imatrix", ``imatrix.datasets`` (string array), ``imatrix.chunk_count`` and
+``imatrix.chunk_size`` (u32) in that order; entries sorted by name, each ``NAME.in_sum2`` then ``NAME.counts``,
+then (Addario's fork, ignored by llama.cpp's loader) ``NAME.in_sum`` where the entry has it; dims as
+``ggml_n_dims`` counts them; data aligned to 32 bytes, zero padded.
 """
 
 from __future__ import annotations
 
+import os
 import struct
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ImatrixError", "ImatrixEntry", "Imatrix", "read_imatrix"]
+__all__ = ["ImatrixError", "ImatrixEntry", "Imatrix", "read_imatrix", "write_imatrix", "imatrix_bytes"]
 
 _SUM2 = ".in_sum2"
 _COUNTS = ".counts"
@@ -195,3 +203,82 @@ def _read_legacy(p: Path) -> Imatrix:
             if length > 0 and pos + length <= len(data):
                 im.datasets.append(data[pos:pos + length].decode("utf-8", errors="replace"))
     return im
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+_GGUF_VERSION = 3
+_ALIGN = 32
+_T_U32, _T_STR, _T_ARR = 4, 8, 9  # gguf_type
+_GGML_F32 = 0
+
+
+def _gguf_str(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def _n_dims(ne: tuple[int, ...]) -> int:
+    """ggml_n_dims: the index of the last dimension above 1, plus one (at least 1)."""
+    n = 1
+    for i, d in enumerate(ne):
+        if d > 1:
+            n = i + 1
+    return n
+
+
+def _entry_tensors(name: str, e: ImatrixEntry) -> list[tuple[str, tuple[int, int], bytes]]:
+    n_mat, ne0 = e.sums.shape
+    if e.counts.shape != (n_mat,):
+        raise ImatrixError(f"{name}: {e.counts.shape} counts for {n_mat} matrices")
+    sums = np.ascontiguousarray(e.sums, dtype="<f4")
+    if not np.all(np.isfinite(sums)):
+        raise ImatrixError(f"{name}: non-finite sums")
+    out = [(name + _SUM2, (ne0, n_mat), sums.tobytes()),
+           (name + _COUNTS, (1, n_mat), np.ascontiguousarray(e.counts, dtype="<f4").tobytes())]
+    if e.in_sum is not None:
+        if e.in_sum.shape != e.sums.shape:
+            raise ImatrixError(f"{name}: in_sum of shape {e.in_sum.shape}, in_sum2 {e.sums.shape}")
+        out.append((name + ".in_sum", (ne0, n_mat), np.ascontiguousarray(e.in_sum, dtype="<f4").tobytes()))
+    return out
+
+
+def imatrix_bytes(im: Imatrix) -> bytes:
+    """The GGUF imatrix file of ``im``, exactly as llama-imatrix would write the same statistics."""
+    if not im.entries:
+        raise ImatrixError(f"{im.path}: no entries to write")
+    kv = [
+        _gguf_str("general.type") + struct.pack("<I", _T_STR) + _gguf_str("imatrix"),
+        _gguf_str("imatrix.datasets") + struct.pack("<IIQ", _T_ARR, _T_STR, len(im.datasets))
+        + b"".join(_gguf_str(d) for d in im.datasets),
+        _gguf_str("imatrix.chunk_count") + struct.pack("<II", _T_U32, im.chunk_count),
+        _gguf_str("imatrix.chunk_size") + struct.pack("<II", _T_U32, im.chunk_size),
+    ]
+    tensors = [t for name in sorted(im.entries) for t in _entry_tensors(name, im.entries[name])]
+    infos, offset = [], 0
+    for tname, ne, data in tensors:
+        nd = _n_dims(ne)
+        infos.append(_gguf_str(tname) + struct.pack("<I", nd) + struct.pack(f"<{nd}q", *ne[:nd])
+                     + struct.pack("<IQ", _GGML_F32, offset))
+        offset += -(-len(data) // _ALIGN) * _ALIGN
+    head = b"GGUF" + struct.pack("<IQQ", _GGUF_VERSION, len(tensors), len(kv)) + b"".join(kv) + b"".join(infos)
+    parts = [head, b"\0" * (-len(head) % _ALIGN)]
+    for _, _, data in tensors:
+        parts += [data, b"\0" * (-len(data) % _ALIGN)]
+    return b"".join(parts)
+
+
+def write_imatrix(im: Imatrix, path: str | Path) -> Path:
+    """Write ``im`` as a GGUF imatrix at ``path`` (atomically: a temp file renamed into place)."""
+    p = Path(path)
+    data = imatrix_bytes(im)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p

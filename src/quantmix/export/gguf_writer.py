@@ -26,7 +26,6 @@ recipe), so data streams straight to disk, one slab at a time, from the source's
 from __future__ import annotations
 
 import os
-import re
 import struct
 import tempfile
 from collections.abc import Callable
@@ -37,11 +36,12 @@ import numpy as np
 import torch
 
 from quantmix.calibration.imatrix_io import Imatrix, read_imatrix
-from quantmix.formats.registry import get_type, type_from_id
-from quantmix.model.gguf_header import shard_paths
+from quantmix.formats.registry import get_type
+from quantmix.model.gguf_header import GGUFHeaderError, read_gguf_header
+from quantmix.planning.llama_rules import llama_tensor_order
 from quantmix.planning.recipe import NOMINAL_FTYPE, RecipeSpec, Resolution, resolve
 
-__all__ = ["GGUFWriteError", "quantize_gguf", "split_shard_paths", "parse_split_size", "llama_tensor_order",
+__all__ = ["GGUFSource", "GGUFWriteError", "open_source", "quantize_gguf", "split_shard_paths", "parse_split_size",
            "needs_imatrix"]
 
 GGUF_VERSION = 3
@@ -55,7 +55,6 @@ KV_OVERRIDE_STR_MAX = 127  # llama_model_kv_override.val_str holds 128 bytes, NU
 
 _FLOAT_SOURCES = ("F32", "F16", "BF16")
 _SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
-_LAYER = re.compile(r"blk\.([+-]?\d+)")
 
 # GGUF value type ids (gguf.h)
 _U16, _I32, _U32, _STR = 2, 5, 4, 8
@@ -83,7 +82,7 @@ class _SourceTensor:
 
 
 @dataclass
-class _Source:
+class GGUFSource:
     paths: list[Path]
     kv: dict[str, bytes]  # key -> raw GGUF bytes of the whole key-value (key, type, value), in file order
     tensors: list[_SourceTensor]
@@ -99,136 +98,23 @@ class _Source:
         return int(struct.unpack_from("<I", raw, 12 + klen)[0])
 
 
-_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-
-class _Cursor:
-    """Walks a GGUF header in a memory map (gguf-py's reader builds an object per array element, which takes
-    seconds on a 50k-token vocabulary; skipping over values takes milliseconds)."""
-
-    def __init__(self, buf: np.ndarray, path: Path) -> None:
-        self.buf, self.path, self.pos = buf, path, 0
-
-    def take(self, fmt: str) -> tuple:
-        size = struct.calcsize(fmt)
-        if self.pos + size > self.buf.size:
-            raise GGUFWriteError(f"{self.path}: truncated GGUF header at byte {self.pos}")
-        out = struct.unpack(fmt, self.buf[self.pos:self.pos + size].tobytes())
-        self.pos += size
-        return out
-
-    def string(self) -> str:
-        (n,) = self.take("<Q")
-        if self.pos + n > self.buf.size:
-            raise GGUFWriteError(f"{self.path}: truncated GGUF header at byte {self.pos}")
-        s = self.buf[self.pos:self.pos + n].tobytes().decode("utf-8", errors="replace")
-        self.pos += n
-        return s
-
-    def skip_value(self, vtype: int) -> None:
-        if vtype in _SCALAR_SIZE:
-            self.pos += _SCALAR_SIZE[vtype]
-        elif vtype == _STR:
-            (n,) = self.take("<Q")
-            self.pos += n
-        elif vtype == 9:  # array
-            etype, count = self.take("<IQ")
-            if etype in _SCALAR_SIZE:
-                self.pos += _SCALAR_SIZE[etype] * count
-            else:
-                for _ in range(count):
-                    self.skip_value(etype)
-        else:
-            raise GGUFWriteError(f"{self.path}: unknown GGUF value type {vtype} at byte {self.pos}")
-        if self.pos > self.buf.size:
-            raise GGUFWriteError(f"{self.path}: truncated GGUF header")
-
-
-def _read_shard(path: Path) -> tuple[dict[str, bytes], list[_SourceTensor]]:
-    """Raw key-values (key -> its bytes, in file order) and tensors (views into the map) of one GGUF file."""
+def open_source(src: Path) -> GGUFSource:
+    """The source GGUF (every shard): its key-values as raw bytes, and its tensors as views into memory maps."""
     try:
-        buf = np.memmap(path, dtype=np.uint8, mode="r")
-    except (OSError, ValueError) as e:
-        raise GGUFWriteError(f"{path}: cannot map file ({e})") from None
-    c = _Cursor(buf, path)
-    if buf.size < 24 or buf[:4].tobytes() != b"GGUF":
-        raise GGUFWriteError(f"{path}: not a GGUF file (bad magic)")
-    c.pos = 4
-    (version,) = c.take("<I")
-    if version not in (2, 3):
-        raise GGUFWriteError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-    n_tensors, n_kv = c.take("<QQ")
-    kv: dict[str, bytes] = {}
-    align = DEFAULT_ALIGNMENT
-    for _ in range(n_kv):
-        start = c.pos
-        key = c.string()
-        (vtype,) = c.take("<I")
-        vstart = c.pos
-        c.skip_value(vtype)
-        kv[key] = buf[start:c.pos].tobytes()
-        if key == "general.alignment" and vtype == _U32:
-            align = int(struct.unpack("<I", buf[vstart:vstart + 4].tobytes())[0])
-    if align <= 0 or align & (align - 1):
-        raise GGUFWriteError(f"{path}: general.alignment {align} is not a power of 2")
-    infos = []
-    for _ in range(n_tensors):
-        name = c.string()
-        (n_dims,) = c.take("<I")
-        if not 1 <= n_dims <= 4:
-            raise GGUFWriteError(f"{path}: tensor {name} has {n_dims} dimensions")
-        shape = c.take(f"<{n_dims}Q")
-        type_id, offset = c.take("<IQ")
-        infos.append((name, tuple(int(x) for x in shape), int(type_id), int(offset)))
-    data_start = _pad(c.pos, align)
-    tensors = []
-    for name, shape, type_id, offset in infos:
-        try:
-            t = type_from_id(type_id)
-        except ValueError:
-            raise GGUFWriteError(f"{path}: tensor {name} has unknown ggml type id {type_id}") from None
-        try:
-            n = int(t.tensor_bytes(shape))
-        except ValueError as e:
-            raise GGUFWriteError(f"{path}: tensor {name}: {e}") from None
-        lo = data_start + offset
-        if lo + n > buf.size:
-            raise GGUFWriteError(f"{path}: tensor {name} lies past the end of the file (truncated download?)")
-        tensors.append(_SourceTensor(name, shape, t.name, buf[lo:lo + n], path, lo))
-    return kv, tensors
-
-
-def _open_source(src: Path) -> _Source:
-    if not src.exists():
-        raise GGUFWriteError(f"{src}: no such file")
-    try:
-        paths = shard_paths(src)
-    except ValueError as e:
+        header = read_gguf_header(src)
+    except GGUFHeaderError as e:
         raise GGUFWriteError(str(e)) from None
-    kv: dict[str, bytes] = {}
+    kv = {k: v for k, v in header.raw_fields.items() if k not in _SPLIT_KEYS}
+    maps = {p: np.memmap(p, dtype=np.uint8, mode="r") for p in header.paths}
     tensors: list[_SourceTensor] = []
-    for i, shard in enumerate(paths):
-        shard_kv, shard_tensors = _read_shard(shard)
-        if i == 0:
-            kv = {k: v for k, v in shard_kv.items() if k not in _SPLIT_KEYS}
-        tensors.extend(shard_tensors)
     seen: set[str] = set()
-    for t in tensors:
+    for t in header.tensors:
         if t.name in seen:
             raise GGUFWriteError(f"{src}: tensor {t.name} appears twice")
         seen.add(t.name)
-    return _Source(paths, kv, tensors)
-
-
-def llama_tensor_order(names: list[str]) -> list[str]:
-    """Tensor names in the order llama.cpp's loader (and so llama-quantize) keeps them: by the layer number of
-    ``blk.N.`` (-1 for the rest), then by name."""
-
-    def key(n: str) -> tuple[int, str]:
-        m = _LAYER.match(n)
-        return (int(m.group(1)) if m else -1, n)
-
-    return sorted(names, key=key)
+        lo = header.data_offsets[t.shard] + t.offset
+        tensors.append(_SourceTensor(t.name, t.shape, t.type_name, maps[t.shard][lo:lo + t.n_bytes], t.shard, lo))
+    return GGUFSource(header.paths, kv, tensors)
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -258,7 +144,7 @@ class _Planned:
         return self.src.data.size if self.copy else int(get_type(self.qtype).tensor_bytes(self.src.shape))
 
 
-def _plan(source: _Source, resolution: Resolution, imatrix: Imatrix | None, ftype: str | None) -> list[_Planned]:
+def _plan(source: GGUFSource, resolution: Resolution, imatrix: Imatrix | None, ftype: str | None) -> list[_Planned]:
     from quantmix.formats.api import numerics
 
     by_src = {t.name: t for t in source.tensors}
@@ -356,7 +242,7 @@ def _header(kv: dict[str, bytes], tensors: list[_Planned], align: int) -> bytes:
     return head + b"\0" * (_pad(len(head), align) - len(head))
 
 
-def _output_kv(source: _Source, resolution: Resolution, imatrix: Imatrix | None,
+def _output_kv(source: GGUFSource, resolution: Resolution, imatrix: Imatrix | None,
                imatrix_label: str | None) -> dict[str, bytes]:
     from quantmix.planning.llama_rules import ftype_id
 
@@ -507,7 +393,7 @@ def quantize_gguf(
     from quantmix.model.catalog import catalog_from_gguf
 
     src, out = Path(src), Path(out)
-    source = _open_source(src)
+    source = open_source(src)
     if any(out.resolve() == p.resolve() for p in source.paths):
         raise GGUFWriteError(f"{out}: the output would overwrite its own source")
     im = read_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix

@@ -61,6 +61,7 @@ class GGUFHeader:
 
     paths: list[Path]
     fields: dict[str, Any] = field(default_factory=dict)
+    raw_fields: dict[str, bytes] = field(default_factory=dict)  # first shard: each key-value's bytes, in order
     tensors: list[GGUFTensor] = field(default_factory=list)
     data_offsets: dict[Path, int] = field(default_factory=dict)
     file_bytes: int = 0
@@ -129,8 +130,11 @@ class _Cursor:
 
     def __init__(self, fh: BinaryIO, path: Path) -> None:
         self.fh, self.path, self.buf, self.pos = fh, path, b"", 0
+        self.size = path.stat().st_size
 
     def _need(self, n: int) -> None:
+        if self.pos + n > self.size:
+            raise GGUFHeaderError(f"{self.path}: truncated or corrupt GGUF header (at byte {self.pos})")
         while self.pos + n > len(self.buf):
             more = self.fh.read(max(1 << 20, n))
             if not more:
@@ -175,8 +179,9 @@ class _Cursor:
         raise GGUFHeaderError(f"{self.path}: unknown GGUF value type {vtype} at byte {self.pos}")
 
 
-def _parse(path: Path) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int, int]], int]:
-    """One GGUF file: key-values, tensor infos (name, shape, ggml type id, offset) and the data offset."""
+def _parse(path: Path) -> tuple[dict[str, Any], dict[str, bytes], list[tuple[str, tuple[int, ...], int, int]], int]:
+    """One GGUF file: key-values (decoded, and as raw bytes for copying), tensor infos (name, shape, ggml type
+    id, offset) and the data offset."""
     with open(path, "rb") as fh:
         c = _Cursor(fh, path)
         if c.unpack("<I") != GGUF_MAGIC:
@@ -185,28 +190,37 @@ def _parse(path: Path) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...],
         if version not in (2, 3):
             raise GGUFHeaderError(f"{path}: unsupported GGUF version {version}")
         n_tensors, n_kv = c.unpack("<Q"), c.unpack("<Q")
-        kv = {}
+        kv, raw = {}, {}
         for _ in range(n_kv):
+            start = c.pos
             key = c.string()
             kv[key] = c.value(c.unpack("<I"))
+            raw[key] = bytes(c.buf[start:c.pos])
         tensors = []
         for _ in range(n_tensors):
             name = c.string()
             nd = c.unpack("<I")
+            if not 1 <= nd <= 4:
+                raise GGUFHeaderError(f"{path}: tensor {name} has {nd} dimensions")
             shape = tuple(c.unpack("<Q") for _ in range(nd))
             tensors.append((name, shape, c.unpack("<I"), c.unpack("<Q")))
         align = int(kv.get("general.alignment") or 32)
-        return kv, tensors, -(-c.pos // align) * align
+        if align <= 0 or align & (align - 1):
+            raise GGUFHeaderError(f"{path}: general.alignment {align} is not a power of 2")
+        return kv, raw, tensors, -(-c.pos // align) * align
 
 
-def read_gguf_header(path: str | Path) -> GGUFHeader:
-    """Read metadata and tensor infos of a GGUF (all shards of a split one). Tensor data is not read."""
+def read_gguf_header(path: str | Path, *, all_shards: bool = True) -> GGUFHeader:
+    """Read metadata and tensor infos of a GGUF (all shards of a split one, unless ``all_shards=False``).
+    Tensor data is not read."""
     path = Path(path)
     if not path.is_file():
         raise GGUFHeaderError(f"{path}: no such file")
-    header = GGUFHeader(paths=shard_paths(path))
+    header = GGUFHeader(paths=shard_paths(path) if all_shards else [path])
     for shard in header.paths:
-        kv, tensors, data_offset = _parse(shard)
+        kv, raw, tensors, data_offset = _parse(shard)
+        if shard == header.paths[0]:
+            header.raw_fields = raw
         for key, value in kv.items():
             header.fields.setdefault(key, value)
         header.data_offsets[shard] = data_offset
@@ -220,5 +234,10 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
             except ValueError as e:
                 raise GGUFHeaderError(f"{shard}: tensor {name}: {e}") from None
             header.tensors.append(GGUFTensor(name, shape, qtype.name, n_bytes, shard, offset))
-        header.file_bytes += shard.stat().st_size
+        size = shard.stat().st_size
+        last = max((data_offset + t[3] + header.tensors[-len(tensors) + i].n_bytes
+                    for i, t in enumerate(tensors)), default=0)
+        if last > size:
+            raise GGUFHeaderError(f"{shard}: tensor data runs past the end of the file (truncated download?)")
+        header.file_bytes += size
     return header

@@ -1,0 +1,522 @@
+"""Importance matrices (llama-imatrix's statistics) computed with transformers, one layer at a time.
+
+What llama-imatrix collects (tools/imatrix/imatrix.cpp), and what we match:
+
+- Text: the whole file is tokenized (a BOS in front when the vocabulary adds one), cut into chunks of ``n_ctx``
+  tokens (the tail is dropped; ``--chunks`` caps the count), and the first token of every chunk is replaced by
+  BOS when the vocabulary adds one (SmolLM2's does not). Every token of every chunk is counted.
+- Tensors: every matrix multiplication whose weight is named ``blk.*`` (so routers and the shared-expert gate
+  too), plus ``output.weight`` only with ``--process-output`` (off by default); never ``token_embd``. Per input
+  channel the sum of squared activations; per matrix the number of rows seen. For 3-D expert tensors
+  (``*_exps``) each (token, expert) routing adds to that expert's row only; gate and up share the routed
+  hidden states, down gets act(gate) * up of the same tokens.
+- File: ``chunk_count`` = chunks run, ``chunk_size`` = n_ctx, ``datasets`` = the text files as given.
+
+We also keep the sum of activations (``in_sum``, for mean-activation aware error models), in float64 while
+accumulating. ``all_experts`` (ExLlamaV3's approach) sends every token through every expert for the statistics
+only (the hidden states passed on keep the real routing), so no expert is left uncalibrated.
+
+Memory stays bounded whatever the model's size (ExLlamaV3-style streaming): the model is built on the meta
+device; the embeddings are loaded, every calibration row is embedded, and the inputs of each decoder layer
+(masks, rotary embeddings) are recorded; then layer by layer its weights are read from the safetensors
+checkpoint, all rows run through it and its outputs kept as the next layer's inputs, and the weights are
+dropped. Only one layer's weights are resident at a time. HF parameter names map onto GGUF tensor names through
+the tensor catalog (:mod:`quantmix.model.catalog`), the same mapping llama.cpp's converter applies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from quantmix.calibration.activations import ActivationStats, ChannelStats, hook_modules
+from quantmix.calibration.imatrix_io import Imatrix, ImatrixEntry, ImatrixError
+
+__all__ = [
+    "compute_imatrix",
+    "compute_imatrix_tokens",
+    "imatrix_from_stats",
+    "calibration_tokens",
+    "ExpertCoverage",
+    "expert_coverage",
+    "coverage_report",
+]
+
+DEFAULT_BATCH_TOKENS = 2048  # llama-imatrix's default n_batch: 4 chunks of 512 per forward
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+def _read_texts(texts: Sequence[str | Path]) -> list[str]:
+    if not texts:
+        raise ImatrixError("no calibration text given")
+    out = []
+    for t in texts:
+        p = Path(t)
+        if not p.is_file():
+            raise ImatrixError(f"{p}: no such calibration text file")
+        try:
+            out.append(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ImatrixError(f"{p}: not UTF-8 text ({e})") from None
+        if not out[-1].strip():
+            raise ImatrixError(f"{p}: calibration text file is empty")
+    return out
+
+
+def _tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts BOS in front when asked for special tokens (llama.cpp's ``add_bos``)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    with_special = tokenizer("Hello", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("Hello", add_special_tokens=False)["input_ids"]
+    return len(with_special) > len(plain) and with_special[0] == bos
+
+
+def _encode_prefix(tokenizer: Any, text: str, need: int | None) -> list[int]:
+    """Token ids of ``text``, or of a prefix long enough for ``need`` tokens (tokenizing 2 MB takes seconds)."""
+    if need is not None:
+        n_chars = max(4096, need * 6)
+        while n_chars < len(text):
+            ids = tokenizer(text[:n_chars], add_special_tokens=False)["input_ids"]
+            # tokens near the cut may differ from the whole text's: keep a margin and drop it
+            if len(ids) >= need + 64:
+                return ids[: len(ids) - 64]
+            n_chars *= 2
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def calibration_tokens(tokenizer: Any, texts: Sequence[str], n_ctx: int = 512,
+                       max_chunks: int | None = None) -> torch.Tensor:
+    """The [n_chunk, n_ctx] token chunks llama-imatrix would run for ``texts`` (joined in order).
+
+    With a BOS-adding vocabulary the stream starts with BOS and each chunk's first token is replaced by it.
+    """
+    if n_ctx < 1:
+        raise ImatrixError(f"n_ctx must be positive, got {n_ctx}")
+    if max_chunks is not None and max_chunks < 1:
+        raise ImatrixError(f"max_chunks must be positive, got {max_chunks}")
+    add_bos = _tokenizer_adds_bos(tokenizer)
+    need = None if max_chunks is None else max_chunks * n_ctx
+    ids: list[int] = [int(tokenizer.bos_token_id)] if add_bos else []
+    for text in texts:
+        left = None if need is None else max(need - len(ids), 0)
+        if left == 0:
+            break
+        ids += _encode_prefix(tokenizer, text, left)
+    n_chunk = len(ids) // n_ctx
+    if max_chunks is not None:
+        n_chunk = min(n_chunk, max_chunks)
+    if n_chunk == 0:
+        raise ImatrixError(f"the calibration text gives {len(ids)} tokens, less than one chunk of {n_ctx}")
+    chunks = torch.tensor(ids[: n_chunk * n_ctx], dtype=torch.long).view(n_chunk, n_ctx)
+    if add_bos:
+        chunks[:, 0] = int(tokenizer.bos_token_id)
+    return chunks
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+class _Checkpoint:
+    """Lazy access to a model directory's safetensors tensors by name (single file or sharded)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from safetensors import safe_open
+
+        index = model_dir / "model.safetensors.index.json"
+        self._open = safe_open
+        self._handles: dict[Path, Any] = {}
+        self.where: dict[str, Path] = {}
+        if index.exists():
+            try:
+                wmap = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ImatrixError(f"{index}: not a safetensors index ({e})") from None
+            self.where = {k: model_dir / v for k, v in wmap.items()}
+        else:
+            files = sorted(model_dir.glob("*.safetensors"))
+            if not files:
+                raise ImatrixError(f"{model_dir}: no *.safetensors weights (other checkpoint formats are not read)")
+            for f in files:
+                for k in self._handle(f).keys():
+                    self.where[k] = f
+
+    def _handle(self, f: Path) -> Any:
+        if f not in self._handles:
+            if not f.exists():
+                raise ImatrixError(f"{f}: safetensors shard missing")
+            self._handles[f] = self._open(str(f), framework="pt", device="cpu")
+        return self._handles[f]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.where:
+            raise ImatrixError(f"checkpoint has no tensor {key!r}")
+        return self._handle(self.where[key]).get_tensor(key)
+
+
+class _Weights:
+    """Reads the tensor of an in-memory (transformers) parameter from the checkpoint, undoing the fusions
+    transformers applies on load (per-expert tensors stacked and concatenated), as the catalog describes them."""
+
+    def __init__(self, model_dir: Path, cfg: Any) -> None:
+        self.ckpt = _Checkpoint(model_dir)
+        self.cfg = cfg
+        self.dir = model_dir
+
+    def sources(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
+        from quantmix.model.catalog import _checkpoint_tensors
+
+        return _checkpoint_tensors(self.cfg, [(name, shape)])
+
+    def load(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name in self.ckpt:
+            t = self.ckpt.get(name)
+        else:
+            parts = self.sources(name, shape)
+            if len(parts) == 1 and len(parts[0][2]) == 1:
+                t = self.ckpt.get(parts[0][2][0])
+            else:
+                try:
+                    t = torch.cat([torch.stack([self.ckpt.get(s) for s in srcs]) for _, _, srcs in parts], dim=1)
+                except ImatrixError as e:
+                    raise ImatrixError(f"{self.dir}: {name}: {e}") from None
+        if tuple(t.shape) != tuple(shape):
+            raise ImatrixError(f"{self.dir}: {name} is {tuple(t.shape)} in the checkpoint, the model expects {shape}")
+        return t
+
+
+def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
+    mod_name, _, leaf = name.rpartition(".")
+    mod = root.get_submodule(mod_name) if mod_name else root
+    if is_param:
+        mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        mod._buffers[leaf] = value
+
+
+def _materialize(module: nn.Module, prefix: str, weights: _Weights, device: torch.device,
+                 dtype: torch.dtype) -> None:
+    """Load ``module``'s parameters (full names ``prefix.*``) onto ``device``; move its buffers there."""
+    for pname, p in list(module.named_parameters()):
+        t = weights.load(f"{prefix}.{pname}" if prefix else pname, tuple(p.shape))
+        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        _set_tensor(module, pname, t, True)
+    for bname, b in list(module.named_buffers()):
+        full = f"{prefix}.{bname}" if prefix else bname
+        if full in weights.ckpt:
+            b = weights.ckpt.get(full)
+        if b.device.type == "meta":
+            raise ImatrixError(f"{full}: buffer is neither computed by the model nor in the checkpoint")
+        _set_tensor(module, bname, b.to(device), False)
+
+
+def _release(module: nn.Module) -> None:
+    """Drop ``module``'s parameters (back to the meta device), freeing their memory."""
+    for pname, p in list(module.named_parameters()):
+        _set_tensor(module, pname, torch.empty_like(p, device="meta"), True)
+
+
+def _module_name(model: nn.Module, target: nn.Module) -> str:
+    for name, mod in model.named_modules():
+        if mod is target:
+            return name
+    raise ImatrixError(f"{type(target).__name__} is not part of {type(model).__name__}")
+
+
+class _LayerInputs(Exception):
+    """Raised by the last layer's recorder: the decoder's inputs are all recorded, stop the forward."""
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+
+
+@torch.no_grad()
+def _stream(model_dir: Path, cfg: Any, chunks: torch.Tensor, all_experts: bool, device: torch.device,
+            dtype: torch.dtype, process_output: bool, batch_tokens: int,
+            progress: bool) -> tuple[ActivationStats, nn.Module]:
+    """Run ``chunks`` through the model layer by layer; the statistics and the (meta) model skeleton."""
+    from accelerate import init_empty_weights
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.eval()
+    weights = _Weights(model_dir, cfg)
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ImatrixError(f"{model_dir}: {type(decoder).__name__} has no decoder layer list to stream through")
+    layers_name = _module_name(model, layers)
+    embed = model.get_input_embeddings()
+    _materialize(embed, _module_name(model, embed), weights, device, dtype)
+    for mod in decoder.modules():  # rotary embeddings etc.: buffers computed at construction, on the host
+        if any(mod is l for l in layers):
+            continue
+        for bname, b in list(mod._buffers.items()):
+            if b is not None and b.device.type != "meta":
+                mod._buffers[bname] = b.to(device)
+
+    rows = max(1, batch_tokens // chunks.shape[1])
+    batches = [chunks[i:i + rows] for i in range(0, chunks.shape[0], rows)]
+    n_layer = len(layers)
+    tokens = chunks.numel()
+    hidden_bytes = tokens * int(cfg.get_text_config().hidden_size) * torch.finfo(dtype).bits // 8
+    store = device if device.type == "cpu" or hidden_bytes <= (2 << 30) else torch.device("cpu")
+
+    # 1. embed every row; record what the decoder passes each layer (masks, rotary embeddings, ...)
+    calls: list[list[tuple[tuple, dict]]] = [[] for _ in range(n_layer)]
+    hidden: list[torch.Tensor] = []
+
+    def recorder(i: int):  # noqa: ANN202 - closure factory
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            h = args[0] if args else kwargs.pop("hidden_states")
+            calls[i].append((tuple(args[1:]), kwargs))
+            if i == 0:
+                hidden.append(h.to(store))
+            if i == n_layer - 1:
+                raise _LayerInputs
+            return h
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    try:
+        for b in batches:
+            try:
+                decoder(input_ids=b.to(device), use_cache=False)
+            except _LayerInputs:
+                pass
+            else:
+                raise ImatrixError(f"{type(decoder).__name__} did not call its last layer")
+    finally:
+        for layer in layers:
+            del layer.forward
+    _release(embed)
+
+    # 2. layer by layer: load, run every row, keep the outputs, drop the weights
+    stats = ActivationStats(all_experts=all_experts)
+    bar = tqdm(total=n_layer, desc="imatrix", unit="layer", disable=not progress, file=sys.stderr)
+    for i, layer in enumerate(layers):
+        prefix = f"{layers_name}.{i}"
+        _materialize(layer, prefix, weights, device, dtype)
+        with hook_modules(layer, stats, prefix):
+            for j, h in enumerate(hidden):
+                args, kwargs = calls[i][j]
+                out = layer(h.to(device), *args, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                hidden[j] = out.to(store)
+        _release(layer)
+        calls[i] = []
+        bar.update(1)
+    bar.close()
+
+    # 3. the output projection's input: the final norm of the last hidden states (no logits needed)
+    head = model.get_output_embeddings()
+    tied = bool(getattr(cfg.get_text_config(), "tie_word_embeddings", False))
+    if process_output and head is not None and not tied:
+        norm = getattr(decoder, "norm", None)
+        if not isinstance(norm, nn.Module):
+            raise ImatrixError(f"{type(decoder).__name__} has no final norm; cannot collect output.weight")
+        _materialize(norm, _module_name(model, norm), weights, device, dtype)
+        st = stats.channel(f"{_module_name(model, head)}.weight", 1, int(head.weight.shape[1]), device)
+        for h in hidden:
+            st.add(norm(h.to(device)))
+        _release(norm)
+    stats.n_tokens = tokens
+    return stats, model
+
+
+# ------------------------------------------------------------------------------------------------ GGUF names
+
+
+def imatrix_from_stats(stats: ActivationStats, model: nn.Module, model_dir: str | Path, chunk_count: int,
+                       chunk_size: int, datasets: Sequence[str] = (), process_output: bool = False) -> Imatrix:
+    """Statistics keyed by HF parameter name (``model``'s, any device, meta included) -> imatrix entries keyed
+    by GGUF tensor name. Only ``blk.*`` tensors are kept, and ``output.weight`` with ``process_output``."""
+    from quantmix.model.catalog import _checkpoint_tensors, catalog_from_config
+
+    model_dir = Path(model_dir)
+    cfg = model.config
+    cat = catalog_from_config(model_dir)
+    by_source = {src: t for t in cat.tensors for src in t.hf_sources}
+    im = Imatrix(model_dir, datasets=list(datasets), chunk_count=int(chunk_count), chunk_size=int(chunk_size))
+    problems = []
+    for key in sorted(stats.stats):
+        st: ChannelStats = stats.stats[key].cpu()
+        try:
+            shape = tuple(model.get_parameter(key).shape)
+        except AttributeError:
+            problems.append(f"{key}: not a parameter of the model")
+            continue
+        for _, _, srcs in _checkpoint_tensors(cfg, [(key, shape)]):
+            t = by_source.get(srcs[0])
+            if t is None:
+                continue  # tied lm_head, vision tower, ...: no GGUF tensor of its own
+            if not (t.name.startswith("blk.") or (process_output and t.name == "output.weight")):
+                continue
+            n_mat = math.prod(t.shape[2:])
+            if tuple(st.in_sum2.shape) != (n_mat, t.shape[0]):
+                problems.append(f"{t.name}: statistics of {key} are {tuple(st.in_sum2.shape)}, "
+                                f"the tensor {list(t.shape)} needs ({n_mat}, {t.shape[0]})")
+                continue
+            counts = st.counts.numpy()
+            im.entries[t.name] = ImatrixEntry(st.in_sum2.numpy().astype(np.float32),
+                                              np.rint(counts).astype(np.int64),
+                                              st.in_sum.numpy().astype(np.float32))
+    if problems:
+        print("quantmix imatrix: skipped: " + "; ".join(problems), file=sys.stderr)
+    if not im.entries:
+        raise ImatrixError(f"{model_dir}: no statistics map onto GGUF tensors")
+    im.entries = dict(sorted(im.entries.items()))
+    return im
+
+
+# ------------------------------------------------------------------------------------------------ API
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _config(model_dir: Path) -> Any:
+    from transformers import AutoConfig
+
+    if not (model_dir / "config.json").is_file():
+        raise ImatrixError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:  # transformers raises many kinds
+        raise ImatrixError(f"{model_dir}/config.json: transformers cannot read it ({e})") from None
+
+
+def compute_imatrix_tokens(
+    model_dir: str | Path,
+    chunks: torch.Tensor,
+    all_experts: bool = False,
+    device: str | torch.device | None = None,
+    *,
+    datasets: Sequence[str] = (),
+    process_output: bool = False,
+    dtype: torch.dtype = torch.float32,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    progress: bool = True,
+) -> Imatrix:
+    """The importance matrix of the model in ``model_dir`` over token ``chunks`` [n_chunk, n_ctx] (each chunk
+    run as its own sequence, ``batch_tokens`` tokens per forward). See the module docstring."""
+    model_dir = Path(model_dir)
+    cfg = _config(model_dir)
+    chunks = torch.as_tensor(chunks, dtype=torch.long)
+    if chunks.dim() != 2 or chunks.numel() == 0:
+        raise ImatrixError(f"token chunks must be a non-empty [n_chunk, n_ctx] tensor, got {tuple(chunks.shape)}")
+    vocab = int(getattr(cfg.get_text_config(), "vocab_size", 0) or 0)
+    if vocab and (int(chunks.min()) < 0 or int(chunks.max()) >= vocab):
+        raise ImatrixError(f"{model_dir}: token ids outside the vocabulary of {vocab}")
+    stats, model = _stream(model_dir, cfg, chunks, all_experts, _device(device), dtype, process_output,
+                           batch_tokens, progress)
+    return imatrix_from_stats(stats, model, model_dir, chunks.shape[0], chunks.shape[1], datasets, process_output)
+
+
+def compute_imatrix(
+    model_dir: str | Path,
+    texts: Sequence[str | Path],
+    n_ctx: int = 512,
+    max_chunks: int | None = None,
+    all_experts: bool = False,
+    device: str | torch.device | None = None,
+    *,
+    process_output: bool = False,
+    dtype: torch.dtype = torch.float32,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    progress: bool = True,
+) -> Imatrix:
+    """llama-imatrix's statistics (plus ``in_sum``) of the HF model in ``model_dir`` over the text files
+    ``texts``: chunks of ``n_ctx`` tokens, at most ``max_chunks``; ``all_experts``: every token through every
+    expert; ``device``: CUDA when present, else the CPU; ``process_output``: also ``output.weight``
+    (llama-imatrix's ``--process-output``). Entries are keyed by GGUF tensor name; write with
+    :func:`quantmix.calibration.imatrix_io.write_imatrix`."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    _config(model_dir)
+    strings = _read_texts(texts)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:  # transformers raises many kinds
+        raise ImatrixError(f"{model_dir}: no usable tokenizer ({e})") from None
+    chunks = calibration_tokens(tok, strings, n_ctx, max_chunks)
+    return compute_imatrix_tokens(model_dir, chunks, all_experts, device, datasets=[str(t) for t in texts],
+                                  process_output=process_output, dtype=dtype, batch_tokens=batch_tokens,
+                                  progress=progress)
+
+
+# ------------------------------------------------------------------------------------------------ coverage
+
+
+@dataclass(frozen=True)
+class ExpertCoverage:
+    """Tokens that calibrated each expert of one layer (from its routed expert tensors' counts)."""
+
+    layer: str  # "blk.N"
+    tensor: str
+    counts: np.ndarray  # int64 [n_expert]
+
+    def below(self, threshold: int) -> list[int]:
+        return [int(e) for e in np.nonzero(self.counts < threshold)[0]]
+
+
+def expert_coverage(im: Imatrix) -> list[ExpertCoverage]:
+    """Per layer with expert tensors: tokens per expert (the first expert tensor of the layer, by name;
+    all of a layer's routed tensors see the same tokens)."""
+    seen: dict[str, ExpertCoverage] = {}
+    for name in sorted(im.entries):
+        e = im.entries[name]
+        if e.n_mat <= 1 or not name.startswith("blk."):
+            continue
+        layer = ".".join(name.split(".")[:2])
+        if layer not in seen:
+            seen[layer] = ExpertCoverage(layer, name, e.counts.astype(np.int64))
+    return sorted(seen.values(), key=lambda c: int(c.layer.split(".")[1]))
+
+
+def coverage_report(im: Imatrix, threshold: int | None = None) -> str:
+    """A text report: per MoE layer min / median / max tokens per expert and the experts below ``threshold``
+    tokens (default: a tenth of an even share of the routed tokens)."""
+    cov = expert_coverage(im)
+    if not cov:
+        return "expert coverage: no expert tensors (dense model)"
+    lines = [f"expert coverage ({len(cov)} MoE layers, {cov[0].counts.size} experts each)"]
+    total_low = total_zero = 0
+    for c in cov:
+        thr = threshold if threshold is not None else max(1, int(c.counts.mean() / 10))
+        low = c.below(thr)
+        zero = int((c.counts == 0).sum())
+        total_low += len(low)
+        total_zero += zero
+        line = (f"  {c.layer:>7}: tokens per expert min {int(c.counts.min())}, median {int(np.median(c.counts))}, "
+                f"max {int(c.counts.max())}")
+        if low:
+            shown = ", ".join(f"{e} ({int(c.counts[e])})" for e in low[:16])
+            more = f" and {len(low) - 16} more" if len(low) > 16 else ""
+            line += f"; {len(low)} below {thr}: {shown}{more}"
+        lines.append(line)
+    lines.append(f"  experts below threshold: {total_low}, never routed: {total_zero}"
+                 + (" (use --all-experts to calibrate them)" if total_zero else ""))
+    return "\n".join(lines)
