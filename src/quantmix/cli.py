@@ -114,6 +114,23 @@ def _cmd_size(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_imatrix(args: argparse.Namespace) -> int:
+    from quantmix.calibration.imatrix import compute_imatrix, coverage_report
+    from quantmix.calibration.imatrix_io import write_imatrix
+    from quantmix.fixtures.text import text_path
+
+    model = _resolve_model_path(args.model)
+    if not model.is_dir():
+        raise CliError(f"{model}: imatrix runs the Hugging Face model; give its directory or a fixture name")
+    texts = args.text or [text_path("wiki-calib")]
+    im = compute_imatrix(model, texts, n_ctx=args.ctx, max_chunks=args.chunks, all_experts=args.all_experts,
+                         device=args.device, process_output=args.process_output, progress=not args.quiet)
+    out = write_imatrix(im, args.out)
+    print(coverage_report(im, args.coverage_threshold), file=sys.stderr)
+    print(out)
+    return 0
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from quantmix.export.gguf_writer import parse_split_size, quantize_gguf
 
@@ -166,6 +183,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.model)
 
 
+def _add_imatrix_parser(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("imatrix", help="importance matrix from calibration text (llama-imatrix's GGUF file)",
+                       description="Run the Hugging Face model (CUDA when present, else the CPU) over calibration "
+                                   "text, layer by layer with one layer's weights resident, and write llama.cpp's "
+                                   "imatrix GGUF (NAME.in_sum2, NAME.counts, plus NAME.in_sum): the same chunks, "
+                                   "tensors and counts as llama-imatrix -c CTX --chunks N. Per-expert statistics "
+                                   "for MoE tensors; prints tokens per expert and the experts below a threshold.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  quantmix imatrix smollm2-moe -o moe.imatrix.gguf --chunks 64\n"
+                              "  quantmix imatrix ./Qwen3-30B-A3B --text calib.txt more.txt -o q3.imatrix.gguf "
+                              "--all-experts")
+    m.add_argument("model", help="a Hugging Face model directory (safetensors) or a built-in fixture name")
+    m.add_argument("--text", type=Path, nargs="+", metavar="FILE",
+                   help="calibration text files, joined in order (default: the built-in wiki-calib text)")
+    m.add_argument("-o", "--out", type=Path, required=True, help="output imatrix GGUF")
+    m.add_argument("--ctx", type=int, default=512, help="tokens per chunk (llama-imatrix -c; default 512)")
+    m.add_argument("--chunks", type=int, default=None, help="at most this many chunks (default: all the text)")
+    m.add_argument("--all-experts", action="store_true",
+                   help="send every token through every expert for the statistics (ExLlamaV3 style), so no "
+                        "expert is left uncalibrated; the model's own routing still drives the hidden states")
+    m.add_argument("--process-output", action="store_true",
+                   help="also collect output.weight (llama-imatrix --process-output; off by default there too)")
+    m.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
+    m.add_argument("--coverage-threshold", type=int, default=None, metavar="TOKENS",
+                   help="report experts calibrated on fewer tokens (default: a tenth of an even share)")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=_cmd_imatrix)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="quantmix",
@@ -204,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the resolved recipe, every tensor typed explicitly")
     s.add_argument("--ik", action="store_true", help="with --write-recipe: ik_llama.cpp --custom-q form")
     s.set_defaults(func=_cmd_size)
+
+    _add_imatrix_parser(sub)
 
     q = sub.add_parser("quantize", help="write the quantized GGUF of a recipe (llama-quantize's bytes)",
                        description="Quantize a float GGUF (what convert_hf_to_gguf.py writes) with quantmix's "

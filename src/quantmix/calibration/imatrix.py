@@ -163,6 +163,10 @@ class _Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
+    def close(self) -> None:
+        """Unmap the files: pages read so far stop counting against this process."""
+        self._handles.clear()
+
     def get(self, key: str) -> torch.Tensor:
         if key not in self.where:
             raise ImatrixError(f"checkpoint has no tensor {key!r}")
@@ -179,9 +183,9 @@ class _Weights:
         self.dir = model_dir
 
     def sources(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
-        from quantmix.model.catalog import _checkpoint_tensors
+        from quantmix.model.catalog import checkpoint_tensors
 
-        return _checkpoint_tensors(self.cfg, [(name, shape)])
+        return checkpoint_tensors(self.cfg, [(name, shape)])
 
     def load(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name in self.ckpt:
@@ -223,12 +227,25 @@ def _materialize(module: nn.Module, prefix: str, weights: _Weights, device: torc
         if b.device.type == "meta":
             raise ImatrixError(f"{full}: buffer is neither computed by the model nor in the checkpoint")
         _set_tensor(module, bname, b.to(device), False)
+    weights.ckpt.close()
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps large freed blocks otherwise: without this the
+    resident size grows by about one layer per layer streamed)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _release(module: nn.Module) -> None:
     """Drop ``module``'s parameters (back to the meta device), freeing their memory."""
     for pname, p in list(module.named_parameters()):
         _set_tensor(module, pname, torch.empty_like(p, device="meta"), True)
+    _trim_heap()
 
 
 def _module_name(model: nn.Module, target: nn.Module) -> str:
@@ -349,7 +366,7 @@ def imatrix_from_stats(stats: ActivationStats, model: nn.Module, model_dir: str 
                        chunk_size: int, datasets: Sequence[str] = (), process_output: bool = False) -> Imatrix:
     """Statistics keyed by HF parameter name (``model``'s, any device, meta included) -> imatrix entries keyed
     by GGUF tensor name. Only ``blk.*`` tensors are kept, and ``output.weight`` with ``process_output``."""
-    from quantmix.model.catalog import _checkpoint_tensors, catalog_from_config
+    from quantmix.model.catalog import checkpoint_tensors, catalog_from_config
 
     model_dir = Path(model_dir)
     cfg = model.config
@@ -364,7 +381,7 @@ def imatrix_from_stats(stats: ActivationStats, model: nn.Module, model_dir: str 
         except AttributeError:
             problems.append(f"{key}: not a parameter of the model")
             continue
-        for _, _, srcs in _checkpoint_tensors(cfg, [(key, shape)]):
+        for _, _, srcs in checkpoint_tensors(cfg, [(key, shape)]):
             t = by_source.get(srcs[0])
             if t is None:
                 continue  # tied lm_head, vision tower, ...: no GGUF tensor of its own
@@ -461,6 +478,8 @@ def compute_imatrix(
         tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as e:  # transformers raises many kinds
         raise ImatrixError(f"{model_dir}: no usable tokenizer ({e})") from None
+    if not tok("Hello world", add_special_tokens=False)["input_ids"]:
+        raise ImatrixError(f"{model_dir}: no usable tokenizer (it encodes text to no tokens; tokenizer files missing?)")
     chunks = calibration_tokens(tok, strings, n_ctx, max_chunks)
     return compute_imatrix_tokens(model_dir, chunks, all_experts, device, datasets=[str(t) for t in texts],
                                   process_output=process_output, dtype=dtype, batch_tokens=batch_tokens,

@@ -277,6 +277,9 @@ def write_imatrix(im: Imatrix, path: str | Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a plain file is what users expect
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

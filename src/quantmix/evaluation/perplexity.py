@@ -11,7 +11,9 @@ llama-perplexity (tools/perplexity/perplexity.cpp, ``perplexity()``):
 - reports ``exp(mean NLL)`` and its standard error ``ppl * sqrt((E[x^2]-E[x]^2)/(count-1))``.
 
 :func:`iter_scored_logits` yields the scored logits per chunk so KL-divergence and top-k agreement can be
-built on the same chunking. :func:`run_llama_perplexity` runs the real tool as the oracle.
+built on the same chunking (``first=0`` scores every position instead, quantmix's ``--all-positions``; it can
+also hand back the hidden state the output head read, which is what the reference cache stores).
+:func:`run_llama_perplexity` runs the real tool as the oracle.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ __all__ = [
     "ScoredChunk",
     "tokenize_like_llamacpp",
     "make_chunks",
+    "scored_first",
     "iter_scored_logits",
+    "token_nll",
     "perplexity",
     "run_llama_perplexity",
 ]
@@ -56,6 +60,7 @@ class ScoredChunk:
     index: int
     logits: torch.Tensor
     targets: torch.Tensor
+    hidden: torch.Tensor | None = None  # [n_scored, hidden] input of the output head, when asked for
 
 
 def _wants_bos(tokenizer: object) -> bool:
@@ -100,6 +105,11 @@ def make_chunks(tokens: Sequence[int] | torch.Tensor, n_ctx: int, max_chunks: in
     return chunks
 
 
+def scored_first(n_ctx: int, all_positions: bool = False) -> int:
+    """First scored position of a chunk: ``n_ctx // 2`` as llama-perplexity, or 0 to score every position."""
+    return 0 if all_positions else n_ctx // 2
+
+
 def _forward_logits(model: nn.Module, ids: torch.Tensor, keep: int) -> torch.Tensor:
     """Logits of the last ``keep`` positions, [batch, keep, vocab], asking the model not to compute the rest."""
     try:
@@ -111,17 +121,42 @@ def _forward_logits(model: nn.Module, ids: torch.Tensor, keep: int) -> torch.Ten
 
 
 @torch.no_grad()
-def iter_scored_logits(model: nn.Module, chunks: torch.Tensor, batch_size: int = 1) -> Iterator[ScoredChunk]:
-    """Run every chunk through ``model`` and yield the logits of its scored (second-half) positions."""
+def iter_scored_logits(model: nn.Module, chunks: torch.Tensor, batch_size: int = 1, first: int | None = None,
+                       with_hidden: bool = False) -> Iterator[ScoredChunk]:
+    """Run every chunk through ``model`` and yield the logits of its scored positions.
+
+    ``first``: first scored position (default ``n_ctx // 2``, llama-perplexity's second half); positions
+    ``first .. n_ctx-2`` are scored, each predicting the next token. ``with_hidden``: also return what the
+    output head (``model.get_output_embeddings()``) read at those positions, captured by a forward hook."""
     n_chunks, n_ctx = chunks.shape
-    first = n_ctx // 2
+    first = n_ctx // 2 if first is None else first
+    if not 0 <= first <= n_ctx - 2:
+        raise ValueError(f"first scored position {first} is outside 0..{n_ctx - 2} for n_ctx={n_ctx}")
     keep = n_ctx - first  # positions first .. n_ctx-1; the last one predicts nothing and is dropped
     device = next(model.parameters()).device
-    for start in range(0, n_chunks, batch_size):
-        ids = chunks[start:start + batch_size].to(device)
-        logits = _forward_logits(model, ids, keep)[:, :-1, :].float().cpu()
-        for b in range(ids.shape[0]):
-            yield ScoredChunk(start + b, logits[b], chunks[start + b, first + 1:].clone())
+    seen: list[torch.Tensor] = []
+    hook = None
+    if with_hidden:
+        head = model.get_output_embeddings()  # type: ignore[operator]
+        if head is None:
+            raise ValueError(f"{type(model).__name__} has no output head to read hidden states from")
+        hook = head.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0].detach()))
+    try:
+        for start in range(0, n_chunks, batch_size):
+            ids = chunks[start:start + batch_size].to(device)
+            seen.clear()
+            logits = _forward_logits(model, ids, keep)[:, :-1, :].float().cpu()
+            hidden = None
+            if with_hidden:
+                if len(seen) != 1:
+                    raise RuntimeError(f"the output head ran {len(seen)} times in one forward pass, expected once")
+                hidden = seen[0][:, -keep:, :][:, :-1, :].float().cpu()
+            for b in range(ids.shape[0]):
+                yield ScoredChunk(start + b, logits[b], chunks[start + b, first + 1:].clone(),
+                                  None if hidden is None else hidden[b])
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -131,8 +166,9 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def perplexity(model: nn.Module, tokenizer: object, text: str, n_ctx: int = 512, max_chunks: int | None = None,
-               add_bos: bool | None = None, batch_size: int = 1) -> PerplexityResult:
-    """Perplexity of ``model`` on ``text`` with llama-perplexity's tokenization, chunking and scoring."""
+               add_bos: bool | None = None, batch_size: int = 1, all_positions: bool = False) -> PerplexityResult:
+    """Perplexity of ``model`` on ``text`` with llama-perplexity's tokenization, chunking and scoring
+    (``all_positions``: every position of each chunk scored, not only the second half)."""
     tokens, add_bos = tokenize_like_llamacpp(tokenizer, text, add_bos)
     bos = int(tokenizer.bos_token_id) if add_bos else None  # type: ignore[attr-defined]
     chunks = make_chunks(tokens, n_ctx, max_chunks, bos)
@@ -142,7 +178,7 @@ def perplexity(model: nn.Module, tokenizer: object, text: str, n_ctx: int = 512,
     total2 = 0.0
     count = 0
     try:
-        for sc in iter_scored_logits(model, chunks, batch_size):
+        for sc in iter_scored_logits(model, chunks, batch_size, first=scored_first(n_ctx, all_positions)):
             v = token_nll(sc.logits, sc.targets)
             total += float(v.sum())
             total2 += float((v * v).sum())

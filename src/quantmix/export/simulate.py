@@ -112,7 +112,7 @@ def _config_catalog(model: nn.Module) -> tuple[Catalog, object]:
 
 def _targets(model: nn.Module) -> dict[str, _Target]:
     """GGUF tensor name -> its place in the model."""
-    from quantmix.model.catalog import _checkpoint_tensors
+    from quantmix.model.catalog import checkpoint_tensors
 
     catalog, cfg = _config_catalog(model)
     by_source: dict[str, list[TensorInfo]] = {}
@@ -126,7 +126,7 @@ def _targets(model: nn.Module) -> dict[str, _Target]:
     n_kv = int(getattr(tc, "num_key_value_heads", None) or n_head)
     out: dict[str, _Target] = {}
     for pname, p in model.named_parameters():
-        parts = _checkpoint_tensors(cfg, [(pname, tuple(p.shape))])
+        parts = checkpoint_tensors(cfg, [(pname, tuple(p.shape))])
         fused = len(parts) > 1 or parts[0][2] != (parts[0][0],)
         off = 0
         for merged, part_shape, sources in parts:

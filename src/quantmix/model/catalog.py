@@ -223,7 +223,7 @@ def _meta_state(cfg: Any) -> list[tuple[str, tuple[int, ...]]]:
     return [(n, tuple(p.shape)) for n, p in model.state_dict().items()]
 
 
-def _checkpoint_tensors(cfg: Any, params: list[tuple[str, tuple[int, ...]]]) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
+def checkpoint_tensors(cfg: Any, params: list[tuple[str, tuple[int, ...]]]) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
     """Undo transformers' in-memory weight fusions: per-expert checkpoint tensors become llama.cpp's merged
     3-D expert tensors (what the converter writes), each with the checkpoint tensors it comes from."""
     from transformers.conversion_mapping import WeightConverter, WeightRenaming, get_checkpoint_conversion_mapping
@@ -334,7 +334,7 @@ def catalog_from_config(path: str | Path) -> Catalog:
     path = Path(path)
     cfg = _load_config(path)
     arch = gguf_arch_for(cfg.model_type)
-    tensors, n_block = _add_converter_tensors(cfg, arch, _checkpoint_tensors(cfg, _meta_state(cfg)))
+    tensors, n_block = _add_converter_tensors(cfg, arch, checkpoint_tensors(cfg, _meta_state(cfg)))
     tmap = gguf.get_tensor_name_map(arch, n_block)
     arch_name = gguf.MODEL_ARCH_NAMES[arch]
     infos: list[TensorInfo] = []

@@ -1,0 +1,205 @@
+"""``quantmix eval``: a quantized model against its float reference, on real text, every standard metric.
+
+One call: load the float model (float32), get the cached reference distributions (computed on first use,
+:mod:`quantmix.evaluation.reference`), keep the reference output head aside, quantize the model in place
+(a recipe through :func:`quantmix.export.simulate.simulate_quantization`, or a GGUF file's dequantized
+weights through :func:`quantmix.evaluation.gguf_model.load_gguf_weights`), then score every chunk and compare
+the two distributions token by token (:mod:`quantmix.evaluation.kld`).
+
+Default scoring is llama-perplexity's (chunks of ``n_ctx``, second half scored, BOS per chunk) so the numbers
+can be set beside published ones; ``all_positions`` scores every position. The default evaluation set is the
+first 32,768 tokens of ``wiki-eval`` (64 chunks of 512), a size a 2-core machine runs in minutes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantmix.evaluation.kld import KLDStats, MetricsAccumulator, token_metrics
+from quantmix.evaluation.perplexity import iter_scored_logits
+from quantmix.evaluation.reference import (
+    EvalText,
+    capture_head,
+    prepare_text,
+    reference_distributions,
+)
+from quantmix.planning.recipe import RecipeSpec
+
+__all__ = ["DEFAULT_EVAL_TOKENS", "DEFAULT_TEXT", "QuantSource", "EvalResult", "recipe_source", "gguf_source",
+           "resolve_text", "model_label", "evaluate"]
+
+DEFAULT_EVAL_TOKENS = 32768
+DEFAULT_TEXT = "wiki-eval"
+
+
+@dataclass(frozen=True)
+class QuantSource:
+    """What is evaluated: a recipe applied in torch (``spec``, optional ``imatrix``) or a GGUF file."""
+
+    spec: RecipeSpec | None = None
+    gguf: Path | None = None
+    imatrix: Path | None = None
+    label: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "gguf" if self.gguf is not None else "recipe"
+
+    def describe(self) -> str:
+        if self.label:
+            return self.label
+        if self.gguf is not None:
+            return self.gguf.name.removesuffix(".gguf")
+        assert self.spec is not None
+        return self.spec.describe() + (" + imatrix" if self.imatrix else "")
+
+
+def recipe_source(spec: RecipeSpec, imatrix: str | Path | None = None, label: str = "") -> QuantSource:
+    return QuantSource(spec=spec, imatrix=Path(imatrix) if imatrix else None, label=label)
+
+
+def gguf_source(path: str | Path, label: str = "") -> QuantSource:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such GGUF file")
+    return QuantSource(gguf=p, label=label)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One evaluation: what was compared (``meta``) and the statistics (``stats``)."""
+
+    meta: dict
+    stats: KLDStats
+
+    def row(self) -> dict:
+        """One flat record (a row of runs.jsonl / runs.csv): meta fields, then the statistics."""
+        return {**self.meta, **self.stats.as_dict()}
+
+
+def resolve_text(text: str | Path | None) -> tuple[str, str]:
+    """(label, content) of a named text (``wiki-eval``, ``jargon``, ...) or a UTF-8 file."""
+    from quantmix.fixtures.text import NAMES, read_text
+
+    if text is None:
+        text = DEFAULT_TEXT
+    if str(text) in NAMES and not Path(text).exists():
+        return str(text), read_text(str(text))
+    p = Path(text)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such text file, and not a built-in text ({', '.join(NAMES)})")
+    try:
+        return str(p), p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not UTF-8 text ({e})") from None
+
+
+def model_label(model_dir: Path) -> str:
+    """A short name for reports: the directory's name (a fixture's ``.../NAME/hf`` gives NAME)."""
+    return model_dir.parent.name if model_dir.name == "hf" else model_dir.name
+
+
+def _file_sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        while block := fh.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _apply(model: torch.nn.Module, model_dir: Path, quant: QuantSource, device: torch.device) -> dict:
+    """Quantize ``model`` in place; returns the size fields and an identity hash of what was applied."""
+    if quant.gguf is not None:
+        from quantmix.evaluation.gguf_model import load_gguf_weights
+
+        rep = load_gguf_weights(model, quant.gguf)
+        types = sorted(set(rep.types.values()))
+        return {"size_bytes": rep.n_bytes, "n_elements": rep.n_elements, "bpw": rep.bpw,
+                "types": ",".join(types), "quant_sha256": _file_sha256(quant.gguf)}
+    from quantmix.export.simulate import simulate_quantization
+    from quantmix.model.catalog import catalog_from_config
+    from quantmix.planning.recipe import resolve
+
+    assert quant.spec is not None
+    res = resolve(catalog_from_config(model_dir), quant.spec, imatrix_present=quant.imatrix is not None)
+    simulate_quantization(model, res, imatrix=quant.imatrix, device=device)
+    n_el = sum(a.tensor.n_elements for a in res.assignments)
+    ident = json.dumps({"types": res.types(), "imatrix": _file_sha256(quant.imatrix) if quant.imatrix else None},
+                       sort_keys=True)
+    return {"size_bytes": res.n_bytes, "n_elements": n_el, "bpw": 8.0 * res.n_bytes / n_el,
+            "types": ",".join(sorted({a.qtype for a in res.assignments})),
+            "quant_sha256": hashlib.sha256(ident.encode()).hexdigest()}
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"quantmix eval: {msg}", file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def evaluate(model_dir: str | Path, quant: QuantSource, text: str | Path | None = None, n_ctx: int = 512,
+             max_chunks: int | None = None, all_positions: bool = False, precision: str = "float32",
+             device: str | torch.device | None = None, progress: bool = False,
+             reference_cache: Path | None = None) -> EvalResult:
+    """Evaluate ``quant`` against the float model in ``model_dir`` (a Hugging Face directory).
+
+    ``max_chunks``: None = the first DEFAULT_EVAL_TOKENS tokens (``32768 // n_ctx`` chunks); <= 0 = the whole
+    text. ``precision``: how the reference hidden states are cached ("float32" exact, "float16" half size)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantmix.model.catalog import catalog_from_config
+
+    t0 = time.time()
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if max_chunks is None:
+        max_chunks = max(DEFAULT_EVAL_TOKENS // n_ctx, 1)
+    elif max_chunks <= 0:
+        max_chunks = None
+    label, content = resolve_text(text)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    et: EvalText = prepare_text(tok, content, n_ctx, max_chunks, all_positions, label)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev).eval()
+    head = capture_head(model)
+    _log(progress, f"reference: {et.n_chunks} chunks of {et.n_ctx} ({et.n_chunks * et.n_scored} scored tokens)")
+    ref = reference_distributions(model, model_dir, et, precision, head, reference_cache,
+                                  (lambda i, n: _log(progress, f"reference chunk {i}/{n}")) if progress else None)
+    _log(progress, f"applying {quant.describe()}")
+    applied = _apply(model, model_dir, quant, dev)
+    acc = MetricsAccumulator()
+    for sc in iter_scored_logits(model, et.chunks, first=et.first):
+        ref_logits = ref.logits(sc.index, head).cpu()
+        acc.add(token_metrics(ref_logits, sc.logits, sc.targets))
+        _log(progress, f"chunk {sc.index + 1}/{et.n_chunks}")
+    stats = acc.summary()
+    ref_el = catalog_from_config(model_dir).n_elements
+    fp = ref.meta["model_sha256"]
+    key = hashlib.sha256(json.dumps([fp, applied["quant_sha256"], et.tokens_sha256, et.first, precision]).encode())
+    meta = {
+        "key": key.hexdigest()[:20],
+        "model": model_label(model_dir),
+        "model_sha256": fp[:16],
+        "quant": quant.describe(),
+        "kind": quant.kind,
+        **{k: v for k, v in applied.items() if k != "quant_sha256"},
+        "quant_sha256": applied["quant_sha256"][:16],
+        "ref_size_bytes": ref_el * 4,
+        "text": label,
+        "text_sha256": et.text_sha256[:16],
+        "n_ctx": et.n_ctx,
+        "n_chunks": et.n_chunks,
+        "scoring": "all-positions" if et.all_positions else "second-half",
+        "reference_precision": precision,
+        "device": dev.type,
+    }
+    _log(progress, f"done in {time.time() - t0:.0f} s")
+    return EvalResult(meta, stats)

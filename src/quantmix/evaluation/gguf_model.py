@@ -1,0 +1,106 @@
+"""Load a quantized GGUF's weights into the matching Hugging Face model, so transformers can evaluate it.
+
+Each GGUF tensor is dequantized (quantmix's numerics, bit-identical to ggml's ``to_float``; gguf-py's for
+types quantmix has no numerics for) and written into the parameter it came from. The GGUF-name -> parameter
+mapping (plain linears, llama's q/k row permutation, slices of fused expert parameters) is the one
+:mod:`quantmix.export.simulate` uses, so a GGUF and a simulated recipe load the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from quantmix.model.gguf_header import GGUFTensor, read_gguf_header
+
+__all__ = ["GGUFLoadError", "GGUFLoadReport", "load_gguf_weights", "dequantize_gguf_tensor"]
+
+
+class GGUFLoadError(ValueError):
+    """The GGUF does not fit the model; the message names the file and tensor."""
+
+
+@dataclass
+class GGUFLoadReport:
+    """What :func:`load_gguf_weights` did."""
+
+    path: Path
+    types: dict[str, str] = field(default_factory=dict)  # GGUF tensor -> its stored type
+    not_in_model: list[str] = field(default_factory=list)  # GGUF tensors with no parameter (rope_freqs, ...)
+    n_bytes: int = 0  # tensor data, all tensors (quantmix's size unit)
+    n_elements: int = 0  # all tensors
+
+    @property
+    def bpw(self) -> float:
+        return 8.0 * self.n_bytes / self.n_elements if self.n_elements else 0.0
+
+
+def dequantize_gguf_tensor(t: GGUFTensor, mm: np.memmap, data_offset: int) -> torch.Tensor:
+    """One GGUF tensor as float32, shaped as numpy sees it (ggml's shape reversed)."""
+    from quantmix.formats.api import dequantize, supported_types
+
+    raw = np.array(mm[data_offset + t.offset: data_offset + t.offset + t.n_bytes])
+    if raw.size != t.n_bytes:
+        raise GGUFLoadError(f"{t.shard}: tensor {t.name} is truncated ({raw.size} of {t.n_bytes} bytes)")
+    shape = tuple(reversed(t.shape))
+    if t.type_name in supported_types():
+        return dequantize(torch.from_numpy(raw), t.type_name, t.shape[0], name=t.name).reshape(shape)
+    import gguf
+
+    try:
+        qt = gguf.GGMLQuantizationType[t.type_name]
+        out = gguf.quants.dequantize(raw, qt)
+    except (KeyError, NotImplementedError) as e:
+        raise GGUFLoadError(f"{t.shard}: tensor {t.name} has type {t.type_name}, which neither quantmix nor "
+                            f"gguf-py can dequantize ({e})") from None
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(shape)
+
+
+@torch.no_grad()
+def load_gguf_weights(model: nn.Module, gguf_path: str | Path) -> GGUFLoadReport:
+    """Replace, in place, every weight of ``model`` that the GGUF holds by the GGUF's (dequantized) values.
+
+    The model must be the GGUF's own architecture and shapes (the float model it was quantized from), loaded
+    in float32. Every parameter the converter writes must be in the GGUF."""
+    from quantmix.export.simulate import _targets, unpermute_rows
+
+    path = Path(gguf_path)
+    header = read_gguf_header(path)
+    tensors = {t.name: t for t in header.tensors}
+    targets = _targets(model)
+    missing = sorted(set(targets) - set(tensors))
+    if missing:
+        raise GGUFLoadError(f"{path}: has no tensor {missing[0]} ({len(missing)} of the model's tensors missing): "
+                            f"not a quantization of this model")
+    report = GGUFLoadReport(path, n_bytes=header.tensor_bytes, n_elements=sum(t.n_elements for t in header.tensors))
+    for name, t in tensors.items():
+        report.types[name] = t.type_name
+        if name not in targets:
+            if len([d for d in t.shape if d > 1]) > 1:
+                raise GGUFLoadError(f"{path}: tensor {name} {list(t.shape)} has no parameter in "
+                                    f"{type(model).__name__}: not a quantization of this model")
+            report.not_in_model.append(name)
+    params = dict(model.named_parameters())
+    maps = {p: np.memmap(p, dtype=np.uint8, mode="r") for p in header.paths}
+    for name, tgt in targets.items():
+        t = tensors[name]
+        if tuple(t.shape) != tuple(tgt.info.shape):
+            raise GGUFLoadError(f"{path}: tensor {name} has shape {list(t.shape)}, the model's is "
+                                f"{list(tgt.info.shape)}: not a quantization of this model")
+        p = params[tgt.param]
+        if p.dtype != torch.float32:
+            raise GGUFLoadError(f"parameter {tgt.param} is {p.dtype}: load the model in float32 to hold the "
+                                f"GGUF's dequantized weights exactly")
+        w = dequantize_gguf_tensor(t, maps[t.shard], header.data_offsets[t.shard])
+        if tgt.n_head_perm:
+            w = unpermute_rows(w, tgt.n_head_perm)
+        dst = p.data[:, tgt.part] if tgt.part is not None else p.data
+        if dst.numel() != w.numel():
+            raise GGUFLoadError(f"{path}: tensor {name} ({w.numel()} values) does not fill {tgt.param} "
+                                f"{list(dst.shape)}")
+        dst.copy_(w.reshape(dst.shape).to(p.device))
+    return report
