@@ -6,6 +6,11 @@ One call: load the float model (float32), get the cached reference distributions
 weights through :func:`quantmix.evaluation.gguf_model.load_gguf_weights`), then score every chunk and compare
 the two distributions token by token (:mod:`quantmix.evaluation.kld`).
 
+``act_quant="llama-cpu"`` (the default) runs the quantized model with llama.cpp's CPU matmul numerics
+(activations quantized to Q8_K / Q8_0 before each quantized dot product, :mod:`quantmix.evaluation.llama_cpu`),
+so the KLD is what llama-perplexity reports for the same GGUF; ``"none"`` measures the weights' effect alone.
+The reference is never emulated: it is the float32 model, as llama-perplexity's base is the F32/F16 GGUF.
+
 Default scoring is llama-perplexity's (chunks of ``n_ctx``, second half scored, BOS per chunk) so the numbers
 can be set beside published ones; ``all_positions`` scores every position. The default evaluation set is the
 first 32,768 tokens of ``wiki-eval`` (64 chunks of 512), a size a 2-core machine runs in minutes.
@@ -13,6 +18,7 @@ first 32,768 tokens of ``wiki-eval`` (64 chunks of 512), a size a 2-core machine
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -122,7 +128,7 @@ def _apply(model: torch.nn.Module, model_dir: Path, quant: QuantSource, device: 
         rep = load_gguf_weights(model, quant.gguf)
         types = sorted(set(rep.types.values()))
         return {"size_bytes": rep.n_bytes, "n_elements": rep.n_elements, "bpw": rep.bpw,
-                "types": ",".join(types), "quant_sha256": _file_sha256(quant.gguf)}
+                "types": ",".join(types), "quant_sha256": _file_sha256(quant.gguf), "type_map": rep.types}
     from quantmix.export.simulate import simulate_quantization
     from quantmix.model.catalog import catalog_from_config
     from quantmix.planning.recipe import resolve
@@ -135,7 +141,7 @@ def _apply(model: torch.nn.Module, model_dir: Path, quant: QuantSource, device: 
                        sort_keys=True)
     return {"size_bytes": res.n_bytes, "n_elements": n_el, "bpw": 8.0 * res.n_bytes / n_el,
             "types": ",".join(sorted({a.qtype for a in res.assignments})),
-            "quant_sha256": hashlib.sha256(ident.encode()).hexdigest()}
+            "quant_sha256": hashlib.sha256(ident.encode()).hexdigest(), "type_map": res.types()}
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -146,16 +152,21 @@ def _log(progress: bool, msg: str) -> None:
 @torch.no_grad()
 def evaluate(model_dir: str | Path, quant: QuantSource, text: str | Path | None = None, n_ctx: int = 512,
              max_chunks: int | None = None, all_positions: bool = False, precision: str = "float32",
-             device: str | torch.device | None = None, progress: bool = False,
+             act_quant: str = "llama-cpu", device: str | torch.device | None = None, progress: bool = False,
              reference_cache: Path | None = None) -> EvalResult:
     """Evaluate ``quant`` against the float model in ``model_dir`` (a Hugging Face directory).
 
     ``max_chunks``: None = the first DEFAULT_EVAL_TOKENS tokens (``32768 // n_ctx`` chunks); <= 0 = the whole
-    text. ``precision``: how the reference hidden states are cached ("float32" exact, "float16" half size)."""
+    text. ``precision``: how the reference hidden states are cached ("float32" exact, "float16" half size).
+    ``act_quant``: "llama-cpu" (llama.cpp's 8-bit activations in quantized matmuls) or "none"."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantmix.model.catalog import catalog_from_config
 
+    from quantmix.evaluation.llama_cpu import ACT_QUANT_MODES, llama_cpu_activations
+
+    if act_quant not in ACT_QUANT_MODES:
+        raise ValueError(f"act_quant {act_quant!r}: choose one of {', '.join(ACT_QUANT_MODES)}")
     t0 = time.time()
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -169,21 +180,31 @@ def evaluate(model_dir: str | Path, quant: QuantSource, text: str | Path | None 
     tok = AutoTokenizer.from_pretrained(model_dir)
     et: EvalText = prepare_text(tok, content, n_ctx, max_chunks, all_positions, label)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev).eval()
+    if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+        with contextlib.suppress(ValueError):  # experts through F.linear, where llama_cpu intercepts them
+            model.set_experts_implementation("eager")
     head = capture_head(model)
     _log(progress, f"reference: {et.n_chunks} chunks of {et.n_ctx} ({et.n_chunks * et.n_scored} scored tokens)")
     ref = reference_distributions(model, model_dir, et, precision, head, reference_cache,
                                   (lambda i, n: _log(progress, f"reference chunk {i}/{n}")) if progress else None)
     _log(progress, f"applying {quant.describe()}")
     applied = _apply(model, model_dir, quant, dev)
+    type_map = applied.pop("type_map")
     acc = MetricsAccumulator()
-    for sc in iter_scored_logits(model, et.chunks, first=et.first):
-        ref_logits = ref.logits(sc.index, head).cpu()
-        acc.add(token_metrics(ref_logits, sc.logits, sc.targets))
-        _log(progress, f"chunk {sc.index + 1}/{et.n_chunks}")
+    with contextlib.ExitStack() as stack:
+        mode = stack.enter_context(llama_cpu_activations(model, type_map)) if act_quant == "llama-cpu" else None
+        for sc in iter_scored_logits(model, et.chunks, first=et.first):
+            if mode is not None and sc.index == 0 and mode.unseen():
+                raise RuntimeError(f"llama.cpp activation emulation never saw the matmul of {mode.unseen()[0]} "
+                                   f"({type(model).__name__} multiplies it without F.linear); use act_quant='none'")
+            ref_logits = ref.logits(sc.index, head).cpu()
+            acc.add(token_metrics(ref_logits, sc.logits, sc.targets))
+            _log(progress, f"chunk {sc.index + 1}/{et.n_chunks}")
     stats = acc.summary()
     ref_el = catalog_from_config(model_dir).n_elements
     fp = ref.meta["model_sha256"]
-    key = hashlib.sha256(json.dumps([fp, applied["quant_sha256"], et.tokens_sha256, et.first, precision]).encode())
+    key = hashlib.sha256(json.dumps([fp, applied["quant_sha256"], et.tokens_sha256, et.first, precision,
+                                     act_quant]).encode())
     meta = {
         "key": key.hexdigest()[:20],
         "model": model_label(model_dir),
@@ -199,6 +220,7 @@ def evaluate(model_dir: str | Path, quant: QuantSource, text: str | Path | None 
         "n_chunks": et.n_chunks,
         "scoring": "all-positions" if et.all_positions else "second-half",
         "reference_precision": precision,
+        "act_quant": act_quant,
         "device": dev.type,
     }
     _log(progress, f"done in {time.time() - t0:.0f} s")

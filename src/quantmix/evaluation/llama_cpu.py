@@ -14,7 +14,9 @@ forward pass reproduces llama-perplexity's KLD to well under 1 % instead of ~7 %
 Done as a torch function mode that intercepts ``F.linear`` on the model's own weight tensors (looked up by
 storage address), so plain ``nn.Linear`` layers and fused expert parameters (``gate_up_proj[e]``, whose gate
 and up halves may have different types) are handled alike; ``F.embedding`` (token_embd: a row lookup in
-llama.cpp too) is untouched.
+llama.cpp too) is untouched, and a tied head multiplies by token_embd with token_embd's type, as llama.cpp's
+does. Attention's own products (K and V in llama.cpp's F16 cache) are not emulated: they touch the base and the
+quantized model alike.
 """
 
 from __future__ import annotations
@@ -93,10 +95,15 @@ class _Rows:
 
 
 class _Mode(TorchFunctionMode):
-    def __init__(self, table: dict[int, tuple[int, tuple[_Rows, ...]]]) -> None:
+    def __init__(self, table: dict[int, tuple[int, tuple[_Rows, ...]]], owners: dict[int, str]) -> None:
         super().__init__()
         self.table = table
-        self.hits = 0
+        self.owners = owners  # storage address -> parameter name
+        self.seen: set[str] = set()
+
+    def unseen(self) -> list[str]:
+        """Parameters whose matmuls were never intercepted (the model multiplies them some other way)."""
+        return sorted(set(self.owners.values()) - self.seen)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
@@ -105,7 +112,7 @@ class _Mode(TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             entry = self.table.get(w.data_ptr()) if w.dim() == 2 else None
             if entry is not None and entry[0] == w.shape[0]:
-                self.hits += 1
+                self.seen.add(self.owners[w.data_ptr()])
                 parts = entry[1]
                 if len(parts) == 1:
                     return func(quantize_activations(x, parts[0].kind), w, bias)
@@ -119,19 +126,25 @@ class _Mode(TorchFunctionMode):
 def llama_cpu_activations(model: nn.Module, types: Mapping[str, str]) -> Iterator[_Mode]:
     """Within this context, ``model``'s matmuls quantize their activations as llama.cpp's CPU backend does.
 
-    ``types``: GGUF tensor name -> its type (a GGUF's stored types, or a resolved recipe's)."""
+    ``types``: GGUF tensor name -> its type (a GGUF's stored types, or a resolved recipe's). After a forward
+    pass, ``mode.unseen()`` names the weights whose matmul was not intercepted (should be none)."""
     from quantmix.export.simulate import _targets
 
     params = dict(model.named_parameters())
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    head_w = head.weight if head is not None else None
+    emb = model.get_input_embeddings()  # type: ignore[operator]
+    lookup_only = emb.weight if emb is not None and emb.weight is not head_w else None
     per_param: dict[str, list[tuple[int, int, str | None]]] = {}
     for name, tgt in _targets(model).items():
-        if name not in types or name == "token_embd.weight" and not _tied_head(model, params[tgt.param]):
-            continue
         p = params[tgt.param]
+        if name not in types or p.dim() < 2 or p is lookup_only:  # an untied embedding is only a row lookup
+            continue
         rows = p.shape[-2] if p.dim() == 3 else p.shape[0]
         start, stop = (tgt.part.start, tgt.part.stop) if tgt.part is not None else (0, rows)
         per_param.setdefault(tgt.param, []).append((start, stop, vec_dot_type(types[name])))
     table: dict[int, tuple[int, tuple[_Rows, ...]]] = {}
+    owners: dict[int, str] = {}
     for pname, parts in per_param.items():
         p = params[pname]
         parts.sort()
@@ -145,14 +158,12 @@ def llama_cpu_activations(model: nn.Module, types: Mapping[str, str]) -> Iterato
         if merged[0].start != 0 or merged[-1].stop != rows or any(a.stop != b.start for a, b in zip(merged, merged[1:])):
             raise ValueError(f"parameter {pname}: GGUF tensors do not cover its rows exactly")
         if p.dim() == 2:
-            table[p.data_ptr()] = (rows, tuple(merged))
+            ptrs = [p.data_ptr()]
         else:
-            for e in range(p.shape[0]):
-                table[p[e].data_ptr()] = (rows, tuple(merged))
-    with _Mode(table) as mode:
+            ptrs = [p[e].data_ptr() for e in range(p.shape[0])]
+        for ptr in ptrs:
+            table[ptr] = (rows, tuple(merged))
+            owners[ptr] = pname
+    with _Mode(table, owners) as mode:
         yield mode
 
-
-def _tied_head(model: nn.Module, p: nn.Parameter) -> bool:
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    return head is not None and head.weight is p

@@ -340,14 +340,17 @@ class Budget:
         v = parse_size(vram)
         graph = margin.graph_bytes(hp, kv.n_ctx)
         cap = v - kv.vram_bytes - margin.overhead - graph
-        notes = [f"vram {format_bytes(v)} - {kv.describe()} [{format_bytes(kv.vram_bytes)} on the GPU]"
-                 f" - overhead {format_bytes(margin.overhead)} - compute buffer {format_bytes(graph)}"
-                 f" (ubatch {margin.n_ubatch}, flash attention {'on' if margin.flash_attn else 'off'})"
-                 f" = {format_bytes(cap)} for weights"]
+        notes = [(f"vram {format_bytes(v)} - {kv.describe()} [{format_bytes(kv.vram_bytes)} on the GPU]"
+                  f" - overhead {format_bytes(margin.overhead)} - compute buffer {format_bytes(graph)}"
+                  f" (ubatch {margin.n_ubatch}, flash attention {'on' if margin.flash_attn else 'off'})"
+                  f" = {format_bytes(cap)} for weights")]
         if cap <= 0:
             raise BudgetError(f"--vram {vram}: the KV cache for {ctx} tokens and the compute margin alone need "
                               f"{format_bytes(v - cap)}; nothing is left for weights")
         pools = [Pool("vram", cap, notes[0])]
+        if ram is None:
+            notes.append("token_embd stays in system RAM (llama.cpp keeps the input layer on the CPU): no pool "
+                         "limits it unless --target-size caps the file")
         if ram is not None:
             r = parse_size(ram)
             pools.append(Pool("ram", r, f"ram {format_bytes(r)} for tensors matching {cpu_regex!r} and token_embd"))

@@ -18,6 +18,7 @@ name, options by ggml type order, equal options resolved in type order, HiGHS ru
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -32,7 +33,14 @@ import numpy as np
 from quantmix.formats.registry import get_type
 from quantmix.model.catalog import Catalog
 from quantmix.planning.budget import Budget, format_bytes
-from quantmix.planning.constraints import Candidate, Constraints, CostTable, tensor_candidates, tie_groups, type_order
+from quantmix.planning.constraints import (
+    Candidate,
+    Constraints,
+    CostTable,
+    tensor_candidates,
+    tie_groups,
+    type_order,
+)
 from quantmix.planning.recipe import RecipeSpec, Resolution, Rule, resolve, write_recipe
 
 
@@ -495,9 +503,9 @@ class Plan:
         return self.budget.override_tensor_arg()
 
     def summary(self) -> str:
-        lines = [f"plan: {self.n_bytes:,} bytes of tensor data = {self.n_bytes / 1024**3:.3f} GiB, "
+        lines = [(f"plan: {self.n_bytes:,} bytes of tensor data = {self.n_bytes / 1024**3:.3f} GiB, "
                  f"{self.bpw:.4f} BPW; {self.status} by {self.method} in {self.seconds:.2f} s, "
-                 f"objective {self.objective:.6g}, gap {self.gap:.2e}"]
+                 f"objective {self.objective:.6g}, gap {self.gap:.2e}")]
         for p in self.pools:
             lines.append(f"  pool {p.name}: used {format_bytes(p.used)} of {format_bytes(p.capacity)}, "
                          f"left {p.left:,} bytes")
@@ -589,3 +597,12 @@ def optimize(catalog: Catalog, costs: CostTable, budget: Budget, constraints: Co
                          f"no memory pool is charged for them")
     return Plan(catalog, budget, tensors, pools, sol.status, sol.objective, sol.bound, sol.gap, sol.seconds,
                 sol.method, (n_before, n_after), notes)
+
+
+def add_solver_arguments(parser: argparse.ArgumentParser) -> None:
+    """The solver options of ``quantmix optimize``."""
+    g = parser.add_argument_group("solver")
+    g.add_argument("--solver", choices=("ilp", "dp"), default="ilp",
+                   help="ilp: HiGHS integer program (default); dp: exact dynamic program (small problems only)")
+    g.add_argument("--time-limit", type=float, default=60.0,
+                   help="seconds HiGHS may spend; the plan reports its optimality gap if it stops early")
