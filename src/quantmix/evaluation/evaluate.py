@@ -39,7 +39,7 @@ from quantmix.evaluation.reference import (
 from quantmix.planning.recipe import RecipeSpec
 
 __all__ = ["DEFAULT_EVAL_TOKENS", "DEFAULT_TEXT", "QuantSource", "EvalResult", "recipe_source", "gguf_source",
-           "resolve_text", "model_label", "evaluate"]
+           "resolve_text", "model_label", "evaluate", "evaluate_tokens"]
 
 DEFAULT_EVAL_TOKENS = 32768
 DEFAULT_TEXT = "wiki-eval"
@@ -149,36 +149,57 @@ def _log(progress: bool, msg: str) -> None:
         print(f"quantmix eval: {msg}", file=sys.stderr, flush=True)
 
 
-@torch.no_grad()
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_model_dir(model_dir: str | Path) -> Path:
+    d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d}: not a Hugging Face model directory (no config.json)")
+    return d
+
+
 def evaluate(model_dir: str | Path, quant: QuantSource, text: str | Path | None = None, n_ctx: int = 512,
              max_chunks: int | None = None, all_positions: bool = False, precision: str = "float32",
              act_quant: str = "llama-cpu", device: str | torch.device | None = None, progress: bool = False,
              reference_cache: Path | None = None) -> EvalResult:
-    """Evaluate ``quant`` against the float model in ``model_dir`` (a Hugging Face directory).
+    """Evaluate ``quant`` against the float model in ``model_dir`` (a Hugging Face directory) on ``text``
+    (a built-in text name or a UTF-8 file; default wiki-eval), tokenized and chunked as llama-perplexity does.
 
     ``max_chunks``: None = the first DEFAULT_EVAL_TOKENS tokens (``32768 // n_ctx`` chunks); <= 0 = the whole
-    text. ``precision``: how the reference hidden states are cached ("float32" exact, "float16" half size).
-    ``act_quant``: "llama-cpu" (llama.cpp's 8-bit activations in quantized matmuls) or "none"."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    text. ``all_positions``: score every position, not only each chunk's second half. ``precision``: how the
+    reference hidden states are cached ("float32" exact, "float16" half size). ``act_quant``: "llama-cpu"
+    (llama.cpp's 8-bit activations in quantized matmuls) or "none" (the weights' effect alone)."""
+    from transformers import AutoTokenizer
 
-    from quantmix.model.catalog import catalog_from_config
-
-    from quantmix.evaluation.llama_cpu import ACT_QUANT_MODES, llama_cpu_activations
-
-    if act_quant not in ACT_QUANT_MODES:
-        raise ValueError(f"act_quant {act_quant!r}: choose one of {', '.join(ACT_QUANT_MODES)}")
-    t0 = time.time()
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model_dir = _check_model_dir(model_dir)
     if max_chunks is None:
         max_chunks = max(DEFAULT_EVAL_TOKENS // n_ctx, 1)
     elif max_chunks <= 0:
         max_chunks = None
     label, content = resolve_text(text)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    et: EvalText = prepare_text(tok, content, n_ctx, max_chunks, all_positions, label)
+    et = prepare_text(tok, content, n_ctx, max_chunks, all_positions, label)
+    return evaluate_tokens(model_dir, quant, et, precision, act_quant, device, progress, reference_cache)
+
+
+@torch.no_grad()
+def evaluate_tokens(model_dir: str | Path, quant: QuantSource, text: EvalText, precision: str = "float32",
+                    act_quant: str = "llama-cpu", device: str | torch.device | None = None, progress: bool = False,
+                    reference_cache: Path | None = None) -> EvalResult:
+    """:func:`evaluate` on an already chunked text (any token ids the model's vocabulary holds)."""
+    from transformers import AutoModelForCausalLM
+
+    from quantmix.evaluation.llama_cpu import ACT_QUANT_MODES, llama_cpu_activations
+    from quantmix.model.catalog import catalog_from_config
+
+    if act_quant not in ACT_QUANT_MODES:
+        raise ValueError(f"act_quant {act_quant!r}: choose one of {', '.join(ACT_QUANT_MODES)}")
+    t0 = time.time()
+    model_dir = _check_model_dir(model_dir)
+    dev = _device(device)
+    et = text
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev).eval()
     if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
         with contextlib.suppress(ValueError):  # experts through F.linear, where llama_cpu intercepts them
@@ -214,7 +235,7 @@ def evaluate(model_dir: str | Path, quant: QuantSource, text: str | Path | None 
         **{k: v for k, v in applied.items() if k != "quant_sha256"},
         "quant_sha256": applied["quant_sha256"][:16],
         "ref_size_bytes": ref_el * 4,
-        "text": label,
+        "text": et.label,
         "text_sha256": et.text_sha256[:16],
         "n_ctx": et.n_ctx,
         "n_chunks": et.n_chunks,

@@ -60,6 +60,14 @@ def dequantize_gguf_tensor(t: GGUFTensor, mm: np.memmap, data_offset: int) -> to
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(shape)
 
 
+def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A shape without trailing 1s (GGUF headers store ggml_n_dims dimensions: [256, 1] is written [256])."""
+    s = list(shape)
+    while len(s) > 1 and s[-1] == 1:
+        s.pop()
+    return tuple(s)
+
+
 @torch.no_grad()
 def load_gguf_weights(model: nn.Module, gguf_path: str | Path) -> GGUFLoadReport:
     """Replace, in place, every weight of ``model`` that the GGUF holds by the GGUF's (dequantized) values.
@@ -88,7 +96,7 @@ def load_gguf_weights(model: nn.Module, gguf_path: str | Path) -> GGUFLoadReport
     maps = {p: np.memmap(p, dtype=np.uint8, mode="r") for p in header.paths}
     for name, tgt in targets.items():
         t = tensors[name]
-        if tuple(t.shape) != tuple(tgt.info.shape):
+        if _squeeze(t.shape) != _squeeze(tgt.info.shape):
             raise GGUFLoadError(f"{path}: tensor {name} has shape {list(t.shape)}, the model's is "
                                 f"{list(tgt.info.shape)}: not a quantization of this model")
         p = params[tgt.param]

@@ -49,6 +49,9 @@ CHUNK_WEIGHTS_KERNEL = 1 << 27
 
 BACKENDS = ("auto", "torch", "cuda")
 
+# Bump when any numerics change what quant_error returns: keys the cached error tables (measurement.error_table).
+NUMERICS_VERSION = "1"
+
 
 class UnsupportedTypeError(NotImplementedError):
     """The type is known to the registry but quantmix has no numerics for it (it can still be costed)."""

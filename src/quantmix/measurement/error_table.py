@@ -1,0 +1,371 @@
+"""The per-tensor error table: for every quantizable tensor and candidate type, the importance-weighted
+relative quantization error, the planner's cost input (the allocation method of Addario, llama.cpp PR #15550,
+computed over ALL rows instead of a sample).
+
+For a tensor with rows x_i, error e_i = dequant(quant(x_i)) - x_i, importance w = in_sum2/counts and mean
+activation a = in_sum/counts (llama.cpp imatrix statistics)::
+
+    rel_err   = sum_i sum_j w_j e_ij^2 / sum_i sum_j w_j x_ij^2
+    bias_term = sum_i [(sum_j w_j a_j e_ij)^2 / (sum_j w_j a_j^2)] / sum_i sum_j w_j x_ij^2
+    cost      = rel_err + lambda * bias_term
+
+bias_term is the part of the weighted error that lies along the mean activation (by Cauchy-Schwarz it never
+exceeds rel_err): errors that shift every output in the same direction instead of averaging out. It is 0 and
+flagged off when the imatrix has no ``in_sum`` (mainline llama-imatrix files) or there is no imatrix (then w=1).
+
+Routed experts (3-D tensors) are measured per expert, each with its own imatrix row (the one llama-quantize
+quantizes it with), and combined weighted by the expert's token count; experts never routed to (count 0)
+weigh nothing and are skipped. Without counts (no imatrix) the experts weigh equally.
+
+Results are cached per (tensor, type) under ``cache_dir()/errors``, keyed by a hash of the tensor's full bytes,
+the imatrix values used, the type, :data:`NUMERICS_VERSION` and the backend, written atomically; an interrupted
+run resumes where it stopped and gives the identical table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantmix.calibration.imatrix_io import Imatrix, read_imatrix
+from quantmix.formats import api as _api
+from quantmix.formats.api import quant_error, supported_types
+from quantmix.formats.registry import get_type
+from quantmix.model.catalog import catalog_from_gguf
+from quantmix.paths import cache_dir
+
+__all__ = ["ErrorRow", "ErrorTable", "ErrorTableError", "error_table", "load_costs"]
+
+NUMERICS_VERSION: str = getattr(_api, "NUMERICS_VERSION", "1")
+TABLE_FORMAT = 1
+FLOAT_TYPES = ("F32", "F16", "BF16")
+# Weights per slab converted to float32 and handed to quant_error (bounded memory).
+SLAB_WEIGHTS = 1 << 22
+SLAB_WEIGHTS_GPU = 1 << 26
+_ENTRY_VERSION = 1  # layout of one cache entry
+
+
+class ErrorTableError(ValueError):
+    """Bad input to the error table (names the file / tensor and what is wrong)."""
+
+
+@dataclass(frozen=True)
+class ErrorRow:
+    """One (tensor, type) measurement. ``experts``: per expert [count, rel_err, bias_term] for 3-D tensors."""
+
+    tensor: str
+    type: str
+    bytes: int
+    rel_err: float
+    bias_term: float
+    backend: str
+    experts: list[list[float]] | None = None
+
+
+@dataclass
+class ErrorTable:
+    """Rows in catalog order, types in ggml order; ``bias`` False when the bias term is off (see ``bias_note``)."""
+
+    gguf: str
+    imatrix: str | None
+    bias: bool
+    bias_note: str
+    bias_lambda: float
+    rows: list[ErrorRow] = field(default_factory=list)
+
+    def cost(self, row: ErrorRow, bias_lambda: float | None = None) -> float:
+        lam = self.bias_lambda if bias_lambda is None else bias_lambda
+        return row.rel_err + lam * row.bias_term
+
+    def to_costs(self, bias_lambda: float | None = None) -> dict[str, dict[str, float]]:
+        """tensor -> type -> cost, the input of :func:`quantmix.planning.solver.optimize`."""
+        out: dict[str, dict[str, float]] = {}
+        for r in self.rows:
+            out.setdefault(r.tensor, {})[r.type] = self.cost(r, bias_lambda)
+        return out
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "rows"}
+        d["format"] = TABLE_FORMAT
+        d["numerics_version"] = NUMERICS_VERSION
+        d["rows"] = [asdict(r) for r in self.rows]
+        return d
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table as JSON (atomically)."""
+        p = Path(path)
+        _atomic_write(p, json.dumps(self.to_json(), indent=1, sort_keys=True).encode())
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> ErrorTable:
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+            if d.get("format") != TABLE_FORMAT:
+                raise ErrorTableError(f"{p}: error-table format {d.get('format')!r}, expected {TABLE_FORMAT}")
+            rows = [ErrorRow(**r) for r in d["rows"]]
+            return cls(d["gguf"], d["imatrix"], bool(d["bias"]), d["bias_note"], float(d["bias_lambda"]), rows)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            if isinstance(e, ErrorTableError):
+                raise
+            raise ErrorTableError(f"{p}: not a readable error table ({type(e).__name__}: {e})") from None
+
+
+def load_costs(path: str | Path, bias_lambda: float | None = None) -> dict[str, dict[str, float]]:
+    """The planner's cost table from a saved error table."""
+    return ErrorTable.load(path).to_costs(bias_lambda)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _atomic_write(p: Path, data: bytes) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _hash_bytes(data: np.ndarray) -> str:
+    """blake2b of the full buffer, streamed in 64 MiB pieces (a memmap is never read whole into memory)."""
+    h = hashlib.blake2b(digest_size=20)
+    flat = data.reshape(-1).view(np.uint8)
+    step = 1 << 26
+    for o in range(0, flat.size, step):
+        h.update(memoryview(np.ascontiguousarray(flat[o:o + step])))
+    return h.hexdigest()
+
+
+def _hash_arrays(*arrays: np.ndarray | None) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    for a in arrays:
+        if a is None:
+            h.update(b"none")
+        else:
+            b = np.ascontiguousarray(a)
+            h.update(f"{b.dtype.str}{b.shape}".encode())
+            h.update(memoryview(b.view(np.uint8).reshape(-1)))
+    return h.hexdigest()
+
+
+def _to_f32(raw: np.ndarray, type_name: str) -> np.ndarray:
+    """Raw little-endian bytes -> float32 (exact for F16 / BF16), as the GGUF writer converts them."""
+    if type_name == "F32":
+        return raw.view("<f4").astype(np.float32)
+    if type_name == "F16":
+        return raw.view("<f2").astype(np.float32)
+    if type_name == "BF16":
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    raise AssertionError(type_name)
+
+
+def _expected_backend(qtype: str, device: torch.device) -> str:
+    from quantmix.formats import gpu
+
+    return "cuda" if device.type == "cuda" and gpu.has_kernel(qtype) else "torch"
+
+
+@dataclass(frozen=True)
+class _Stats:
+    """The imatrix statistics of one tensor: per matrix (expert) weights, mean activations, counts."""
+
+    w: np.ndarray | None  # float32 [n_mat, ne0] (None: no imatrix entry, unweighted)
+    a: np.ndarray | None  # float32 [n_mat, ne0] (None: no in_sum)
+    counts: np.ndarray | None  # int64 [n_mat]
+
+
+def _stats(im: Imatrix | None, name: str, shape: tuple[int, ...]) -> _Stats:
+    if im is None:
+        return _Stats(None, None, None)
+    w = im.weights_for(name, shape)
+    if w is None:
+        return _Stats(None, None, None)
+    e = im.entries[name]
+    n_mat = w.shape[0]
+    counts = e.counts.reshape(-1).astype(np.int64)
+    if counts.size != n_mat:
+        counts = np.repeat(counts[:1], n_mat)
+    a = None
+    if e.in_sum is not None:
+        s = e.in_sum.reshape(n_mat, w.shape[1]).astype(np.float32)
+        c = np.maximum(counts, 1).astype(np.float32)[:, None]
+        a = np.where(counts[:, None] > 0, s / c, np.float32(0.0)).astype(np.float32)
+    return _Stats(w, a, counts)
+
+
+def _measure(data: np.ndarray, src_type: str, shape: tuple[int, ...], qtype: str, st: _Stats,
+             device: torch.device, name: str) -> dict:
+    """Error sums of one tensor quantized to ``qtype``, per matrix, combined (see the module docstring)."""
+    ne0 = shape[0]
+    rows_per_mat = shape[1] if len(shape) > 1 else 1
+    n_mat = int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else 1
+    src_rb = data.size // (rows_per_mat * n_mat)
+    slab = SLAB_WEIGHTS if device.type == "cpu" else SLAB_WEIGHTS_GPU
+    step = max(1, slab // ne0)
+    per: list[tuple[int, float, float]] = []
+    backends: set[str] = set()
+    for e in range(n_mat):
+        count = int(st.counts[e]) if st.counts is not None else 1
+        if st.counts is not None and count <= 0 and n_mat > 1:
+            per.append((0, 0.0, 0.0))  # never routed to: weighs nothing
+            continue
+        w = torch.from_numpy(st.w[e].copy()).to(device) if st.w is not None else None
+        wd = w.double() if w is not None else None
+        wa = None
+        wa2 = 0.0
+        if st.a is not None and wd is not None:
+            ad = torch.from_numpy(st.a[e].copy()).to(device).double()
+            wa = wd * ad  # quant_error's bias = sum_j act_mean_j e_j, so this gives sum_j w_j a_j e_j
+            wa2 = float((wa * ad).sum())
+        err = ref = bias = 0.0
+        for r0 in range(0, rows_per_mat, step):
+            r1 = min(rows_per_mat, r0 + step)
+            g0, g1 = e * rows_per_mat + r0, e * rows_per_mat + r1
+            x = torch.from_numpy(_to_f32(data[g0 * src_rb:g1 * src_rb], src_type).reshape(r1 - r0, ne0)).to(device)
+            q = quant_error(x, qtype, w, wa if wa2 > 0 else None, name=name, backend="auto")
+            backends.add(q.backend)
+            err += float(q.err_w.sum())
+            ref += float(q.ref_w.sum())
+            if q.bias is not None:
+                bias += float(q.bias.double().square().sum()) / wa2
+        rel = err / ref if ref > 0 else 0.0
+        bt = bias / ref if ref > 0 else 0.0
+        per.append((count, rel, bt))
+    tot = sum(c for c, _, _ in per)
+    if tot > 0:
+        rel = sum(c * r for c, r, _ in per) / tot
+        bt = sum(c * b for c, _, b in per) / tot
+    else:  # an entry whose every expert has count 0: llama-quantize uses w=1 for all; weigh equally
+        rel = bt = 0.0
+    return {"v": _ENTRY_VERSION, "rel_err": rel, "bias_term": bt, "backend": "+".join(sorted(backends)) or "none",
+            "experts": [list(p) for p in per] if n_mat > 1 else None}
+
+
+# ------------------------------------------------------------------------------------------------ public
+
+
+def error_table(
+    gguf_path: str | Path,
+    imatrix_path: str | Path | None = None,
+    candidates: list[str] | None = None,
+    device: str | torch.device | None = None,
+    cache: bool = True,
+    progress: bool = True,
+    *,
+    bias_lambda: float = 1.0,
+    cache_root: str | Path | None = None,
+    on_compute: Callable[[str, str], None] | None = None,
+) -> ErrorTable:
+    """Measure every quantizable tensor of a float GGUF (F32/F16/BF16) against every candidate type.
+
+    ``candidates``: type names (default: every type with numerics except the float ones); a type whose block
+    does not divide a tensor's rows is left out for that tensor. ``cache_root``: where the per-(tensor, type)
+    results live (default ``cache_dir()/errors``). ``on_compute(tensor, type)`` is called before each
+    measurement that is not served from the cache (progress hooks, tests)."""
+    from quantmix.export.gguf_writer import open_source
+
+    gp = Path(gguf_path)
+    if not gp.is_file():
+        raise ErrorTableError(f"{gp}: no such GGUF file")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if candidates is None:
+        cands = [q for q in supported_types() if q not in FLOAT_TYPES]
+    else:
+        cands = []
+        for q in candidates:
+            try:
+                cands.append(get_type(q).name)
+            except Exception as e:
+                raise ErrorTableError(f"candidate type {q!r}: {e}") from None
+        bad = [q for q in cands if q not in supported_types()]
+        if bad:
+            raise ErrorTableError(f"candidate types {', '.join(bad)} have no quantize numerics in quantmix")
+    cands = [q for q in supported_types() if q in set(cands)]  # ggml order, no duplicates
+    im = read_imatrix(imatrix_path) if imatrix_path is not None else None
+    has_in_sum = im is not None and any(e.in_sum is not None for e in im.entries.values())
+    if im is None:
+        note = "no imatrix: unweighted errors, bias term off"
+    elif not has_in_sum:
+        note = "imatrix has no in_sum (mainline llama-imatrix): bias term off"
+    else:
+        note = "bias term on (imatrix in_sum)"
+    root = Path(cache_root) if cache_root is not None else cache_dir() / "errors"
+
+    cat = catalog_from_gguf(gp)
+    src = {t.name: t for t in open_source(gp).tensors}
+    todo = [t for t in cat if t.quantizable]
+    for t in todo:
+        if src[t.name].type_name not in FLOAT_TYPES:
+            raise ErrorTableError(f"{gp}: tensor {t.name} is {src[t.name].type_name}; the error table needs a "
+                                  f"float (F32/F16/BF16) source GGUF")
+    table = ErrorTable(str(gp), str(imatrix_path) if imatrix_path is not None else None, has_in_sum, note,
+                       float(bias_lambda))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(src[t.name].data.size for t in todo), unit="B", unit_scale=True, desc="error table")
+    try:
+        for t in todo:
+            s = src[t.name]
+            shape = tuple(int(d) for d in s.shape)
+            st = _stats(im, t.name, shape)
+            types = [q for q in cands if get_type(q).fits_row(shape[0])
+                     and not (get_type(q).requires_imatrix and st.w is None)]
+            t_hash = _hash_bytes(s.data) if cache else ""
+            i_hash = _hash_arrays(st.w, st.a, st.counts) if cache else ""
+            for q in types:
+                be = _expected_backend(q, dev)
+                entry = None
+                path = None
+                if cache:
+                    key = hashlib.blake2b(json.dumps(
+                        [_ENTRY_VERSION, NUMERICS_VERSION, t.name, shape, s.type_name, t_hash, i_hash, q, be]
+                    ).encode(), digest_size=20).hexdigest()
+                    path = root / key[:2] / f"{key}.json"
+                    if path.is_file():
+                        try:
+                            entry = json.loads(path.read_text())
+                            if entry.get("v") != _ENTRY_VERSION:
+                                entry = None
+                        except (OSError, ValueError):
+                            entry = None
+                if entry is None:
+                    if on_compute is not None:
+                        on_compute(t.name, q)
+                    entry = _measure(s.data, s.type_name, shape, q, st, dev, t.name)
+                    if path is not None:
+                        _atomic_write(path, json.dumps(entry).encode())
+                if not (math.isfinite(entry["rel_err"]) and math.isfinite(entry["bias_term"])):
+                    raise ErrorTableError(f"{gp}: tensor {t.name}, type {q}: non-finite error {entry}")
+                table.rows.append(ErrorRow(t.name, q, get_type(q).tensor_bytes(shape), float(entry["rel_err"]),
+                                           float(entry["bias_term"]), entry["backend"], entry["experts"]))
+            if bar is not None:
+                bar.update(s.data.size)
+    finally:
+        if bar is not None:
+            bar.close()
+    return table
+
