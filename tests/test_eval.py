@@ -154,7 +154,6 @@ def test_recipe_and_its_gguf_evaluate_identically(tiny_moe, tmp_path: Path) -> N
     from quantmix.model.catalog import catalog_from_gguf
     from quantmix.planning.recipe import resolve
 
-    torch.set_num_threads(2)
     hf, src = tiny_moe
     res = resolve(catalog_from_gguf(src), _tiny_recipe())
     q = quantize_gguf(src, res, tmp_path / "tiny-mix.gguf", progress=False, device="cpu")
@@ -241,8 +240,17 @@ def test_reference_cache_is_keyed_and_exact(tiny_moe, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ fixtures
 
 N_CTX = 512
-CHUNKS = 4
+CHUNKS = 3
 RECIPES = ("Q6_K", "Q4_K_M", "Q3_K_M")
+
+
+@pytest.fixture
+def two_threads():  # noqa: ANN201
+    """Big matmuls use both cores; the session's single-thread setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -255,17 +263,28 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return p
 
 
-def _llama_quantize(fx, ftype: str, out: Path) -> Path:  # noqa: ANN001
-    from quantmix.tools.llamacpp import ensure_llamacpp
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """llama-quantize's GGUF of a fixture at a file type, made once per module."""
+    d = tmp_path_factory.mktemp("gguf")
+    made: dict[tuple[str, str], Path] = {}
 
-    ensure_llamacpp().run("llama-quantize", fx.gguf_f32, out, ftype, "2")
-    return out
+    def get(fx, ftype: str) -> Path:  # noqa: ANN001
+        from quantmix.tools.llamacpp import ensure_llamacpp
+
+        if (fx.name, ftype) not in made:
+            out = d / f"{fx.name}-{ftype}.gguf"
+            ensure_llamacpp().run("llama-quantize", fx.gguf_f32, out, ftype, "2")
+            made[(fx.name, ftype)] = out
+        return made[(fx.name, ftype)]
+
+    return get
 
 
 @pytest.mark.slow
-def test_reference_precision_effect_on_kld(text_file: Path, tmp_path: Path) -> None:
-    """The cached reference (float32 and float16 hidden states) against the model's own logits: the effect on
-    mean KLD of a real quantization must stay below 1e-4."""
+def test_reference_precision_effect_on_kld(text_file: Path, tmp_path: Path, quantized, two_threads: None) -> None:
+    """The cached reference (float32 hidden states; float16 as the cache would store it) against the model's
+    own logits: the effect on the mean KLD of a real quantization must stay below 1e-4."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantmix.evaluation.gguf_model import load_gguf_weights
@@ -273,47 +292,46 @@ def test_reference_precision_effect_on_kld(text_file: Path, tmp_path: Path) -> N
     from quantmix.evaluation.reference import capture_head, prepare_text, reference_distributions
     from quantmix.fixtures.store import get_fixture
 
-    torch.set_num_threads(2)
     fx = get_fixture("smollm2-768")
     tok = AutoTokenizer.from_pretrained(fx.hf_dir)
-    et = prepare_text(tok, text_file.read_text(encoding="utf-8"), N_CTX, 2, label="wiki-eval head")
+    et = prepare_text(tok, text_file.read_text(encoding="utf-8"), N_CTX, 1, label="wiki-eval head")
     model = AutoModelForCausalLM.from_pretrained(fx.hf_dir, dtype=torch.float32).eval()
     head = capture_head(model)
     exact = [sc.logits for sc in iter_scored_logits(model, et.chunks, first=et.first)]
-    refs = {p: reference_distributions(model, fx.hf_dir, et, p, head, tmp_path) for p in ("float32", "float16")}
-    load_gguf_weights(model, _llama_quantize(fx, "Q4_K_M", tmp_path / "q4km.gguf"))
-    quant = [sc for sc in iter_scored_logits(model, et.chunks, first=et.first)]
-    means = {}
-    for name in ("exact", "float32", "float16"):
+    ref = reference_distributions(model, fx.hf_dir, et, "float32", head, tmp_path)
+    cached = {"float32": [ref.logits(i, head) for i in range(et.n_chunks)],
+              "float16": [head(torch.from_numpy(np.array(ref.hidden[i])).half().float()) for i in range(et.n_chunks)]}
+    load_gguf_weights(model, quantized(fx, "Q4_K_M"))
+    quant = list(iter_scored_logits(model, et.chunks, first=et.first))
+    stats = {}
+    for name, refs in (("exact", exact), *cached.items()):
         acc = MetricsAccumulator()
-        for i, sc in enumerate(quant):
-            r = exact[i] if name == "exact" else refs[name].logits(i, head)
+        for r, sc in zip(refs, quant):
             acc.add(token_metrics(r, sc.logits, sc.targets))
-        means[name] = acc.summary()
-    self_kld = {p: max(float(token_metrics(exact[i], refs[p].logits(i, head), quant[i].targets).kld.max())
-                       for i in range(len(exact))) for p in refs}
-    print(f"mean KLD with exact reference {means['exact'].kld:.6f}; float32 cache diff "
-          f"{means['float32'].kld - means['exact'].kld:.2e}, float16 cache diff {means['float16'].kld - means['exact'].kld:.2e};"
-          f" max per-token KL(exact || cached): float32 {self_kld['float32']:.2e}, float16 {self_kld['float16']:.2e}")
-    assert means["exact"].kld > 0.01
-    assert abs(means["float32"].kld - means["exact"].kld) < 1e-6
-    assert abs(means["float16"].kld - means["exact"].kld) < 1e-4
-    assert abs(means["float16"].kld_rev - means["exact"].kld_rev) < 1e-4
-    assert self_kld["float32"] < 1e-8
+        stats[name] = acc.summary()
+    self_kld = {p: max(float(token_metrics(e, c, sc.targets).kld.max()) for e, c, sc in zip(exact, cached[p], quant))
+                for p in cached}
+    d32, d16 = (stats[p].kld - stats["exact"].kld for p in ("float32", "float16"))
+    print(f"mean KLD {stats['exact'].kld:.6f} with the exact reference; cached float32 {d32:+.1e}, float16 "
+          f"{d16:+.1e}; max per-token KL(exact || cached): float32 {self_kld['float32']:.1e}, float16 "
+          f"{self_kld['float16']:.1e}")
+    assert stats["exact"].kld > 0.01
+    assert abs(d32) < 1e-6 and self_kld["float32"] < 1e-8
+    assert abs(d16) < 1e-4 and abs(stats["float16"].kld_rev - stats["exact"].kld_rev) < 1e-4
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["smollm2-768", "smollm2-moe"])
-def test_kld_agrees_with_llama_perplexity(fixture: str, text_file: Path, tmp_path: Path) -> None:
+def test_kld_agrees_with_llama_perplexity(fixture: str, text_file: Path, tmp_path: Path, quantized,
+                                          two_threads: None) -> None:
     """llama-perplexity --kl-divergence on llama-quantize's GGUF vs quantmix eval of the same GGUF, at three
     sizes: mean KLD within 5 % relative, PPLs within 1 %, same-top-p within 1.5 points."""
     from quantmix.evaluation.evaluate import evaluate, gguf_source
     from quantmix.evaluation.kld import run_llama_kld
     from quantmix.fixtures.store import get_fixture
 
-    torch.set_num_threads(2)
     fx = get_fixture(fixture)
-    ggufs = [_llama_quantize(fx, ft, tmp_path / f"{ft}.gguf") for ft in RECIPES]
+    ggufs = [quantized(fx, ft) for ft in RECIPES]
     theirs = run_llama_kld(fx.gguf_f32, ggufs, text_file, N_CTX, CHUNKS)
     rows = []
     for ft, q, ll in zip(RECIPES, ggufs, theirs):

@@ -46,7 +46,7 @@ _TYPE_PLAN = [
     (r"blk\.2\.attn_v\.", "Q4_1"), (r"blk\.3\.attn_v\.", "Q5_0"), (r"blk\.4\.attn_v\.", "Q5_1"),
     (r"blk\.5\.attn_v\.", "IQ4_NL"), (r"blk\.6\.attn_v\.", "IQ4_XS"), (r"blk\.7\.attn_v\.", "Q8_0"),
     (r"blk\.8\.attn_v\.", "F16"), (r"blk\.9\.attn_v\.", "BF16"), (r"blk\.10\.ffn_down\.", "Q6_K"),
-    (r"blk\.11\.ffn_gate\.", "Q8_0"),
+    (r"blk\.11\.ffn_gate\.", "Q8_0"), (r"blk\.12\.attn_v\.", "IQ3_S"),
 ]
 
 

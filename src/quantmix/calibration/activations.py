@@ -293,6 +293,14 @@ def hook_modules(
             h.remove()
 
 
+def _forward(model: nn.Module, ids: torch.Tensor) -> None:
+    """One forward pass; causal LMs are asked for the last position's logits only (the head is costly)."""
+    try:
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    except TypeError:  # a model without logits_to_keep (e.g. a bare decoder)
+        model(input_ids=ids, use_cache=False)
+
+
 @torch.no_grad()
 def collect_activations(
     model: nn.Module,
@@ -319,6 +327,6 @@ def collect_activations(
             batch = torch.as_tensor(batch, dtype=torch.long)
             if batch.dim() == 1:
                 batch = batch[None]
-            model(input_ids=batch, use_cache=False, logits_to_keep=1)
+            _forward(model, batch)
             stats.n_tokens += batch.numel()
     return stats

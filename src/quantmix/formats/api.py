@@ -37,6 +37,7 @@ NUMERICS_MODULES = (
     "quantmix.formats.simple",
     "quantmix.formats.iq4",
     "quantmix.formats.kquants",
+    "quantmix.formats.iq3",
 )
 
 # Rows per call into a type's quantize_rows are chosen so that one call sees about this many weights:

@@ -120,8 +120,10 @@ def _build(qtype: str, bits: int, kmap_size: int, nwant: int) -> Codebook:
     gkey = (lv << shifts).sum(dim=1)
     if int(gkey.max()) >= kmap_size:
         raise ValueError(f"{qtype}: grid key {int(gkey.max())} outside ggml's map of {kmap_size}")
+    if torch.unique(gkey).numel() != g:
+        raise ValueError(f"{qtype}: the gguf grid has duplicate points")
     kmap = torch.full((kmap_size,), -1, dtype=torch.int64)
-    kmap[gkey] = torch.arange(g, dtype=torch.int64)  # as C: a later duplicate would overwrite
+    kmap[gkey] = torch.arange(g, dtype=torch.int64)
     off = (kmap < 0).nonzero().squeeze(1)
     gposf = (2 * lv + 1).to(torch.float32)  # [G, D]
     g2 = gposf.square().sum(1)

@@ -51,7 +51,10 @@ class NeighbourTables:
 
     kmap: int64 [65536] grid index of a key (sum l_i << 2i) or -1; start / count: int64 [65536], where the
     key's neighbour list begins in ``flat`` and its length (0 for on-grid or unreachable keys); flat: int64
-    grid indices in ggml's order (ascending squared distance, then grid index); levels: int64 [G, 8]."""
+    grid indices in ggml's order (ascending squared distance, then grid index); levels: int64 [G, 8];
+    nlev: levels per coordinate in the grid. For the search, each list entry's levels are pre-coded:
+    lo: int32 [len(flat)], the entry's first PREFIX levels as one base-nlev number; hi: int32
+    [8 - PREFIX, len(flat)], ``(i - PREFIX) * nlev + l_i`` for the remaining positions."""
 
     qtype: str
     kmap: Tensor
@@ -59,6 +62,14 @@ class NeighbourTables:
     count: Tensor
     flat: Tensor
     levels: Tensor
+    lo: Tensor
+    hi: Tensor
+    nlev: int
+
+
+# The neighbour search sums its 8 terms in order; the partial sums over the first PREFIX positions are
+# computed once per group for every level combination (nlev^PREFIX of them), then looked up per candidate.
+PREFIX = 4
 
 
 def _build_tables(qtype: str, nwant: int, max_level: int) -> dict[str, np.ndarray]:
@@ -94,7 +105,12 @@ def _build_tables(qtype: str, nwant: int, max_level: int) -> dict[str, np.ndarra
     count = np.zeros(KMAP_SIZE, dtype=np.int64)
     start[keys] = start_k
     count[keys] = count_k
-    return {"kmap": kmap, "start": start, "count": count, "flat": flat.astype(np.int64), "levels": lv}
+    nlev = int(lv.max()) + 1
+    fl = lv[flat]  # [F, 8]
+    lo = (fl[:, :PREFIX] * nlev ** np.arange(PREFIX - 1, -1, -1)).sum(axis=1)
+    hi = (np.arange(8 - PREFIX)[:, None] * nlev + fl[:, PREFIX:].T)
+    return {"kmap": kmap, "start": start, "count": count, "flat": flat.astype(np.int64), "levels": lv,
+            "lo": lo.astype(np.int32), "hi": np.ascontiguousarray(hi, dtype=np.int32), "nlev": np.array(nlev)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,7 +122,8 @@ def _tables_np(qtype: str, nwant: int, max_level: int) -> dict[str, np.ndarray]:
 def _tables_dev(qtype: str, nwant: int, max_level: int, device: str) -> NeighbourTables:
     t = _tables_np(qtype, nwant, max_level)
     dev = torch.device(device)
-    return NeighbourTables(qtype, *(torch.from_numpy(t[k]).to(dev) for k in ("kmap", "start", "count", "flat", "levels")))
+    names = ("kmap", "start", "count", "flat", "levels", "lo", "hi")
+    return NeighbourTables(qtype, *(torch.from_numpy(t[k]).to(dev) for k in names), int(t["nlev"]))
 
 
 def neighbour_tables(qtype: str, device: torch.device | str = "cpu", *, max_level: int = 2) -> NeighbourTables:
@@ -117,6 +134,9 @@ def neighbour_tables(qtype: str, device: torch.device | str = "cpu", *, max_leve
     return _tables_dev(qtype, NWANT[qtype], max_level, str(torch.device(device)))
 
 
+_INVALID = 0x7F7FFFFF  # bits of FLT_MAX: C accepts only d2 < FLT_MAX
+
+
 def best_neighbour(tab: NeighbourTables, keys: Tensor, xval: Tensor, weight: Tensor, scale: Tensor,
                    qvals: Tensor) -> Tensor:
     """``iq2_find_best_neighbour`` for N off-grid groups at once: the grid index minimizing
@@ -124,36 +144,43 @@ def best_neighbour(tab: NeighbourTables, keys: Tensor, xval: Tensor, weight: Ten
     first of equal minima, only d2 < FLT_MAX accepted (ggml aborts when none is; the first neighbour is
     returned then).
 
-    keys [N] int64 (off-grid keys), xval / weight [N, 8], scale [N], qvals [N, nq] or [nq]: the value of
-    level l (2l+1 for IQ2; IQ1 passes its shifted values). Returns int64 [N]."""
+    keys [N] int64 (off-grid keys), xval / weight [N, 8], scale [N], qvals [N, >= nlev] or [>= nlev]: the
+    value of level l (2l+1 for IQ2; IQ1 passes its shifted values). Returns int64 [N]."""
     n = keys.shape[0]
+    dev = keys.device
     if n == 0:
-        return torch.zeros(0, dtype=torch.int64, device=keys.device)
-    qv = qvals if qvals.dim() == 2 else qvals.unsqueeze(0).expand(n, -1)
-    nq = qv.shape[1]
-    # every (position, level) term once: T[g, i, l] = (w_i * diff) * diff
-    diff = scale[:, None, None] * qv[:, None, :] - xval[:, :, None]  # [N, 8, nq]
-    terms = ((weight[:, :, None] * diff) * diff).reshape(-1)
-    cnt = tab.count[keys]
-    st = tab.start[keys]
+        return torch.zeros(0, dtype=torch.int64, device=dev)
+    nl = tab.nlev
+    qv = (qvals if qvals.dim() == 2 else qvals.unsqueeze(0).expand(n, -1))[:, :nl]
+    # every (position, level) term once: t[g, i, l] = (w_i * diff) * diff
+    diff = scale[:, None, None] * qv[:, None, :] - xval[:, :, None]  # [N, 8, nl]
+    t = (weight[:, :, None] * diff) * diff
+    # partial sums over the first PREFIX positions for every level combination, in C's order
+    pre = t[:, 0, :]
+    for i in range(1, PREFIX):
+        pre = (pre.unsqueeze(2) + t[:, i, None, :]).reshape(n, -1)
+    pre = pre.reshape(-1)
+    tail = t[:, PREFIX:, :].reshape(-1)
+    cnt = tab.count.index_select(0, keys)
+    st = tab.start.index_select(0, keys)
     total = int(cnt.sum())
-    gid = torch.repeat_interleave(torch.arange(n, device=keys.device), cnt, output_size=total)
+    gid = torch.repeat_interleave(torch.arange(n, device=dev), cnt, output_size=total)
     first_of = torch.cumsum(cnt, 0) - cnt
-    within = torch.arange(total, device=keys.device) - first_of[gid]
-    cand = tab.flat[st[gid] + within]  # [total] grid indices
-    lv = tab.levels[cand]  # [total, 8]
-    base = gid * (8 * nq)
-    d2 = terms[base + lv[:, 0]]
-    for i in range(1, 8):
-        d2 = d2 + terms[base + i * nq + lv[:, i]]
-    inf = torch.tensor(float("inf"), device=keys.device)
-    key = torch.where(d2 < FLT_MAX, d2, inf)  # NaN and >= FLT_MAX never win in C
-    gmin = torch.full((n,), float("inf"), device=keys.device).scatter_reduce(0, gid, key, "amin")
+    gid32 = gid.to(torch.int32)  # int32 indices: index_select runs several times faster with them
+    cflat = torch.arange(total, device=dev, dtype=torch.int32) + (st - first_of).to(torch.int32).index_select(0, gid32)
+    d2 = pre.index_select(0, gid32 * (nl ** PREFIX) + tab.lo.index_select(0, cflat))
+    tbase = gid32 * ((8 - PREFIX) * nl)
+    for i in range(8 - PREFIX):
+        d2 = d2 + tail.index_select(0, tbase + tab.hi[i].index_select(0, cflat))
+    # first minimum per group: as integers, the bits of floats >= 0 order as the floats; NaN and values
+    # >= FLT_MAX never win in C (become inf here). cflat grows along each list, so the smallest
+    # (bits, cflat) pair is C's first minimum, and its low half is the winner's place in ``flat``.
+    d2 = torch.where(d2 < FLT_MAX, d2, torch.full_like(d2, float("inf")))
+    comb = (d2.view(torch.int32).to(torch.int64) << 32) | cflat.to(torch.int64)
     big = torch.iinfo(torch.int64).max
-    pos = torch.where((key == gmin[gid]) & (key < inf), within, torch.full_like(within, big))
-    first = torch.full((n,), big, dtype=torch.int64, device=keys.device).scatter_reduce(0, gid, pos, "amin")
-    first = torch.where(first == big, torch.zeros_like(first), first)
-    return tab.flat[st + first]
+    best = torch.full((n,), big, dtype=torch.int64, device=dev).scatter_reduce(0, gid, comb, "amin")
+    at = torch.where((best >> 32) >= _INVALID, st, best & 0xFFFFFFFF)
+    return tab.flat.index_select(0, at)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,7 +345,7 @@ def _quantize_16(x: Tensor, imatrix: Tensor | None, qtype: str) -> Tensor:
     waux = C.sqrt32(weight)
     xval, signs = _signs(xt, weight, parity=not is_s)
     mx = _max_seq(xval)
-    active = mx >= (GROUP_MAX_EPS_IQ2_S if is_s else GROUP_MAX_EPS)  # C: skip when max < eps
+    active = ~(mx < (GROUP_MAX_EPS_IQ2_S if is_s else GROUP_MAX_EPS))  # C: skip when max < eps
     nblk = xt.shape[1]
     scale = torch.zeros(nblk, device=dev)
     grid = torch.zeros((2, nblk), dtype=torch.int64, device=dev)
@@ -410,7 +437,7 @@ def _solve_32(tab: NeighbourTables, xval: Tensor, weight: Tensor, waux: Tensor, 
     b = mx.shape[0]
     scale = make_qp_quants(xval, weight, mx, 4)
     eff_max = scale * 3.0
-    ok = eff_max > 0
+    ok = ~(eff_max <= 0)  # C skips only when eff_max <= 0: a NaN scale goes on (and can end as inf)
     em = torch.where(ok, eff_max, torch.ones_like(eff_max))
     best = torch.zeros(b, device=xval.device)
     L = torch.zeros((32, b), dtype=torch.int64, device=xval.device)
@@ -447,7 +474,7 @@ def _quantize_xxs(x: Tensor, imatrix: Tensor | None) -> Tensor:
     waux = C.sqrt32(weight)
     xval, signs = _signs(xt, weight, parity=True)
     mx = _max_seq(xval)
-    active = mx >= GROUP_MAX_EPS
+    active = ~(mx < GROUP_MAX_EPS)
     nblk = xt.shape[1]
     scale = torch.zeros(nblk, device=dev)
     grid = torch.zeros((4, nblk), dtype=torch.int64, device=dev)
@@ -484,14 +511,17 @@ def _quantize_xxs(x: Tensor, imatrix: Tensor | None) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 # entry points: chunked over super-blocks
 # ----------------------------------------------------------------------------------------------------
-def _chunked(fn, x: Tensor, imatrix: Tensor | None) -> Tensor:  # type: ignore[no-untyped-def]
-    """Run ``fn`` on row slices of at most CHUNK_SUPERBLOCKS super-blocks (whole rows: the imatrix is per row)."""
+def _chunked(fn, x: Tensor, imatrix: Tensor | None, gpu_share: int = 1) -> Tensor:  # type: ignore[no-untyped-def]
+    """Run ``fn`` on row slices of at most CHUNK_SUPERBLOCKS super-blocks (whole rows: the imatrix is per row;
+    on a GPU CHUNK_SUPERBLOCKS_GPU // gpu_share). Sums that overflow to inf / NaN are part of ggml's
+    arithmetic on extreme inputs, so numpy's warnings about them are silenced."""
     rows, n = x.shape
-    limit = CHUNK_SUPERBLOCKS if x.device.type == "cpu" else CHUNK_SUPERBLOCKS_GPU
+    limit = CHUNK_SUPERBLOCKS if x.device.type == "cpu" else CHUNK_SUPERBLOCKS_GPU // gpu_share
     step = max(1, limit // max(1, n // QK_K))
-    if rows <= step:
-        return fn(x.contiguous(), imatrix)
-    return torch.cat([fn(x[r0:r0 + step].contiguous(), imatrix) for r0 in range(0, rows, step)], dim=0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if rows <= step:
+            return fn(x.contiguous(), imatrix)
+        return torch.cat([fn(x[r0:r0 + step].contiguous(), imatrix) for r0 in range(0, rows, step)], dim=0)
 
 
 def quantize_iq2_xxs(x: Tensor, imatrix: Tensor | None) -> Tensor:

@@ -56,7 +56,8 @@ class _Tables:
     """The grid, map and neighbour lists of one type on one device, shaped for the vectorized search.
 
     levels [G, 4] int64; kmap [4096] int64 (-1 off the grid); counts [4096] neighbours per key;
-    nbr_flat [4096 * K] the padded neighbour lists, row-major; grid_q [G, 4] float32 coordinates 2l+1."""
+    nbr_flat [4096 * K] the padded neighbour lists, row-major; grid_qt [4, G] float32 coordinates 2l+1;
+    levels_t [4, G]."""
 
     def __init__(self, qtype: str, device: torch.device):
         cb = codebook.codebook(qtype, device=device)
@@ -65,7 +66,8 @@ class _Tables:
         self.counts = cb.counts
         self.nbr_width = int(cb.neighbours.shape[1])
         self.nbr_flat = cb.neighbours.reshape(-1)
-        self.grid_q = (2 * cb.levels + 1).to(F32)
+        self.grid_qt = (2 * cb.levels + 1).to(F32).t().contiguous()  # [4, G]
+        self.levels_t = cb.levels.t().contiguous()  # [4, G]
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,44 +91,42 @@ def _keys(L3: Tensor) -> Tensor:
     return L3[:, 0] | (L3[:, 1] << 3) | (L3[:, 2] << 6) | (L3[:, 3] << 9)
 
 
-def _snap(tab: _Tables, L3: Tensor, sel: Tensor, xv3: Tensor, wa3: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+def _snap(tab: _Tables, L3: Tensor, sel: Tensor, xvg: Tensor, wag: Tensor, scale: Tensor) -> Tensor:
     """Put groups ``sel`` [8, B] whose level point is off the grid onto ggml's best neighbour.
 
     ``iq3_find_best_neighbour``: d2 = sum_i waux_i * (scale * q_i - xval_i)^2 in float32, summed in order,
-    first strict minimum below FLT_MAX. Updates L3 [8, 4, B] in place; returns (grid index [8, B] of every
-    group, -1 where it was off the grid and not selected; the off-grid mask before snapping)."""
-    gidx = tab.kmap[_keys(L3)]  # [8, B]
-    off = gidx < 0
-    todo = (off & sel).nonzero()
-    if todo.numel():
-        k, b = todo[:, 0], todo[:, 1]
-        key = _keys(L3)[k, b]
-        # one row per (group, neighbour) pair: ~5-7 pairs per group, where padding to the longest list
-        # (36-38) would do 6x the work
+    first strict minimum below FLT_MAX. ``xvg`` / ``wag``: xval / waux as [4, 8*B] (coordinate, group).
+    Updates L3 [8, 4, B] in place; returns the off-grid mask [8, B] as it was before snapping."""
+    B = L3.shape[2]
+    key = _keys(L3).reshape(-1)  # [8*B], group g = k*B + b
+    off = tab.kmap.index_select(0, key) < 0
+    gi = (off & sel.reshape(-1)).nonzero().squeeze(1)
+    if gi.numel():
+        key = key.index_select(0, gi)
+        # one entry per (group, neighbour) pair, 1-D throughout (gathers of scalars are the fast ones):
+        # ~10 pairs per group, where padding every list to the longest (36-38) would do 4x the work
         cnt = tab.counts.index_select(0, key)
-        grp = torch.repeat_interleave(torch.arange(key.numel(), device=key.device), cnt)
-        first = torch.cumsum(cnt, 0) - cnt
-        pos = torch.arange(grp.numel(), device=key.device)
-        nid = tab.nbr_flat.index_select(0, key.index_select(0, grp) * tab.nbr_width + pos - first.index_select(0, grp))
-        q = tab.grid_q.index_select(0, nid)  # [P, 4] odd coordinates 2l+1
-        xv = xv3[k, :, b].index_select(0, grp)  # [P, 4]
-        wa = wa3[k, :, b].index_select(0, grp)
-        diff = scale.index_select(0, b).index_select(0, grp).unsqueeze(1) * q - xv
-        t = wa * diff * diff  # (w*diff)*diff, as C
-        d2 = t[:, 0] + t[:, 1]
-        d2 = d2 + t[:, 2]
-        d2 = d2 + t[:, 3]  # C's 0 + t0 == t0: every term is +0, positive or NaN
+        grp = torch.repeat_interleave(torch.arange(gi.numel(), device=gi.device), cnt)
+        pos = torch.arange(grp.numel(), device=gi.device)
+        slot = pos - (torch.cumsum(cnt, 0) - cnt).index_select(0, grp)
+        nid = tab.nbr_flat.index_select(0, key.index_select(0, grp) * tab.nbr_width + slot)
+        gp = gi.index_select(0, grp)
+        sp = scale.index_select(0, gp % B)
+        terms = []
+        for i in range(4):
+            diff = sp * tab.grid_qt[i].index_select(0, nid) - xvg[i].index_select(0, gp)
+            terms.append(wag[i].index_select(0, gp) * diff * diff)  # (w*diff)*diff, as C
+        d2 = ((terms[0] + terms[1]) + terms[2]) + terms[3]  # C's 0 + t0 == t0: every t is +0, > 0 or NaN
         d2 = torch.where(d2 < FLT_MAX, d2, torch.full_like(d2, float("inf")))  # C keeps d2 < FLT_MAX only
-        gmin = torch.full((key.numel(),), float("inf"), device=key.device)
-        gmin = gmin.scatter_reduce(0, grp, d2, "amin")
+        gmin = torch.full((gi.numel(),), float("inf"), device=gi.device).scatter_reduce(0, grp, d2, "amin")
         big = grp.numel()
         at = torch.where(d2 == gmin.index_select(0, grp), pos, torch.full_like(pos, big))
-        win = torch.full((key.numel(),), big, dtype=torch.int64, device=key.device).scatter_reduce(0, grp, at, "amin")
-        chosen = nid.index_select(0, win)  # first pair at the minimum, as C's strict <
-        gidx = gidx.clone()
-        gidx[k, b] = chosen
-        L3[k, :, b] = tab.levels.index_select(0, chosen)
-    return gidx, off
+        win = torch.full((gi.numel(),), big, dtype=torch.int64, device=gi.device).scatter_reduce(0, grp, at, "amin")
+        chosen = nid.index_select(0, win)  # the first pair at the minimum, as C's strict <
+        k, b = gi // B, gi % B
+        for i in range(4):
+            L3[k, i, b] = tab.levels_t[i].index_select(0, chosen)
+    return off.view(8, B)
 
 
 def _sums(wx: Tensor, w: Tensor, L: Tensor) -> tuple[Tensor, Tensor]:
@@ -177,7 +177,8 @@ def _solve(qtype: str, x: Tensor, qw: Tensor | None) -> dict[str, Tensor]:
     zero = (mx < GROUP_MAX_EPS_IQ3_XXS) if qtype == "IQ3_XXS" else (mx == 0)
     mx_safe = torch.where(zero, torch.ones_like(mx), mx)  # zero blocks are overwritten at the end
     wx = w * xval
-    xv3, wa3 = xval.view(8, 4, B), waux.view(8, 4, B)
+    xvg = xval.view(8, 4, B).permute(1, 0, 2).reshape(4, 8 * B)  # [coordinate, group]
+    wag = waux.view(8, 4, B).permute(1, 0, 2).reshape(4, 8 * B)
     everywhere = torch.ones((8, B), dtype=torch.bool, device=x.device)
 
     best = torch.zeros(B, dtype=F32, device=x.device)
@@ -189,7 +190,7 @@ def _solve(qtype: str, x: Tensor, qw: Tensor | None) -> dict[str, Tensor]:
         idv = C.rdiv(c, mx_safe)
         this_scale = C.rdiv(1.0, idv)
         Laux = _levels(idv, xval)
-        _, off = _snap(tab, Laux.view(8, 4, B), everywhere, xv3, wa3, this_scale)
+        off = _snap(tab, Laux.view(8, 4, B), everywhere, xvg, wag, this_scale)
         sumqx, sumq2 = _sums(wx, w, Laux)
         better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
         new_scale = C.div(sumqx, sumq2)
@@ -204,7 +205,7 @@ def _solve(qtype: str, x: Tensor, qw: Tensor | None) -> dict[str, Tensor]:
         idv = C.nonzero_or(scale, C.rdiv(1.0, scale))
         Lr = _levels(idv, xval).view(8, 4, B)
         sel = redo.unsqueeze(0) & (everywhere if refine_all else ~on_grid)
-        _snap(tab, Lr, sel, xv3, wa3, scale)
+        _snap(tab, Lr, sel, xvg, wag, scale)
         L = torch.where(sel.unsqueeze(1), Lr, L.view(8, 4, B)).view(32, B)
         sumqx, sumq2 = _sums(wx, w, L)
         scale = torch.where(redo & (sumq2 > 0), C.div(sumqx, sumq2), scale)
