@@ -98,7 +98,7 @@ def special_rows() -> np.ndarray:
     x = edge_rows(N, seed=52)
     g = np.random.default_rng(53)
     extra = [
-        (g.standard_t(3.0, N) * 1e4).astype(np.float32),  # large (ggml aborts on IQ2 rows beyond ~1e10)
+        (g.standard_t(3.0, N) * 1e4).astype(np.float32),  # large: with the 1e30 imatrix ggml aborts on it
         np.where(g.random(N) < 0.5, 1.0, -1.0).astype(np.float32),  # +-1: exact ties in the level rounding
         np.repeat(g.standard_normal(N // 8).astype(np.float32), 8),  # constant groups of 8
     ]

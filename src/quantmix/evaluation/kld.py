@@ -251,14 +251,14 @@ def parse_llama_kld(log: str) -> LlamaKLD:
 
 
 def run_llama_kld(base_gguf: Path, quant_ggufs: Sequence[Path], text_file: Path, n_ctx: int = 512,
-                  max_chunks: int | None = None, threads: int = 2) -> list[LlamaKLD]:
+                  max_chunks: int | None = None, threads: int = 2, extra_args: Sequence[str] = ()) -> list[LlamaKLD]:
     """llama-perplexity's own KL-divergence of each quantized GGUF against ``base_gguf``: the base logits
     file (uint16 log-probs, ~96 KiB per scored token at a 49k vocabulary) is written to a temporary directory
-    once and deleted afterwards."""
+    once and deleted afterwards. ``extra_args`` go to every run (e.g. ``("-fa", "off")``)."""
     from quantmix.tools.llamacpp import LlamaCppError, ensure_llamacpp
 
     lc = ensure_llamacpp()
-    common = ["-f", str(text_file), "-c", str(n_ctx), "-t", str(threads), "--no-repack", "--no-warmup"]
+    common = ["-f", str(text_file), "-c", str(n_ctx), "-t", str(threads), "--no-repack", "--no-warmup", *extra_args]
     if max_chunks is not None:
         common += ["--chunks", str(max_chunks)]
     out = []

@@ -38,6 +38,8 @@ NUMERICS_MODULES = (
     "quantmix.formats.iq4",
     "quantmix.formats.kquants",
     "quantmix.formats.iq3",
+    "quantmix.formats.iq2",
+    "quantmix.formats.iq1",
 )
 
 # Rows per call into a type's quantize_rows are chosen so that one call sees about this many weights:

@@ -61,7 +61,8 @@ def _pairs(n: int, device: str) -> tuple[Tensor, Tensor]:
 def _scan(qx: Tensor, q2: Tensor) -> tuple[Tensor, Tensor]:
     """C's running best over candidates in order: ``if (sumq2 > 0 && sumqx*sumqx > best*sumq2) { scale =
     sumqx/sumq2; best = scale*sumqx; }`` from best = -FLT_MAX. qx, q2 [Cand, B]. Returns (index of the
-    last accepted candidate, -1 if none [B]; its scale [B])."""
+    last accepted candidate, -1 if none [B]; its scale [B]). Every candidate's numbers are computed at
+    once; only the accept / reject chain runs in order (4 small ops per candidate)."""
     sc = C.div(qx, q2)
     prod = sc * qx
     # sumq2 > 0 folded in: where it fails, -inf never beats anything (nor does NaN)
@@ -210,7 +211,7 @@ def _quantize_s(x: Tensor, imatrix: Tensor | None) -> Tensor:
     max_scale = _max_seq(scales.t().contiguous(), torch.zeros(nsb, device=dev))
     has = max_scale != 0
     d = C.div(max_scale, 15.0)
-    idv = C.rdiv(1.0, torch.where(has, d, torch.ones_like(d)))
+    idv = C.rdiv(1.0, d)  # as C: inf where d underflows to 0
     l = C.nearest_int((idv.unsqueeze(1) * scales - 1.0) * 0.5).clamp(0, 7).to(torch.int64)
     l = l | torch.where(shift.reshape(nsb, 8) == -1, 8, 0)
     l = torch.where(has.unsqueeze(1), l, torch.zeros_like(l))
@@ -300,7 +301,7 @@ def _quantize_m(x: Tensor, imatrix: Tensor | None) -> Tensor:
     max_scale = _max_seq(scales.t().contiguous(), torch.zeros(nsb, device=dev))
     has = max_scale != 0
     d = C.div(max_scale, 15.0)
-    idv = C.rdiv(1.0, torch.where(has, d, torch.ones_like(d)))
+    idv = C.rdiv(1.0, d)  # as C: inf where d underflows to 0
     l = C.nearest_int((idv.unsqueeze(1) * scales - 1.0) * 0.5).clamp(0, 7).to(torch.int64)  # [nsb, 16]
     # the super-scale refit over all 256 weights, in order (grid points of skipped blocks are index 0)
     lv = codebook_levels(dev)[gi]  # [2, B, 8]

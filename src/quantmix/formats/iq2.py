@@ -290,9 +290,10 @@ def _weights(xs: Tensor, imatrix: Tensor | None, rows: int, bs: int, two_sigma: 
 def _scale_codes(scales: Tensor, max_scale: Tensor) -> tuple[Tensor, Tensor]:
     """``d = max_scale/31; id = 1/d; l = clamp(nearest_int(0.5f*(id*scale-1)), 0, 15)`` per sub-block.
 
-    scales [nsb, nb], max_scale [nsb] (> 0 where used). Returns (d [nsb], l [nsb, nb] int64)."""
+    scales [nsb, nb], max_scale [nsb] (where it is 0 the codes are garbage, and unused, as in C).
+    Returns (d [nsb], l [nsb, nb] int64)."""
     d = C.div(max_scale, 31.0)
-    idv = C.rdiv(1.0, torch.where(d != 0, d, torch.ones_like(d)))
+    idv = C.rdiv(1.0, d)  # inf where d underflows to 0: nearest_int's bit trick then gives C's value
     l = C.nearest_int((idv.unsqueeze(1) * scales - 1.0) * 0.5).clamp(0, 15).to(torch.int64)
     return d, l
 
@@ -413,7 +414,8 @@ def make_qp_quants(x: Tensor, w: Tensor, mx: Tensor, nmax: int) -> Tensor:
     wx = w * x
     sumlx = C.seq_sum_pm(wx * lf)
     suml2 = C.seq_sum_pm((w * lf) * lf)
-    for _ in range(5):  # an iteration that changes nothing leaves the state as it was: no early exit needed
+    for _ in range(5):
+        changed = torch.zeros_like(sumlx, dtype=torch.bool)
         for i in range(n):
             li = lst[i].float()
             slx = sumlx - wx[i] * li
@@ -428,6 +430,9 @@ def make_qp_quants(x: Tensor, w: Tensor, mx: Tensor, nmax: int) -> Tensor:
             lst[i] = torch.where(acc, new_l.to(torch.int64) & 255, lst[i])
             sumlx = torch.where(acc, slx, sumlx)
             suml2 = torch.where(acc, sl2, suml2)
+            changed |= acc
+        if not bool(changed.any()):  # C stops a block after a pass without changes; later passes would be no-ops
+            break
     return torch.where(suml2 > 0, C.div(sumlx, suml2), torch.zeros_like(sumlx))
 
 
