@@ -210,7 +210,7 @@ def test_expert_usage_is_uneven_and_input_dependent(moe) -> None:  # noqa: ANN00
     from quantmix.fixtures.smollm2_moe import expert_usage
 
     _fx, tok, model = moe
-    n = 1024
+    n = 512
     wiki = expert_usage(model, token_chunks(_ids(tok, "wiki-eval", n), 512))
     jargon = expert_usage(model, token_chunks(_ids(tok, "jargon", n), 512))
     for use in (wiki, jargon):
