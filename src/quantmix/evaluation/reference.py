@@ -35,8 +35,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from quantmix.evaluation.perplexity import iter_scored_logits, make_chunks, scored_first, token_nll, \
-    tokenize_like_llamacpp
+from quantmix.evaluation.perplexity import (
+    iter_scored_logits,
+    make_chunks,
+    scored_first,
+    token_nll,
+    tokenize_like_llamacpp,
+)
 from quantmix.paths import cache_dir, file_lock
 
 __all__ = ["ReferenceError", "EvalText", "HeadReplay", "ReferenceCache", "PRECISIONS", "prepare_text",

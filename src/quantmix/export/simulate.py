@@ -37,7 +37,7 @@ from quantmix.model.catalog import Catalog, TensorInfo
 from quantmix.planning.recipe import Resolution
 
 __all__ = ["SimulationError", "SimulatedTensor", "SimulationReport", "simulate_quantization",
-           "permute_rows", "unpermute_rows", "PERMUTED_QK_ARCHITECTURES"]
+           "permute_rows", "unpermute_rows", "PERMUTED_QK_ARCHITECTURES", "tensor_targets", "quantized_image"]
 
 # HF architectures whose llama.cpp converter permutes q/k rows (LlamaModel and subclasses with undo_permute).
 PERMUTED_QK_ARCHITECTURES = frozenset({
@@ -110,7 +110,7 @@ def _config_catalog(model: nn.Module) -> tuple[Catalog, object]:
         return catalog_from_config(Path(d)), cfg
 
 
-def _targets(model: nn.Module) -> dict[str, _Target]:
+def tensor_targets(model: nn.Module) -> dict[str, _Target]:
     """GGUF tensor name -> its place in the model."""
     from quantmix.model.catalog import checkpoint_tensors
 
@@ -164,7 +164,7 @@ def _round_to(x: Tensor, type_name: str) -> Tensor:
     return x
 
 
-def _image(w: Tensor, qtype: str, src_type: str, imatrix: np.ndarray | None, name: str, dev: torch.device) -> Tensor:
+def quantized_image(w: Tensor, qtype: str, src_type: str, imatrix: np.ndarray | None, name: str, dev: torch.device) -> Tensor:
     """quantize -> dequantize of GGUF-ordered rows ``w`` [..., rows, ne0] (leading dim: experts)."""
     from quantmix.formats.api import dequantize, quantize
 
@@ -203,7 +203,7 @@ def simulate_quantization(
 
     im = read_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    targets = _targets(model)
+    targets = tensor_targets(model)
     params = dict(model.named_parameters())
     report = SimulationReport()
     ftype = resolution.spec.ftype
@@ -232,7 +232,7 @@ def simulate_quantization(
             w_im = im.weights_for(name, tuple(a.tensor.shape))
         if w_im is None and qtype != src_type and needs_imatrix(name, qtype, ftype):
             raise SimulationError(f"tensor {name}: type {qtype} needs an importance matrix (imatrix)")
-        new = _image(wq, qtype, src_type, w_im, name, dev)
+        new = quantized_image(wq, qtype, src_type, w_im, name, dev)
         if tgt.n_head_perm:
             new = unpermute_rows(new, tgt.n_head_perm)
         new = new.to(p.device)

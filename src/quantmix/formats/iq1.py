@@ -24,7 +24,7 @@ from torch import Tensor
 from quantmix.formats import codebook
 from quantmix.formats import common as C
 from quantmix.formats.api import register_numerics
-from quantmix.formats.iq2 import _chunked, _keys, _max_seq, best_neighbour, neighbour_tables
+from quantmix.formats.iq2 import _chunked, _keys, _max_seq, best_neighbour, kernel_quantize, neighbour_tables
 
 QK_K = 256
 TYPE_SIZE = {"IQ1_S": 50, "IQ1_M": 56}
@@ -340,12 +340,14 @@ def quantize_iq1_s(x: Tensor, imatrix: Tensor | None) -> Tensor:
     """float32 [rows, n] -> IQ1_S bytes [rows, n/256*50] (ggml's quantize_iq1_s; imatrix required)."""
     if imatrix is None:
         raise ValueError("IQ1_S needs an importance matrix (ggml_quantize_chunk requires one)")
-    return _chunked(_quantize_s, x, imatrix, gpu_share=GPU_SHARE)
+    q = kernel_quantize("IQ1_S", x, imatrix)
+    return q if q is not None else _chunked(_quantize_s, x, imatrix, gpu_share=GPU_SHARE)
 
 
 def quantize_iq1_m(x: Tensor, imatrix: Tensor | None) -> Tensor:
     """float32 [rows, n] -> IQ1_M bytes [rows, n/256*56] (ggml's quantize_iq1_m, with or without imatrix)."""
-    return _chunked(_quantize_m, x, imatrix, gpu_share=GPU_SHARE)
+    q = kernel_quantize("IQ1_M", x, imatrix)
+    return q if q is not None else _chunked(_quantize_m, x, imatrix, gpu_share=GPU_SHARE)
 
 
 # ----------------------------------------------------------------------------------------------------

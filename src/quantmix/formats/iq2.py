@@ -516,6 +516,16 @@ def _quantize_xxs(x: Tensor, imatrix: Tensor | None) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 # entry points: chunked over super-blocks
 # ----------------------------------------------------------------------------------------------------
+def kernel_quantize(qtype: str, x: Tensor, imatrix: Tensor | None) -> Tensor | None:
+    """The bytes from the CUDA codebook kernels (gpu/iqkernels.py: ggml's bytes, far faster than the torch
+    path) for a CUDA tensor; None where the torch path must run (CPU, QUANTMIX_IQ_KERNELS=0, no build)."""
+    if x.device.type != "cuda":
+        return None
+    from quantmix.formats.gpu import iqkernels
+
+    return iqkernels.quantize_rows(qtype, x, imatrix) if iqkernels.use_kernels(x) else None
+
+
 def _chunked(fn, x: Tensor, imatrix: Tensor | None, gpu_share: int = 1) -> Tensor:  # type: ignore[no-untyped-def]
     """Run ``fn`` on row slices of at most CHUNK_SUPERBLOCKS super-blocks (whole rows: the imatrix is per row;
     on a GPU CHUNK_SUPERBLOCKS_GPU // gpu_share). Sums that overflow to inf / NaN are part of ggml's
@@ -531,19 +541,24 @@ def _chunked(fn, x: Tensor, imatrix: Tensor | None, gpu_share: int = 1) -> Tenso
 
 def quantize_iq2_xxs(x: Tensor, imatrix: Tensor | None) -> Tensor:
     """float32 [rows, n] -> IQ2_XXS bytes [rows, n/256*66] (ggml's quantize_iq2_xxs; imatrix required)."""
-    return _chunked(_quantize_xxs, x, imatrix)
+    if imatrix is None:
+        raise ValueError("IQ2_XXS needs an importance matrix (ggml_quantize_chunk requires one)")
+    q = kernel_quantize("IQ2_XXS", x, imatrix)
+    return q if q is not None else _chunked(_quantize_xxs, x, imatrix)
 
 
 def quantize_iq2_xs(x: Tensor, imatrix: Tensor | None) -> Tensor:
     """float32 [rows, n] -> IQ2_XS bytes [rows, n/256*74] (ggml's quantize_iq2_xs; imatrix required)."""
     if imatrix is None:
         raise ValueError("IQ2_XS needs an importance matrix (ggml_quantize_chunk requires one)")
-    return _chunked(lambda a, im: _quantize_16(a, im, "IQ2_XS"), x, imatrix)
+    q = kernel_quantize("IQ2_XS", x, imatrix)
+    return q if q is not None else _chunked(lambda a, im: _quantize_16(a, im, "IQ2_XS"), x, imatrix)
 
 
 def quantize_iq2_s(x: Tensor, imatrix: Tensor | None) -> Tensor:
     """float32 [rows, n] -> IQ2_S bytes [rows, n/256*82] (ggml's quantize_iq2_s, with or without imatrix)."""
-    return _chunked(lambda a, im: _quantize_16(a, im, "IQ2_S"), x, imatrix)
+    q = kernel_quantize("IQ2_S", x, imatrix)
+    return q if q is not None else _chunked(lambda a, im: _quantize_16(a, im, "IQ2_S"), x, imatrix)
 
 
 # ----------------------------------------------------------------------------------------------------

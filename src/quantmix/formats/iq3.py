@@ -269,14 +269,28 @@ def _pack_iq3_s(r: dict[str, Tensor]) -> Tensor:
 _PACK = {"IQ3_XXS": _pack_iq3_xxs, "IQ3_S": _pack_iq3_s}
 
 
+def _kernels_for(x: Tensor) -> bool:
+    """CUDA tensors go to the codebook kernels (gpu/iqkernels.py: the same bytes, far faster), unless
+    QUANTMIX_IQ_KERNELS=0 or they cannot be built."""
+    if x.device.type != "cuda":
+        return False
+    from quantmix.formats.gpu import iqkernels
+
+    return iqkernels.use_kernels(x)
+
+
 def quantize_rows(qtype: str, x: Tensor, imatrix: Tensor | None = None) -> Tensor:
     """float32 rows [rows, n] -> ``qtype`` bytes uint8 [rows, n/256*type_size], as ggml_quantize_chunk.
 
     ``imatrix`` [n] or None (ggml runs the same impl either way; None means weights x^2). Inputs are assumed
-    checked (formats.api does)."""
+    checked (formats.api does). CUDA tensors run the codebook kernels (see :func:`_kernels_for`)."""
     rows, n = x.shape
     if n % QK_K:
         raise ValueError(f"{qtype}: row length {n} is not a multiple of {QK_K}")
+    if _kernels_for(x):
+        from quantmix.formats.gpu import iqkernels
+
+        return iqkernels.quantize_rows(qtype, x, imatrix)
     nb = n // QK_K
     ts = TYPE_SIZE[qtype]
     xs = x.to(F32).contiguous().view(rows * nb, QK_K)
