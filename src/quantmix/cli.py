@@ -166,52 +166,62 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
-    import json as _json
-
-    from quantmix.measurement.error_table import error_table
+    from quantmix.job import measure, plan_recipe, resolve_model, write_plan
     from quantmix.model.catalog import catalog_from_gguf
     from quantmix.planning.budget import budget_from_args
     from quantmix.planning.constraints import constraints_from_args
-    from quantmix.planning.recipe import atomic_write_text, custom_q_text
-    from quantmix.planning.solver import optimize
 
-    src = Path(args.model)
-    if not src.exists():
-        from quantmix.fixtures.store import get_fixture, registered_fixtures
-
-        if args.model not in registered_fixtures():
-            raise CliError(f"{args.model}: no such file, and not a built-in fixture")
-        src = get_fixture(args.model).gguf_f32
-    if src.suffix != ".gguf":
-        raise CliError(f"{src}: optimize reads the float GGUF that convert_hf_to_gguf.py writes (any shard)")
-    cat = catalog_from_gguf(src)
+    inputs = resolve_model(args.model, args.hf)
+    if inputs.gguf.suffix != ".gguf":
+        raise CliError(f"{inputs.gguf}: optimize reads the float GGUF that convert_hf_to_gguf.py writes")
+    if args.imatrix is not None and not Path(args.imatrix).is_file():
+        raise CliError(f"{args.imatrix}: no such imatrix file")
+    cat = catalog_from_gguf(inputs.gguf)
     budget = budget_from_args(args, cat)
     constraints = constraints_from_args(args, cat)
-    types = constraints.types if getattr(constraints, "types", None) else None
-    table = error_table(src, args.imatrix, candidates=types, device=args.device, progress=not args.quiet)
-    if not table.bias:
-        print(f"note: {table.bias_note}", file=sys.stderr)
-    plan = optimize(cat, table.to_costs(), budget, constraints, method=args.solver, time_limit=args.time_limit)
-    out = Path(args.output)
-    plan.write_recipe(out)
-    atomic_write_text(out.with_suffix(out.suffix + ".ik"), custom_q_text(plan.resolution()) + "\n")
-    plan_json = {
-        "model": str(src), "imatrix": str(args.imatrix) if args.imatrix else None, "bytes": plan.n_bytes,
-        "bpw": plan.bpw, "status": plan.status, "gap": plan.gap, "objective": plan.objective,
-        "predicted": "proxy: importance-weighted relative error (sensitivity calibration not yet applied)",
-        "tensors": [{"name": a.tensor.name, "type": a.qtype, "bytes": a.n_bytes,
-                     "cost": table.to_costs().get(a.tensor.name, {}).get(a.qtype)}
-                    for a in plan.resolution().assignments],
-    }
-    atomic_write_text(out.with_suffix(".plan.json"), _json.dumps(plan_json, indent=1))
-    print(plan.summary())
-    print(f"recipe: {out} (llama-quantize --tensor-type-file {out} IN.gguf OUT.gguf Q8_0); "
-          f"ik_llama.cpp --custom-q: {out}.ik; plan: {out.with_suffix('.plan.json')}")
+    profile = None if args.sensitivity == "none" else args.sensitivity
+    if profile and inputs.hf_dir is None:
+        print("note: no Hugging Face model (--hf DIR): the plan minimizes the proxy error, not predicted KLD",
+              file=sys.stderr)
+    m = measure(inputs, args.imatrix, tuple(constraints.types) if constraints.types else None, profile=profile,
+                device=args.device, progress=not args.quiet)
+    for n in m.notes:
+        print(f"note: {n}", file=sys.stderr)
+    oc = plan_recipe(m, budget, constraints, refine_time=args.refine_time if profile != "large" else 0.0,
+                     method=args.solver, time_limit=args.time_limit, device=args.device, seed=args.seed,
+                     progress=not args.quiet)
+    files = write_plan(oc, cat, Path(args.output))
+    print(oc.plan.summary())
+    if oc.sensitivity is not None:
+        print(f"predicted KLD (calibration tokens): {oc.plan.objective:.5f}; {oc.sensitivity.check_summary()}")
+    if oc.refinement is not None:
+        print(oc.refinement.summary())
+    print(f"recipe: {files['recipe']} (llama-quantize --imatrix I --tensor-type-file {files['recipe']} IN.gguf "
+          f"OUT.gguf Q8_0); ik_llama.cpp --custom-q: {files['ik']}; plan: {files['plan']}")
     if args.gguf_out:
         from quantmix.export.gguf_writer import quantize_gguf
 
-        print(quantize_gguf(src, plan.resolution(), args.gguf_out, imatrix=args.imatrix, device=args.device,
-                            progress=not args.quiet))
+        print(quantize_gguf(inputs.gguf, oc.plan.resolution(), args.gguf_out, imatrix=args.imatrix,
+                            device=args.device, progress=not args.quiet))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from quantmix.job import run_job
+
+    try:
+        targets = [float(t) for t in args.targets.split(",") if t.strip()]
+    except ValueError:
+        raise CliError(f"--targets {args.targets!r}: expected comma-separated bits per weight, e.g. 3.5,4.0") from None
+    if not targets or any(not 1.0 < t < 16.5 for t in targets):
+        raise CliError(f"--targets {args.targets!r}: each target must be between 1 and 16.5 bits per weight")
+    stock = tuple(x for x in args.stock.split(",") if x) if args.stock is not None else None
+    readme = run_job(args.model, targets, args.out, hf=args.hf, imatrix=args.imatrix, profile=args.profile,
+                     refine_time=args.refine_time, stock=stock, eval_chunks=args.eval_chunks, device=args.device,
+                     seed=args.seed, progress=not args.quiet)
+    print(readme.parent / "results.md")
+    print(readme.parent.joinpath("results.md").read_text())
+    print(f"report: {readme}")
     return 0
 
 
@@ -314,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="quantmix",
         description="Mixed-precision GGUF quantization of an LLM at an exact size budget, proven by measured "
-                    "KL-divergence. Steps: catalog, size, imatrix, optimize, quantize, eval.",
+                    "KL-divergence. Steps: catalog, size, imatrix, optimize, quantize, eval; run does them all.",
     )
     p.add_argument("--version", action="version", version=f"quantmix {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="STEP")
@@ -365,16 +375,32 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_quantize)
 
-    o = sub.add_parser("optimize", help="lowest predicted error recipe at an exact size (proxy-only for now)",
+    o = sub.add_parser("optimize", help="lowest predicted-KLD recipe at an exact size (+ refinement)",
                        description="Measure every candidate type's importance-weighted error on every tensor of a "
-                                   "float GGUF (cached, resumable), then solve the multiple-choice knapsack exactly "
-                                   "to the byte (HiGHS) within the budget; write a llama-quantize recipe, its "
-                                   "ik_llama.cpp --custom-q form and a JSON plan, and optionally the GGUF. The "
-                                   "prediction is the proxy error; calibration to measured KLD is not in yet.")
-    o.add_argument("model", help="float GGUF (convert_hf_to_gguf.py output; any shard) or a fixture name")
+                                   "float GGUF (cached, resumable); calibrate it to measured output KLD per tensor "
+                                   "(sensitivity, on calibration text, with the Hugging Face model); solve the "
+                                   "multiple-choice knapsack exactly to the byte (HiGHS) within the budget; refine "
+                                   "against measured KLD (size-preserving moves); write a llama-quantize recipe, "
+                                   "its ik_llama.cpp --custom-q form and a JSON plan, and optionally the GGUF. "
+                                   "Without the Hugging Face model the plan minimizes the proxy error.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  quantmix optimize smollm2-768 --target-bpw 4.0 -o q4.txt\n"
+                              "  quantmix optimize model-F16.gguf --hf ./model --imatrix im.gguf --vram 24GiB "
+                              "--ctx 32768 --kv-type q8_0 -o r.txt --gguf-out out.gguf\n"
+                              "  quantmix optimize model-BF16-00001-of-00015.gguf --imatrix im.gguf "
+                              "--target-size 120GiB -o r.txt   # proxy only")
+    o.add_argument("model", help="float GGUF (convert_hf_to_gguf.py output; any shard), a Hugging Face "
+                                 "directory (converted once), or a fixture name")
+    o.add_argument("--hf", type=Path, help="the Hugging Face model of a GGUF (for sensitivity and refinement)")
     o.add_argument("--imatrix", type=Path, help="importance matrix (llama-imatrix or quantmix imatrix)")
     o.add_argument("-o", "--output", type=Path, required=True, help="recipe file to write")
     o.add_argument("--gguf-out", type=Path, help="also write the quantized GGUF")
+    o.add_argument("--sensitivity", choices=("full", "quick", "large", "none"), default="full",
+                   help="full: probe every tensor on 2,044 calibration tokens; quick: on 1,022; large: each "
+                        "tensor class at 4 layers, interpolated, no refinement (for big models); none: proxy only")
+    o.add_argument("--refine-time", type=float, default=120.0, metavar="SECONDS",
+                   help="time for refinement against measured KLD (0: none; default 120)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the refinement's move sampling")
     o.add_argument("--device", help="cuda or cpu (default: CUDA when present)")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     add_budget_arguments(o)
@@ -426,6 +452,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
     e.add_argument("--quiet", action="store_true", help="no progress messages")
     e.set_defaults(func=_cmd_eval)
+
+    r = sub.add_parser("run", help="the whole job: calibrate, measure, optimize, write, evaluate, report",
+                       description="For each target size: calibrate (imatrix on wiki-calib), measure (error table, "
+                                   "sensitivity), optimize (exact knapsack on predicted KLD, refined against "
+                                   "measured KLD), write the GGUF, evaluate it on held-out text (wiki-eval) beside "
+                                   "llama.cpp's stock mixes of similar size made with the same imatrix, and write a "
+                                   "report folder: results table, Pareto plot, sensitivity heatmap, recipes and a "
+                                   "model-card README.md.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  quantmix run smollm2-768 --targets 4.0,5.0 -o out/smollm2-768\n"
+                              "  quantmix run model-BF16.gguf --hf ./model --targets 2.5,3.0,3.5 -o out/model")
+    r.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"fixture name, float GGUF (with --hf) or Hugging Face directory (default {DEFAULT_MODEL})")
+    r.add_argument("--hf", type=Path, help="the Hugging Face model of a GGUF")
+    r.add_argument("--targets", default="4.0,5.0", help="bits per weight, comma-separated (default 4.0,5.0)")
+    r.add_argument("-o", "--out", type=Path, default=Path("out"), help="report folder (default ./out)")
+    r.add_argument("--imatrix", type=Path, help="use this imatrix instead of computing one")
+    r.add_argument("--profile", choices=("full", "quick", "large"), default="quick",
+                   help="sensitivity profile (default quick)")
+    r.add_argument("--refine-time", type=float, default=90.0, metavar="SECONDS",
+                   help="refinement time per target (default 90)")
+    r.add_argument("--stock", default=None,
+                   help="stock mixes to compare, comma-separated (default: those within 0.6 BPW of a target)")
+    r.add_argument("--eval-chunks", type=int, default=16, help="chunks of 512 wiki-eval tokens per evaluation")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", help="cuda or cpu (default: CUDA when present)")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=_cmd_run)
 
     f = sub.add_parser("fixtures", help="build (or locate) the built-in test models and texts",
                        description="Build the real test models (SmolLM2 from PyPI, made 256-aligned, and a MoE "

@@ -277,13 +277,15 @@ def error_table(
     bias_lambda: float = 1.0,
     cache_root: str | Path | None = None,
     on_compute: Callable[[str, str], None] | None = None,
+    tensors: list[str] | None = None,
 ) -> ErrorTable:
     """Measure every quantizable tensor of a float GGUF (F32/F16/BF16) against every candidate type.
 
     ``candidates``: type names (default: every type with numerics except the float ones); a type whose block
     does not divide a tensor's rows is left out for that tensor. ``cache_root``: where the per-(tensor, type)
     results live (default ``cache_dir()/errors``). ``on_compute(tensor, type)`` is called before each
-    measurement that is not served from the cache (progress hooks, tests)."""
+    measurement that is not served from the cache (progress hooks, tests). ``tensors``: measure only these
+    (default: every quantizable tensor)."""
     from quantmix.export.gguf_writer import open_source
 
     gp = Path(gguf_path)
@@ -316,6 +318,11 @@ def error_table(
     cat = catalog_from_gguf(gp)
     src = {t.name: t for t in open_source(gp).tensors}
     todo = [t for t in cat if t.quantizable]
+    if tensors is not None:
+        unknown = sorted(set(tensors) - {t.name for t in todo})
+        if unknown:
+            raise ErrorTableError(f"{gp}: tensor {unknown[0]} is not a quantizable tensor of this model")
+        todo = [t for t in todo if t.name in set(tensors)]
     for t in todo:
         if src[t.name].type_name not in FLOAT_TYPES:
             raise ErrorTableError(f"{gp}: tensor {t.name} is {src[t.name].type_name}; the error table needs a "

@@ -1,0 +1,293 @@
+"""The whole job, step by step: calibrate -> measure -> sensitivity -> optimize (+ refine) -> write GGUF ->
+evaluate -> report. ``quantmix optimize`` and ``quantmix run`` are thin wrappers over these functions.
+
+Each step caches what is slow (imatrix, error table entries, sensitivity probes, reference distributions) keyed
+by its inputs, so a rerun after an interrupt redoes only what had not finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantmix.model.catalog import Catalog, catalog_from_gguf
+from quantmix.paths import cache_dir, file_lock
+
+__all__ = ["ModelInputs", "PlanOutcome", "resolve_model", "ensure_imatrix", "plan_recipe", "run_job",
+           "CPU_CANDIDATES"]
+
+# Candidate types when no GPU is present: the codebook IQ types quantize at 0.3-1 M weights/s in torch on a
+# CPU core (an error table over them takes hours on a 2-core machine); with CUDA every supported type is used.
+CPU_CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS")
+
+
+def _log(msg: str) -> None:
+    print(f"quantmix: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """The two forms of one model the job needs: the Hugging Face directory (runs for calibration,
+    sensitivity and evaluation) and the float GGUF (the source the quantized GGUF is written from)."""
+
+    name: str
+    gguf: Path
+    hf_dir: Path | None
+
+
+def resolve_model(model: str | Path, hf: str | Path | None = None) -> ModelInputs:
+    """A fixture name, a float GGUF (with ``hf`` its Hugging Face directory) or a Hugging Face directory
+    (converted once with llama.cpp's convert_hf_to_gguf.py, cached)."""
+    from quantmix.fixtures.store import get_fixture, registered_fixtures
+
+    p = Path(model)
+    if not p.exists() and str(model) in registered_fixtures():
+        fx = get_fixture(str(model))
+        return ModelInputs(str(model), fx.gguf_f32, fx.hf_dir)
+    if p.is_file() and p.suffix == ".gguf":
+        hd = Path(hf) if hf else None
+        if hd is not None and not (hd / "config.json").is_file():
+            raise FileNotFoundError(f"{hd}: not a Hugging Face model directory (no config.json)")
+        return ModelInputs(p.name.removesuffix(".gguf"), p, hd)
+    if p.is_dir() and (p / "config.json").is_file():
+        from quantmix.evaluation.reference import model_fingerprint
+        from quantmix.tools.llamacpp import ensure_llamacpp
+
+        fp = model_fingerprint(p)[:16]
+        out = cache_dir() / "converted" / f"{p.name}-{fp}-f32.gguf"
+        with file_lock(f"convert-{fp}"):
+            if not out.exists():
+                _log(f"converting {p} to a float GGUF with convert_hf_to_gguf.py (once)")
+                tmp = out.with_suffix(".tmp.gguf")
+                ensure_llamacpp().convert(p, tmp, "f32")
+                tmp.replace(out)
+        return ModelInputs(p.name, out, p)
+    raise FileNotFoundError(f"{model}: not a built-in fixture, a float GGUF or a Hugging Face model directory")
+
+
+def ensure_imatrix(inputs: ModelInputs, chunks: int = 64, n_ctx: int = 512, progress: bool = True) -> Path:
+    """quantmix's imatrix of the model on the built-in calibration text (wiki-calib), computed once."""
+    from quantmix.calibration.imatrix import compute_imatrix
+    from quantmix.calibration.imatrix_io import write_imatrix
+    from quantmix.evaluation.reference import model_fingerprint
+    from quantmix.fixtures.text import text_path
+
+    if inputs.hf_dir is None:
+        raise ValueError(f"{inputs.gguf}: computing an imatrix needs the Hugging Face model (--hf DIR), or give "
+                         f"an existing one with --imatrix")
+    text = text_path("wiki-calib")
+    key = hashlib.sha256(json.dumps([model_fingerprint(inputs.hf_dir), hashlib.sha256(text.read_bytes()).hexdigest(),
+                                     chunks, n_ctx, 1]).encode()).hexdigest()[:20]
+    out = cache_dir() / "imatrix" / f"{inputs.name}-{key}.imatrix.gguf"
+    with file_lock(f"imatrix-{key}"):
+        if not out.exists():
+            _log(f"imatrix: {chunks} chunks of {n_ctx} tokens of wiki-calib")
+            im = compute_imatrix(inputs.hf_dir, [text], n_ctx=n_ctx, max_chunks=chunks, progress=progress)
+            write_imatrix(im, out)
+    return out
+
+
+@dataclass
+class PlanOutcome:
+    plan: object  # quantmix.planning.solver.Plan
+    costs: dict[str, dict[str, float]]  # what the solver minimized (predicted KLD, or proxy without sensitivity)
+    sensitivity: object | None = None  # quantmix.measurement.sensitivity.Sensitivity
+    refinement: object | None = None  # quantmix.planning.refine.RefineResult
+    proxy_only: bool = False
+
+    def plan_json(self, catalog: Catalog) -> dict:
+        plan = self.plan
+        return {
+            "bytes": plan.n_bytes, "bpw": plan.bpw, "status": plan.status, "gap": plan.gap, "method": plan.method,
+            "pools": [{"name": p.name, "capacity": p.capacity, "used": p.used, "left": p.left} for p in plan.pools],
+            "predicted": ("proxy: importance-weighted relative error (no sensitivity fit)" if self.proxy_only
+                          else "mean KLD on calibration tokens: sum of per-tensor coefficient x error"),
+            "predicted_total": plan.objective,
+            "refinement": self.refinement.summary() if self.refinement is not None else None,
+            "tensors": [{"name": t.name, "type": t.qtype, "bytes": t.n_bytes,
+                         "predicted": None if t.fixed else self.costs.get(t.name, {}).get(t.qtype)}
+                        for t in plan.tensors],
+        }
+
+
+@dataclass
+class Measured:
+    """Everything measured once per model and reused for every target."""
+
+    inputs: ModelInputs
+    catalog: Catalog
+    imatrix: Path | None
+    table: object  # ErrorTable
+    sensitivity: object | None
+    probe: object | None = None
+    check_probe: object | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def measure(inputs: ModelInputs, imatrix: Path | None, candidates: tuple[str, ...] | None, *,
+            profile: str | None = "full", device: str | None = None, progress: bool = True) -> Measured:
+    """Error table, then (with the Hugging Face model and a profile) the sensitivity fit."""
+    import torch
+
+    from quantmix.measurement.error_table import error_table
+    from quantmix.measurement.sensitivity import fit_sensitivity
+
+    cat = catalog_from_gguf(inputs.gguf)
+    if candidates is None and not torch.cuda.is_available() and (device in (None, "cpu")):
+        candidates = CPU_CANDIDATES
+    t0 = time.time()
+    table = error_table(inputs.gguf, imatrix, candidates=list(candidates) if candidates else None, device=device,
+                        progress=progress)
+    _log(f"error table: {len(table.rows)} (tensor, type) errors in {time.time() - t0:.0f} s")
+    m = Measured(inputs, cat, imatrix, table, None)
+    if not table.bias:
+        m.notes.append(table.bias_note)
+    if profile and inputs.hf_dir is not None:
+        classes = {t.name: t.tensor_class for t in cat}
+        sens = fit_sensitivity(inputs.hf_dir, table.to_costs(), classes, imatrix, profile=profile, device=device,
+                               progress=progress)
+        _log(f"sensitivity ({profile}): {len(sens.probe_kld)} probes on {sens.n_tokens} calibration tokens, "
+             f"{sens.forward_tokens:,} forward-pass tokens, {sens.seconds:.0f} s; {sens.check_summary()}")
+        m.sensitivity = sens
+    elif profile:
+        m.notes.append("no Hugging Face model: the plan minimizes the proxy error (no sensitivity fit)")
+    return m
+
+
+def _probe(m: Measured, first_chunk: int, n_chunks: int, device: str | None) -> object:
+    from transformers import AutoTokenizer
+
+    from quantmix.calibration.imatrix import calibration_tokens
+    from quantmix.fixtures.text import read_text
+    from quantmix.measurement.kld_probe import KLDProbe
+
+    tok = AutoTokenizer.from_pretrained(m.inputs.hf_dir)
+    ids = calibration_tokens(tok, [read_text("wiki-calib")], 512, first_chunk + n_chunks)[first_chunk:]
+    return KLDProbe(m.inputs.hf_dir, ids, m.imatrix, device, image_cache_bytes=6 << 30)
+
+
+def plan_recipe(m: Measured, budget: object, constraints: object = None, *, refine_time: float = 0.0,
+                method: str = "ilp", time_limit: float = 60.0, device: str | None = None, seed: int = 0,
+                progress: bool = True) -> PlanOutcome:
+    """The exact knapsack plan on predicted KLD (proxy error without a sensitivity fit), then refinement
+    against measured KLD for ``refine_time`` seconds (needs the Hugging Face model)."""
+    from quantmix.planning.constraints import Constraints
+    from quantmix.planning.refine import refine
+    from quantmix.planning.solver import optimize
+
+    if constraints is None:
+        constraints = Constraints(imatrix=m.imatrix is not None)
+    proxy = m.table.to_costs()
+    costs = m.sensitivity.scaled_costs(proxy) if m.sensitivity is not None else proxy
+    plan = optimize(m.catalog, costs, budget, constraints, method=method, time_limit=time_limit)
+    out = PlanOutcome(plan, costs, m.sensitivity, None, m.sensitivity is None)
+    if refine_time > 0 and m.sensitivity is not None and m.sensitivity.profile != "large":
+        if m.probe is None:
+            m.probe = _probe(m, 0, 4, device)  # the sensitivity fit's own tokens
+            m.check_probe = _probe(m, 4, 8, device)  # winners are confirmed on other, more tokens
+        out.refinement = refine(plan, costs, m.probe, constraints, time_limit=refine_time, seed=seed,
+                                check_probe=m.check_probe, progress=progress)
+        out.plan = out.refinement.plan
+    return out
+
+
+def write_plan(outcome: PlanOutcome, catalog: Catalog, recipe_path: Path) -> dict[str, Path]:
+    """Recipe (llama-quantize tensor-type file), its ik_llama.cpp --custom-q form, and the JSON plan."""
+    from quantmix.planning.recipe import atomic_write_text, custom_q_text
+
+    recipe_path.parent.mkdir(parents=True, exist_ok=True)
+    outcome.plan.write_recipe(recipe_path)
+    ik = recipe_path.with_suffix(recipe_path.suffix + ".ik")
+    atomic_write_text(ik, custom_q_text(outcome.plan.resolution()) + "\n")
+    pj = recipe_path.with_suffix(".plan.json")
+    atomic_write_text(pj, json.dumps(outcome.plan_json(catalog), indent=1) + "\n")
+    return {"recipe": recipe_path, "ik": ik, "plan": pj}
+
+
+def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf: str | Path | None = None,
+            imatrix: str | Path | None = None, profile: str = "full", refine_time: float = 120.0,
+            candidates: tuple[str, ...] | None = None, stock: tuple[str, ...] | None = None,
+            eval_chunks: int = 16, device: str | None = None, seed: int = 0, progress: bool = True) -> Path:
+    """Calibrate, measure, optimize each BPW target, write each GGUF, evaluate each (and llama.cpp's stock mixes
+    for comparison) on held-out text, and write the report folder; returns its README.md."""
+    from quantmix.evaluation.evaluate import evaluate, gguf_source
+    from quantmix.evaluation.runs import append_run, load_runs
+    from quantmix.export.gguf_writer import quantize_gguf
+    from quantmix.planning.baselines import stock_resolution
+    from quantmix.planning.budget import Budget
+    from quantmix.planning.constraints import Constraints
+    from quantmix.planning.recipe import atomic_write_text, write_recipe
+    from quantmix.reports.eval_table import render_eval_table
+    from quantmix.reports.heatmap import render_sensitivity_table, write_sensitivity_heatmap
+    from quantmix.reports.model_card import render_model_card
+    from quantmix.reports.pareto import write_pareto_plot
+
+    t_start = time.time()
+    out = Path(out_dir)
+    (out / "recipes").mkdir(parents=True, exist_ok=True)
+    (out / "gguf").mkdir(parents=True, exist_ok=True)
+    inputs = resolve_model(model, hf)
+    if inputs.hf_dir is None:
+        raise ValueError(f"{model}: quantmix run evaluates against the Hugging Face model; give it with --hf DIR")
+    im = Path(imatrix) if imatrix else ensure_imatrix(inputs, progress=progress)
+    m = measure(inputs, im, candidates, profile=profile, device=device, progress=progress)
+    runs = out / "runs.jsonl"
+    recipes: dict[str, str] = {}
+    summaries = []
+    for bpw in targets:
+        label = f"quantmix-{bpw:g}bpw"
+        budget = Budget.of_bpw(m.catalog, bpw)
+        oc = plan_recipe(m, budget, Constraints(imatrix=True), refine_time=refine_time, device=device, seed=seed,
+                         progress=progress)
+        files = write_plan(oc, m.catalog, out / "recipes" / f"{label}.txt")
+        recipes[label] = f"recipes/{label}.txt"
+        summaries.append(f"{label}: {oc.plan.summary().splitlines()[0]}"
+                         + (f"\n  {oc.refinement.summary()}" if oc.refinement else ""))
+        _log(summaries[-1])
+        g = out / "gguf" / f"{inputs.name}-{label}.gguf"
+        quantize_gguf(inputs.gguf, oc.plan.resolution(), g, imatrix=im, device=device, progress=progress)
+        res = evaluate(inputs.hf_dir, gguf_source(g, label=label), None, max_chunks=eval_chunks, device=device,
+                       progress=False)
+        append_run(runs, res.row() | {"family": "quantmix", "predicted_kld": oc.plan.objective,
+                                      "recipe": files["recipe"].name})
+        _log(f"{label}: KLD {res.stats.kld:.5f} (predicted {oc.plan.objective:.5f}), PPL {res.stats.ppl_q:.3f}")
+    lo, hi = min(targets) - 0.6, max(targets) + 0.6
+    for ftype in (stock if stock is not None else ("Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K")):
+        res_stock = stock_resolution(m.catalog, ftype, imatrix_present=True)
+        if stock is None and not lo <= 8.0 * res_stock.n_bytes / m.catalog.n_elements <= hi:
+            continue
+        write_recipe(res_stock, out / "recipes" / f"stock-{ftype}.txt", "llama")
+        g = out / "gguf" / f"{inputs.name}-{ftype}.gguf"
+        quantize_gguf(inputs.gguf, res_stock, g, imatrix=im, device=device, progress=progress)
+        res = evaluate(inputs.hf_dir, gguf_source(g, label=ftype), None, max_chunks=eval_chunks, device=device,
+                       progress=False)
+        append_run(runs, res.row() | {"family": "stock"})
+        _log(f"stock {ftype}: {res.meta['bpw']:.3f} BPW, KLD {res.stats.kld:.5f}, PPL {res.stats.ppl_q:.3f}")
+    rows = load_runs(runs)
+    write_pareto_plot(rows, out / "pareto.png", f"{inputs.name}: quantmix vs llama.cpp stock mixes")
+    plots = ["pareto.png"]
+    if m.sensitivity is not None:
+        sens = m.sensitivity
+        cells = sens.by_layer_class(sens.probe_kld)
+        write_sensitivity_heatmap(cells, out / "sensitivity.png",
+                                  f"{inputs.name}: KLD caused by each tensor alone at {sens.probe_type}")
+        atomic_write_text(out / "sensitivity.md", f"# Sensitivity of {inputs.name}\n\nKLD on calibration tokens "
+                          f"when one tensor alone is quantized to {sens.probe_type} ({sens.profile} profile, "
+                          f"{sens.n_tokens} tokens, {sens.forward_tokens:,} forward-pass tokens).\n\n"
+                          + render_sensitivity_table(cells) + f"\n\n{sens.check_summary()}\n")
+        sens.save(out / "sensitivity.json")
+        plots.append("sensitivity.png")
+    notes = "\n".join([f"- {s}" for s in summaries] + [f"- {n}" for n in m.notes]
+                      + [f"- total time {time.time() - t_start:.0f} s"])
+    reproduce = (f"quantmix run {model} --targets {','.join(f'{t:g}' for t in targets)} --profile {profile} "
+                 f"--refine-time {refine_time:g} --eval-chunks {eval_chunks}")
+    card = render_model_card(inputs.name, rows, recipes, plots, reproduce, notes, imatrix=str(im.name),
+                             source_gguf=inputs.gguf.name)
+    readme = out / "README.md"
+    atomic_write_text(readme, card)
+    atomic_write_text(out / "results.md", render_eval_table(rows) + "\n")
+    return readme
