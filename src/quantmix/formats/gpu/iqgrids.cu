@@ -9,7 +9,9 @@
 //
 // Work split: one thread per super-block of 256 weights runs the whole quantizer of its type (the
 // candidate-scale search of every sub-block, the neighbour searches, the super-block scale and the bit
-// packing) and writes the block bytes. The codebook tables are read from global memory (cached):
+// packing) and writes the block bytes. IQ1_S / IQ1_M hand their neighbour searches to the whole warp
+// (iq_search: C's first-minimum result, found cooperatively); the others search privately, which measured
+// faster for their many short lists (BENCHMARKS.md). The codebook tables are read from global memory (cached):
 //   map  int32 [keys]: >= 0 the grid index of an on-grid key, else -(1 + offset) into nbr, where
 //        nbr[offset] = number of neighbours, followed by their keys (not indices: one load fewer per
 //        neighbour; the winner's index is map[key]) in ggml's order;
@@ -112,19 +114,157 @@ IQ_DEV float iq_sumx2(const float* xbl) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// neighbour searches (iq2_find_best_neighbour, iq3_find_best_neighbour, iq1_find_best_neighbour2).
-// Where C aborts (no neighbour with d2 < FLT_MAX: only for weights that overflow) the first is taken.
+// neighbour searches
 // ------------------------------------------------------------------------------------------------
 
 // (float)v for 0 <= v < 2^23, exact, without the quarter-rate int->float conversion
 IQ_DEV float iq_q(int v) { return iq_u2f(0x4B000000u | (u32)v) - 8388608.f; }
 
 // The terms (w_i*diff)*diff of a neighbour's distance depend only on the position i and its level, so
-// they are computed once per search for every (i, level) and summed per neighbour in C's order: the
-// same float operations on the same values as C's loop, so the same d2 bit for bit.
+// for the 8-d grids they are computed once per search for every (i, level) (T[3*i + level]) and summed
+// per neighbour in C's order: the same float operations on the same values as C's loop, so the same d2
+// bit for bit.
+IQ_DEV void iq8_terms(float* T, const float* x, const float* w, float scale, float g0, float g1, float g2) {
+    IQ_UNROLL
+    for (int i = 0; i < 8; ++i) {
+        float d0 = scale * g0 - x[i], d1 = scale * g1 - x[i], d2 = scale * g2 - x[i];
+        T[3 * i + 0] = w[i] * d0 * d0;
+        T[3 * i + 1] = w[i] * d1 * d1;
+        T[3 * i + 2] = w[i] * d2 * d2;
+    }
+}
 
-// 8-d grid, q = 2l+1 (levels 0..2): returns the winner's key, its levels into L[0..7].
-IQ_DEV u32 iq2_best(const IqTabs& t, u32 u, const float* xval, const float* w, float scale, i8* L) {
+IQ_DEV float iq8_d2(const float* T, u32 key) {
+    float d2 = 0;
+    IQ_UNROLL
+    for (int i = 0; i < 8; ++i) d2 += T[3 * i + ((key >> (2 * i)) & 3)];
+    return d2;
+}
+
+// d2 as an unsigned key whose order is C's `d2 < best` order for the values that can win (d2 < FLT_MAX;
+// +0 and -0 equal); NaN and d2 >= FLT_MAX, which never win, map to the largest key.
+IQ_DEV u32 iq_okey(float d2) {
+    if (!(d2 < IQ_FLT_MAX)) return 0xFFFFFFFFu;
+    if (d2 == 0) return 0x80000000u;
+    const u32 b = iq_f2u(d2);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// Per-warp scratch of the cooperative search: the owner lanes' parameters and lists, running bests.
+#define IQ_NP 25
+struct IqWarp {
+    float P[32][IQ_NP];
+    int start[32];
+    int off[32];
+    unsigned long long best[32];
+};
+
+#ifdef IQ_CUDA
+// The neighbour searches of all lanes of a warp that need one, evaluated together: the lists are laid end
+// to end and each lane evaluates every 32nd neighbour (the lanes of one list reduce with redux); the
+// result per list is C's: the first neighbour (in ggml's order) of least d2 among those with d2 < FLT_MAX,
+// else the first. Any set of converged lanes may call it (the mask is taken at entry and every later step
+// is uniform over it); the scratch is indexed by lane, so two disjoint groups of one warp cannot collide.
+// Returns the index j (0-based) of the winner in the calling lane's list (0 where need is false).
+template <class D2>
+IQ_DEV int iq_search(IqWarp& W, bool need, int off, const u16* nbr, D2 d2of) {
+    const unsigned mask = __activemask();
+    const unsigned needm = __ballot_sync(mask, need);
+    if (!needm) return 0;
+    const int lane = threadIdx.x & 31;
+    const int cnt = need ? (int)IQ_LD(nbr + off) : 0;
+    int incl = cnt;
+    if (mask == 0xFFFFFFFFu) {
+        IQ_UNROLL
+        for (int d = 1; d < 32; d <<= 1) {
+            const int v = __shfl_up_sync(0xFFFFFFFFu, incl, d);
+            if (lane >= d) incl += v;
+        }
+    } else {
+        W.start[lane] = cnt;
+        __syncwarp(mask);
+        incl = 0;
+        for (int l = 0; l <= lane; ++l)
+            if ((mask >> l) & 1) incl += W.start[l];
+        __syncwarp(mask);
+    }
+    const int total = __shfl_sync(mask, incl, 31 - __clz(mask));
+    if (need) {
+        W.start[lane] = incl - cnt;
+        W.off[lane] = off;
+        W.best[lane] = ~0ull;
+    }
+    __syncwarp(mask);
+    const int me = __popc(mask & ((1u << lane) - 1)), width = __popc(mask);
+    int r = __ffs(needm) - 1;  // owner lane of this lane's current neighbour (items only move forward)
+    for (int base = 0; base < total; base += width) {
+        const int f = base + me;
+        const bool act = f < total;
+        u32 key = 0xFFFFFFFFu, j = 0;
+        if (act) {
+            for (;;) {
+                const unsigned nx = r == 31 ? 0u : (needm & ~((2u << r) - 1u));
+                if (!nx) break;
+                const int rn = __ffs(nx) - 1;
+                if (f < W.start[rn]) break;
+                r = rn;
+            }
+            j = (u32)(f - W.start[r]);
+            key = iq_okey(d2of(W.P[r], (u32)IQ_LD(nbr + W.off[r] + 1 + j)));
+        }
+        const unsigned grp = __match_any_sync(mask, act ? r : 32);
+        const u32 kmin = __reduce_min_sync(grp, key);
+        const u32 jmin = __reduce_min_sync(grp, key == kmin ? j : 0xFFFFFFFFu);
+        if (act && lane == __ffs(grp) - 1) {
+            const unsigned long long c = ((unsigned long long)kmin << 32) | jmin;
+            if (c < W.best[r]) W.best[r] = c;
+        }
+        __syncwarp(mask);
+    }
+    const int jw = need ? (int)(u32)(W.best[lane] & 0xFFFFFFFFu) : 0;
+    __syncwarp(mask);
+    return jw;
+}
+#define IQ_WS_DECL IqWarp& W,
+#define IQ_WS W,
+#else
+// host: one super-block at a time, C's loop
+template <class D2>
+IQ_DEV int iq_search(IqWarp& W, bool need, int off, const u16* nbr, D2 d2of) {
+    if (!need) return 0;
+    const int n = nbr[off];
+    float best = IQ_FLT_MAX;
+    int bj = -1;
+    for (int j = 0; j < n; ++j) {
+        const float d2 = d2of(W.P[0], (u32)nbr[off + 1 + j]);
+        if (d2 < best) {
+            best = d2;
+            bj = j;
+        }
+    }
+    return bj < 0 ? 0 : bj;
+}
+#define IQ_WS_DECL IqWarp& W,
+#define IQ_WS W,
+#endif
+
+IQ_DEV float* iq_myP(IqWarp& W) {
+#ifdef IQ_CUDA
+    return W.P[threadIdx.x & 31];
+#else
+    return W.P[0];
+#endif
+}
+
+// neighbour searches (iq2_find_best_neighbour, iq3_find_best_neighbour, iq1_find_best_neighbour2) for
+// the groups with need set (key u off the grid). Where C aborts (no neighbour with d2 < FLT_MAX: only for
+// weights that overflow) the first is taken. Every lane of the warp may call them, need or not.
+
+// 8-d grid, q = 2l+1 (levels 0..2): the winner's levels into L[0..7]. One lane, its own list (the
+// warp-cooperative search was measured slower for these callers: many calls with short lists).
+IQ_DEV void iq2_best(IQ_WS_DECL const IqTabs& t, bool need, u32 u, const float* xval, const float* w, float scale, i8* L) {
+    (void)W;
+    if (!need) return;
     const int off = -IQ_LD(t.map + u) - 1;
     const int n = IQ_LD(t.nbr + off);
     float t0[8], t1[8], t2[8];
@@ -153,11 +293,12 @@ IQ_DEV u32 iq2_best(const IqTabs& t, u32 u, const float* xval, const float* w, f
     if (bk == 0xFFFFFFFFu) bk = IQ_LD(t.nbr + off + 1);
     IQ_UNROLL
     for (int i = 0; i < 8; ++i) L[i] = (i8)((bk >> (2 * i)) & 3);
-    return bk;
 }
 
 // 4-d grid of 3-bit levels, q = 2l+1.
-IQ_DEV u32 iq3_best(const IqTabs& t, u32 u, const float* xval, const float* w, float scale, i8* L) {
+IQ_DEV void iq3_best(IQ_WS_DECL const IqTabs& t, bool need, u32 u, const float* xval, const float* w, float scale, i8* L) {
+    (void)W;
+    if (!need) return;
     const int off = -IQ_LD(t.map + u) - 1;
     const int n = IQ_LD(t.nbr + off);
     float best = IQ_FLT_MAX;
@@ -179,39 +320,14 @@ IQ_DEV u32 iq3_best(const IqTabs& t, u32 u, const float* xval, const float* w, f
     if (bk == 0xFFFFFFFFu) bk = IQ_LD(t.nbr + off + 1);
     IQ_UNROLL
     for (int i = 0; i < 4; ++i) L[i] = (i8)((bk >> (3 * i)) & 7);
-    return bk;
 }
 
 // IQ1: q = xg[level] (the shifted ternary values); x are the signed weights. Returns the winner's key.
-IQ_DEV u32 iq1_best(const IqTabs& t, u32 u, const float* x, const float* w, float scale, const float* xg) {
-    const int off = -IQ_LD(t.map + u) - 1;
-    const int n = IQ_LD(t.nbr + off);
-    float t0[8], t1[8], t2[8];
-    const float g0 = xg[0], g1 = xg[1], g2 = xg[2];
-    IQ_UNROLL
-    for (int i = 0; i < 8; ++i) {
-        float d0 = scale * g0 - x[i], d1 = scale * g1 - x[i], d2 = scale * g2 - x[i];
-        t0[i] = w[i] * d0 * d0;
-        t1[i] = w[i] * d1 * d1;
-        t2[i] = w[i] * d2 * d2;
-    }
-    float best = IQ_FLT_MAX;
-    u32 bk = 0xFFFFFFFFu;
-    for (int j = 1; j <= n; ++j) {
-        const u32 key = IQ_LD(t.nbr + off + j);
-        float d2 = 0;
-        IQ_UNROLL
-        for (int i = 0; i < 8; ++i) {
-            const u32 l = (key >> (2 * i)) & 3;
-            d2 += l == 0 ? t0[i] : (l == 1 ? t1[i] : t2[i]);
-        }
-        if (d2 < best) {
-            best = d2;
-            bk = key;
-        }
-    }
-    if (bk == 0xFFFFFFFFu) bk = IQ_LD(t.nbr + off + 1);
-    return bk;
+IQ_DEV u32 iq1_best(IQ_WS_DECL const IqTabs& t, bool need, u32 u, const float* x, const float* w, float scale, const float* xg) {
+    const int off = need ? -IQ_LD(t.map + u) - 1 : 0;
+    if (need) iq8_terms(iq_myP(W), x, w, scale, xg[0], xg[1], xg[2]);
+    const int j = iq_search(W, need, off, t.nbr, [](const float* P, u32 k) { return iq8_d2(P, k); });
+    return need ? (u32)IQ_LD(t.nbr + off + 1 + j) : 0u;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -341,7 +457,7 @@ IQ_DEV u32 iq2_key(const i8* L) {
     return u;
 }
 
-IQ_DEV void iq2_xxs_sb(const IqTabs& t, const float* xbl, const float* qwbl, u8* y) {
+IQ_DEV void iq2_xxs_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float* qwbl, u8* y) {
     const int kMaxQ = 3;
     float scales[8];
     u32 q2[16];
@@ -381,7 +497,7 @@ IQ_DEV void iq2_xxs_sb(const IqTabs& t, const float* xbl, const float* qwbl, u8*
                     Laux[8 * k + i] = (i8)iq_clampi(l, 0, kMaxQ - 1);
                 }
                 u32 u = iq2_key(Laux + 8 * k);
-                if (IQ_LD(t.map + u) < 0) iq2_best(t, u, xval + 8 * k, waux + 8 * k, this_scale, Laux + 8 * k);
+                iq2_best(W, t, IQ_LD(t.map + u) < 0, u, xval + 8 * k, waux + 8 * k, this_scale, Laux + 8 * k);
             }
             float sumqx, sumq2;
             iq2_sums<32>(weight, xval, Laux, &sumqx, &sumq2);
@@ -393,7 +509,8 @@ IQ_DEV void iq2_xxs_sb(const IqTabs& t, const float* xbl, const float* qwbl, u8*
             }
         }
         (void)have;
-        if (scale > 0) {
+        const bool fin = scale > 0;  // every lane runs the block (see iq2_16_sb)
+        {
             float id = 1 / scale;
             for (int k = 0; k < 4; ++k) {
                 u32 u = 0;
@@ -401,13 +518,15 @@ IQ_DEV void iq2_xxs_sb(const IqTabs& t, const float* xbl, const float* qwbl, u8*
                     int l = iq_nint(0.5f * (id * xval[8 * k + i] - 1));
                     l = iq_clampi(l, 0, kMaxQ - 1);
                     u |= ((u32)l << (2 * i));
-                    L[8 * k + i] = (i8)l;
+                    if (fin) L[8 * k + i] = (i8)l;
                 }
-                if (IQ_LD(t.map + u) < 0) iq2_best(t, u, xval + 8 * k, waux + 8 * k, scale, L + 8 * k);
+                iq2_best(W, t, fin && IQ_LD(t.map + u) < 0, u, xval + 8 * k, waux + 8 * k, scale, L + 8 * k);
             }
-            float sumqx, sumq2;
-            iq2_sums<32>(weight, xval, L, &sumqx, &sumq2);
-            if (sumq2 > 0) scale = sumqx / sumq2;
+            if (fin) {
+                float sumqx, sumq2;
+                iq2_sums<32>(weight, xval, L, &sumqx, &sumq2);
+                if (sumq2 > 0) scale = sumqx / sumq2;
+            }
         }
         if (scale < 0) {
             scale = -scale;
@@ -437,7 +556,7 @@ IQ_DEV void iq2_xxs_sb(const IqTabs& t, const float* xbl, const float* qwbl, u8*
 }
 
 template <bool IS_S>
-IQ_DEV void iq2_16_sb(const IqTabs& t, const float* xbl, const float* qwbl, int has_qw, u8* y) {
+IQ_DEV void iq2_16_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float* qwbl, int has_qw, u8* y) {
     const int kMaxQ = 3;
     const int TS = IS_S ? 82 : 74;
     float scales[16];
@@ -478,11 +597,8 @@ IQ_DEV void iq2_16_sb(const IqTabs& t, const float* xbl, const float* qwbl, int 
                     Laux[8 * k + i] = (i8)iq_clampi(l, 0, kMaxQ - 1);
                 }
                 u32 u = iq2_key(Laux + 8 * k);
-                on_aux[k] = true;
-                if (IQ_LD(t.map + u) < 0) {
-                    on_aux[k] = false;
-                    iq2_best(t, u, xval + 8 * k, waux + 8 * k, this_scale, Laux + 8 * k);
-                }
+                on_aux[k] = IQ_LD(t.map + u) >= 0;
+                iq2_best(W, t, !on_aux[k], u, xval + 8 * k, waux + 8 * k, this_scale, Laux + 8 * k);
             }
             float sumqx, sumq2;
             iq2_sums<16>(weight, xval, Laux, &sumqx, &sumq2);
@@ -494,21 +610,25 @@ IQ_DEV void iq2_16_sb(const IqTabs& t, const float* xbl, const float* qwbl, int 
                 on_grid[1] = on_aux[1];
             }
         }
-        if ((!on_grid[0] || !on_grid[1]) && scale > 0) {
+        // (run by every lane, so that the warp's searches stay together; fin says whether C runs it)
+        const bool fin = (!on_grid[0] || !on_grid[1]) && scale > 0;
+        {
             float id = 1 / scale;
             for (int k = 0; k < 2; ++k) {
-                if (on_grid[k]) continue;
+                const bool doit = fin && !on_grid[k];
                 u32 u = 0;
                 for (int i = 0; i < 8; ++i) {
                     int l = iq_clampi(iq_nint(0.5f * (id * xval[8 * k + i] - 1)), 0, kMaxQ - 1);
                     u |= ((u32)l << (2 * i));
-                    L[8 * k + i] = (i8)l;
+                    if (doit) L[8 * k + i] = (i8)l;
                 }
-                if (IQ_LD(t.map + u) < 0) iq2_best(t, u, xval + 8 * k, waux + 8 * k, scale, L + 8 * k);
+                iq2_best(W, t, doit && IQ_LD(t.map + u) < 0, u, xval + 8 * k, waux + 8 * k, scale, L + 8 * k);
             }
-            float sumqx, sumq2;
-            iq2_sums<16>(weight, xval, L, &sumqx, &sumq2);
-            if (sumq2 > 0) scale = sumqx / sumq2;
+            if (fin) {
+                float sumqx, sumq2;
+                iq2_sums<16>(weight, xval, L, &sumqx, &sumq2);
+                if (sumq2 > 0) scale = sumqx / sumq2;
+            }
         }
         if (scale < 0) {
             scale = -scale;
@@ -552,7 +672,7 @@ IQ_DEV u32 iq3_key(const i8* L) {
 }
 
 template <bool IS_S>
-IQ_DEV void iq3_sb(const IqTabs& t, const float* xbl, const float* qwbl, int has_qw, u8* y) {
+IQ_DEV void iq3_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float* qwbl, int has_qw, u8* y) {
     const int kMaxQ = 8;
     const int TS = IS_S ? 110 : 98;
     float scales[8];
@@ -594,11 +714,8 @@ IQ_DEV void iq3_sb(const IqTabs& t, const float* xbl, const float* qwbl, int has
                     Laux[4 * k + i] = (i8)iq_clampi(l, 0, kMaxQ - 1);
                 }
                 u32 u = iq3_key(Laux + 4 * k);
-                on_aux[k] = true;
-                if (IQ_LD(t.map + u) < 0) {
-                    on_aux[k] = false;
-                    iq3_best(t, u, xval + 4 * k, waux + 4 * k, this_scale, Laux + 4 * k);
-                }
+                on_aux[k] = IQ_LD(t.map + u) >= 0;
+                iq3_best(W, t, !on_aux[k], u, xval + 4 * k, waux + 4 * k, this_scale, Laux + 4 * k);
             }
             float sumqx, sumq2;
             iq2_sums<32>(weight, xval, Laux, &sumqx, &sumq2);
@@ -611,19 +728,23 @@ IQ_DEV void iq3_sb(const IqTabs& t, const float* xbl, const float* qwbl, int has
         }
         int n_not = 0;
         for (int k = 0; k < 8; ++k) if (!on_grid[k]) ++n_not;
-        if (n_not > 0 && scale > 0) {
+        const bool fin = n_not > 0 && scale > 0;  // every lane runs the block (see iq2_16_sb)
+        {
             float id = 1 / scale;
             for (int k = 0; k < 8; ++k) {
-                if (!IS_S && on_grid[k]) continue;
+                const bool doit = fin && (IS_S || !on_grid[k]);
                 i8 Lk[4];
                 for (int i = 0; i < 4; ++i) Lk[i] = (i8)iq_clampi(iq_nint(0.5f * (id * xval[4 * k + i] - 1)), 0, kMaxQ - 1);
                 u32 u = iq3_key(Lk);
-                if (IQ_LD(t.map + u) < 0) iq3_best(t, u, xval + 4 * k, waux + 4 * k, scale, Lk);
-                for (int i = 0; i < 4; ++i) L[4 * k + i] = Lk[i];
+                iq3_best(W, t, doit && IQ_LD(t.map + u) < 0, u, xval + 4 * k, waux + 4 * k, scale, Lk);
+                if (doit)
+                    for (int i = 0; i < 4; ++i) L[4 * k + i] = Lk[i];
             }
-            float sumqx, sumq2;
-            iq2_sums<32>(weight, xval, L, &sumqx, &sumq2);
-            if (sumq2 > 0) scale = sumqx / sumq2;
+            if (fin) {
+                float sumqx, sumq2;
+                iq2_sums<32>(weight, xval, L, &sumqx, &sumq2);
+                if (sumq2 > 0) scale = sumqx / sumq2;
+            }
         }
         if (scale < 0) {
             scale = -scale;
@@ -692,7 +813,7 @@ IQ_DEV void iq1_sort(const float* x, u8* idx) {
     }
 }
 
-IQ_DEV void iq1_s_sb(const IqTabs& t, const float* xbl, const float* qwbl, u8* y) {
+IQ_DEV void iq1_s_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float* qwbl, u8* y) {
     const float x_p[3] = {-1 + 0.125f, 0.125f, 1 + 0.125f};
     const float x_m[3] = {-1 - 0.125f, -0.125f, 1 - 0.125f};
     float scales[8];
@@ -723,12 +844,21 @@ IQ_DEV void iq1_s_sb(const IqTabs& t, const float* xbl, const float* qwbl, u8* y
         }
         float best_score = -IQ_FLT_MAX, scale = max;
         int besti1 = -1, besti2 = -1, best_shift = 0;
+        // C's expressions with the loop-invariant products hoisted and x_m[1] = -x_p[1] (a power of two):
+        // b*x_m[1] == -(b*x_p[1]) and (bw*x_m[1])*x_m[1] == (bw*x_p[1])*x_p[1] exactly, so the same floats.
+        const float xp0 = x_p[0], xp1 = x_p[1], xp2 = x_p[2], xm0 = x_m[0], xm2 = x_m[2];
+        const float sx32 = sumx[32], sw32 = sumw[32];
         for (int i1 = 0; i1 <= 32; ++i1) {
+            const float a = sumx[i1] - sumx[0], aw = sumw[i1] - sumw[0];
+            const float ap = a * xp0, am = a * xm0, awp = aw * xp0 * xp0, awm = aw * xm0 * xm0;
+            const float sx1 = sumx[i1], sw1 = sumw[i1];
             for (int i2 = i1; i2 <= 32; ++i2) {
-                float a = sumx[i1] - sumx[0], b = sumx[i2] - sumx[i1], c = sumx[32] - sumx[i2];
-                float aw = sumw[i1] - sumw[0], bw = sumw[i2] - sumw[i1], cw = sumw[32] - sumw[i2];
-                float sumqx = a * x_p[0] + b * x_p[1] + c * x_p[2];
-                float sumq2 = aw * x_p[0] * x_p[0] + bw * x_p[1] * x_p[1] + cw * x_p[2] * x_p[2];
+                const float sx2 = sumx[i2], sw2 = sumw[i2];
+                const float b = sx2 - sx1, c = sx32 - sx2;
+                const float bw = sw2 - sw1, cw = sw32 - sw2;
+                const float bq = b * xp1, bw2 = bw * xp1 * xp1;
+                float sumqx = ap + bq + c * xp2;
+                float sumq2 = awp + bw2 + cw * xp2 * xp2;
                 if (sumq2 > 0 && sumqx * sumqx > best_score * sumq2) {
                     scale = sumqx / sumq2;
                     best_score = scale * sumqx;
@@ -736,8 +866,8 @@ IQ_DEV void iq1_s_sb(const IqTabs& t, const float* xbl, const float* qwbl, u8* y
                     besti2 = i2;
                     best_shift = 1;
                 }
-                sumqx = a * x_m[0] + b * x_m[1] + c * x_m[2];
-                sumq2 = aw * x_m[0] * x_m[0] + bw * x_m[1] * x_m[1] + cw * x_m[2] * x_m[2];
+                sumqx = am - bq + c * xm2;
+                sumq2 = awm + bw2 + cw * xm2 * xm2;
                 if (sumq2 > 0 && sumqx * sumqx > best_score * sumq2) {
                     scale = sumqx / sumq2;
                     best_score = scale * sumqx;
@@ -765,9 +895,10 @@ IQ_DEV void iq1_s_sb(const IqTabs& t, const float* xbl, const float* qwbl, u8* y
         for (int k = 0; k < 4; ++k) {
             u32 u = iq2_key(L + 8 * k);
             int gi = IQ_LD(t.map + u);
+            const u32 bk = iq1_best(W, t, gi < 0, u, xb + 8 * k, weight + 8 * k, scale, xx);
             if (gi < 0) {
                 all_on = false;
-                gi = IQ_LD(t.map + iq1_best(t, u, xb + 8 * k, weight + 8 * k, scale, xx));
+                gi = IQ_LD(t.map + bk);
             }
             index[k] = gi;
         }
@@ -805,7 +936,7 @@ IQ_DEV void iq1_s_sb(const IqTabs& t, const float* xbl, const float* qwbl, u8* y
     }
 }
 
-IQ_DEV void iq1_m_sb(const IqTabs& t, const float* xbl, const float* qwbl, int has_qw, u8* y) {
+IQ_DEV void iq1_m_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float* qwbl, int has_qw, u8* y) {
     const float x_p[3] = {-1 + 0.125f, 0.125f, 1 + 0.125f};
     const float x_m[3] = {-1 - 0.125f, -0.125f, 1 - 0.125f};
     const u8 masks[4] = {0x00, 0x80, 0x08, 0x88};
@@ -894,9 +1025,10 @@ IQ_DEV void iq1_m_sb(const IqTabs& t, const float* xbl, const float* qwbl, int h
             const float* xx = k == 0 ? (best_k < 2 ? x_p : x_m) : (best_k % 2 == 0 ? x_p : x_m);
             u32 u = iq2_key(L + 8 * k);
             int gi = IQ_LD(t.map + u);
+            const u32 bk = iq1_best(W, t, gi < 0, u, xb + 8 * k, weight + 8 * k, scale, xx);
             if (gi < 0) {
                 all_on = false;
-                gi = IQ_LD(t.map + iq1_best(t, u, xb + 8 * k, weight + 8 * k, scale, xx));
+                gi = IQ_LD(t.map + bk);
             }
             index[k] = gi;
         }
@@ -960,12 +1092,16 @@ IQ_DEV void iq1_m_sb(const IqTabs& t, const float* xbl, const float* qwbl, int h
 }
 
 // ------------------------------------------------------------------------------------------------
-// entry points: one thread per super-block. x [nsb * 256] (rows of sb_per_row super-blocks), qw the
-// row's imatrix [sb_per_row * 256] (ignored when has_qw is 0), out [nsb * type_size].
+// entry points: one thread per super-block (the threads of a warp share their neighbour searches). x
+// [nsb * 256] (rows of sb_per_row super-blocks), qw the row's imatrix [sb_per_row * 256] (ignored when
+// has_qw is 0), out [nsb * type_size]. CUDA blocks have IQ_TPB threads (iqkernels.TPB).
 // ------------------------------------------------------------------------------------------------
+#ifndef IQ_TPB
+#define IQ_TPB 64
+#endif
 #define IQ_ENTRY(NAME, TS, BODY)                                                                        \
-    IQ_DEV void NAME##_one(const float* x, const float* qw, u8* out, const int* map, const u16* nbr,   \
-                           const u16* grid, int sb, int sb_per_row, int has_qw) {                      \
+    IQ_DEV void NAME##_one(IqWarp& W, const float* x, const float* qw, u8* out, const int* map,         \
+                           const u16* nbr, const u16* grid, int sb, int sb_per_row, int has_qw) {      \
         IqTabs t = {map, nbr, grid};                                                                    \
         const float* xbl = x + (i64)sb * QK_K;                                                          \
         const float* qwbl = has_qw ? qw + (i64)(sb % sb_per_row) * QK_K : (const float*)0;             \
@@ -973,24 +1109,28 @@ IQ_DEV void iq1_m_sb(const IqTabs& t, const float* xbl, const float* qwbl, int h
         (void)qwbl;                                                                                     \
         BODY;                                                                                           \
     }                                                                                                   \
-    IQ_KERNEL qm_iq_##NAME(const float* x, const float* qw, u8* out, const int* map, const u16* nbr,   \
-                           const u16* grid, int nsb, int sb_per_row, int has_qw) {                     \
+    IQ_KERNEL IQ_BOUNDS qm_iq_##NAME(const float* x, const float* qw, u8* out, const int* map,          \
+                                     const u16* nbr, const u16* grid, int nsb, int sb_per_row, int has_qw) { \
         IQ_LOOP(NAME)                                                                                   \
     }
 
 #ifdef IQ_CUDA
+#define IQ_BOUNDS __launch_bounds__(IQ_TPB)
 #define IQ_LOOP(NAME)                                                                                   \
+    __shared__ IqWarp ws[IQ_TPB / 32];                                                                  \
     int sb = blockIdx.x * blockDim.x + threadIdx.x;                                                     \
-    if (sb < nsb) NAME##_one(x, qw, out, map, nbr, grid, sb, sb_per_row, has_qw);
+    if (sb < nsb) NAME##_one(ws[threadIdx.x / 32], x, qw, out, map, nbr, grid, sb, sb_per_row, has_qw);
 #else
+#define IQ_BOUNDS
 #define IQ_LOOP(NAME)                                                                                   \
-    for (int sb = 0; sb < nsb; ++sb) NAME##_one(x, qw, out, map, nbr, grid, sb, sb_per_row, has_qw);
+    IqWarp ws;                                                                                          \
+    for (int sb = 0; sb < nsb; ++sb) NAME##_one(ws, x, qw, out, map, nbr, grid, sb, sb_per_row, has_qw);
 #endif
 
-IQ_ENTRY(iq2_xxs, 66, iq2_xxs_sb(t, xbl, qwbl, y))
-IQ_ENTRY(iq2_xs, 74, iq2_16_sb<false>(t, xbl, qwbl, has_qw, y))
-IQ_ENTRY(iq2_s, 82, iq2_16_sb<true>(t, xbl, qwbl, has_qw, y))
-IQ_ENTRY(iq3_xxs, 98, iq3_sb<false>(t, xbl, qwbl, has_qw, y))
-IQ_ENTRY(iq3_s, 110, iq3_sb<true>(t, xbl, qwbl, has_qw, y))
-IQ_ENTRY(iq1_s, 50, iq1_s_sb(t, xbl, qwbl, y))
-IQ_ENTRY(iq1_m, 56, iq1_m_sb(t, xbl, qwbl, has_qw, y))
+IQ_ENTRY(iq2_xxs, 66, iq2_xxs_sb(W, t, xbl, qwbl, y))
+IQ_ENTRY(iq2_xs, 74, iq2_16_sb<false>(W, t, xbl, qwbl, has_qw, y))
+IQ_ENTRY(iq2_s, 82, iq2_16_sb<true>(W, t, xbl, qwbl, has_qw, y))
+IQ_ENTRY(iq3_xxs, 98, iq3_sb<false>(W, t, xbl, qwbl, has_qw, y))
+IQ_ENTRY(iq3_s, 110, iq3_sb<true>(W, t, xbl, qwbl, has_qw, y))
+IQ_ENTRY(iq1_s, 50, iq1_s_sb(W, t, xbl, qwbl, y))
+IQ_ENTRY(iq1_m, 56, iq1_m_sb(W, t, xbl, qwbl, has_qw, y))

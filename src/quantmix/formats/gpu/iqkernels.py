@@ -33,7 +33,8 @@ from quantmix.paths import cache_dir, file_lock
 
 SOURCE = Path(__file__).with_name("iqgrids.cu")
 QK_K = 256
-TPB = 64  # threads (super-blocks) per CUDA block: the kernels are register-heavy
+TPB = 64  # threads (super-blocks) per CUDA block: the kernels are register-heavy (a multiple of 32)
+_BUILT_TPB = TPB  # what the cubin is compiled for (-DIQ_TPB): launches always use it
 # name -> (kernel stem in iqgrids.cu, bytes per 256 weights)
 TYPES: dict[str, tuple[str, int]] = {
     "IQ2_XXS": ("iq2_xxs", 66),
@@ -160,7 +161,7 @@ def _cubin(arch: str) -> bytes:
     from quantmix.formats.gpu import nvrtc
 
     src = SOURCE.read_text()
-    opts = list(nvrtc.OPTIONS)
+    opts = [*nvrtc.OPTIONS, f"-DIQ_TPB={_BUILT_TPB}"]  # sizes the kernels' per-warp shared scratch
     key = hashlib.sha256("\0".join([src, *opts, arch, nvrtc._nvrtc_version(), torch.version.cuda or ""]).encode())
     f = cache_dir() / "gpu" / f"iqgrids-sm{arch}-{key.hexdigest()[:16]}.cubin"
     if f.exists():
@@ -206,7 +207,7 @@ def quantize_rows(qtype: str, x: Tensor, imatrix: Tensor | None) -> Tensor:
     if nsb >= 2**31:
         raise ValueError(f"{qtype}: {rows}x{n} is too large for one launch; quantize fewer rows per call")
     with torch.cuda.device(dev):
-        kern(grid=((nsb + TPB - 1) // TPB, 1, 1), block=(TPB, 1, 1),
+        kern(grid=((nsb + _BUILT_TPB - 1) // _BUILT_TPB, 1, 1), block=(_BUILT_TPB, 1, 1),
              args=[x, qw, out, m, nb, g, nsb, n // QK_K, int(imatrix is not None)])
     return out
 
