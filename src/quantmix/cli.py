@@ -193,7 +193,11 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     files = write_plan(oc, cat, Path(args.output))
     print(oc.plan.summary())
     if oc.sensitivity is not None:
-        print(f"predicted KLD (calibration tokens): {oc.plan.objective:.5f}; {oc.sensitivity.check_summary()}")
+        from quantmix.job import write_sensitivity_report
+
+        rep = write_sensitivity_report(oc.sensitivity, Path(args.output).parent, inputs.name)
+        print(f"predicted KLD (calibration tokens): {oc.plan.objective:.5f}; {oc.sensitivity.check_summary()}; "
+              f"sensitivity report: {rep['md']}, heatmap {rep['png']}")
     if oc.refinement is not None:
         print(oc.refinement.summary())
     print(f"recipe: {files['recipe']} (llama-quantize --imatrix I --tensor-type-file {files['recipe']} IN.gguf "

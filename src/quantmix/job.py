@@ -20,9 +20,10 @@ from quantmix.paths import cache_dir, file_lock
 __all__ = ["ModelInputs", "PlanOutcome", "resolve_model", "ensure_imatrix", "plan_recipe", "run_job",
            "CPU_CANDIDATES"]
 
-# Candidate types when no GPU is present: the codebook IQ types quantize at 0.3-1 M weights/s in torch on a
-# CPU core (an error table over them takes hours on a 2-core machine); with CUDA every supported type is used.
-CPU_CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS")
+# Candidate types when no GPU is present: the codebook IQ types quantize at 0.3-1 M weights/s on a CPU core
+# (an error table over them takes hours on a 2-core machine); with CUDA every supported type is used. The
+# 32-block types are there for rows that 256-blocks do not divide (llama.cpp's fallbacks).
+CPU_CANDIDATES = ("Q4_0", "Q5_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 
 
 def _log(msg: str) -> None:
@@ -158,7 +159,7 @@ def measure(inputs: ModelInputs, imatrix: Path | None, candidates: tuple[str, ..
     return m
 
 
-def _probe(m: Measured, first_chunk: int, n_chunks: int, device: str | None) -> object:
+def _probe(m: Measured, first_chunk: int, n_chunks: int, device: str | None, cache_bytes: int) -> object:
     from transformers import AutoTokenizer
 
     from quantmix.calibration.imatrix import calibration_tokens
@@ -167,7 +168,7 @@ def _probe(m: Measured, first_chunk: int, n_chunks: int, device: str | None) -> 
 
     tok = AutoTokenizer.from_pretrained(m.inputs.hf_dir)
     ids = calibration_tokens(tok, [read_text("wiki-calib")], 512, first_chunk + n_chunks)[first_chunk:]
-    return KLDProbe(m.inputs.hf_dir, ids, m.imatrix, device, image_cache_bytes=6 << 30)
+    return KLDProbe(m.inputs.hf_dir, ids, m.imatrix, device, image_cache_bytes=cache_bytes)
 
 
 def plan_recipe(m: Measured, budget: object, constraints: object = None, *, refine_time: float = 0.0,
@@ -187,8 +188,8 @@ def plan_recipe(m: Measured, budget: object, constraints: object = None, *, refi
     out = PlanOutcome(plan, costs, m.sensitivity, None, m.sensitivity is None)
     if refine_time > 0 and m.sensitivity is not None and m.sensitivity.profile != "large":
         if m.probe is None:
-            m.probe = _probe(m, 0, 4, device)  # the sensitivity fit's own tokens
-            m.check_probe = _probe(m, 4, 8, device)  # winners are confirmed on other, more tokens
+            m.probe = _probe(m, 0, 4, device, 4 << 30)  # the sensitivity fit's own tokens
+            m.check_probe = _probe(m, 4, 8, device, 1 << 30)  # winners are confirmed on other, more tokens
         out.refinement = refine(plan, costs, m.probe, constraints, time_limit=refine_time, seed=seed,
                                 check_probe=m.check_probe, progress=progress)
         out.plan = out.refinement.plan
@@ -208,6 +209,25 @@ def write_plan(outcome: PlanOutcome, catalog: Catalog, recipe_path: Path) -> dic
     return {"recipe": recipe_path, "ik": ik, "plan": pj}
 
 
+def write_sensitivity_report(sens: object, out_dir: Path, model_name: str) -> dict[str, Path]:
+    """sensitivity.png (layer x tensor class heatmap), sensitivity.md (per class, per layer, top cells) and
+    sensitivity.json (the coefficients) in ``out_dir``: what ExLlamaV3's measure -l2/-l3 tells quant makers."""
+    from quantmix.planning.recipe import atomic_write_text
+    from quantmix.reports.heatmap import render_sensitivity_table, write_sensitivity_heatmap
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells = sens.by_layer_class(sens.probe_kld)
+    png = write_sensitivity_heatmap(cells, out_dir / "sensitivity.png",
+                                    f"{model_name}: KLD caused by each tensor alone at {sens.probe_type}")
+    md = out_dir / "sensitivity.md"
+    atomic_write_text(md, (
+        f"# Sensitivity of {model_name}\n\nMean KLD on calibration tokens when one tensor alone is quantized to "
+        f"{sens.probe_type} ({sens.profile} profile, {sens.n_tokens} tokens, {sens.forward_tokens:,} forward-pass "
+        f"tokens, {sens.seconds:.0f} s).\n\n" + render_sensitivity_table(cells) + f"\n\n{sens.check_summary()}\n"))
+    js = sens.save(out_dir / "sensitivity.json")
+    return {"png": png, "md": md, "json": js}
+
+
 def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf: str | Path | None = None,
             imatrix: str | Path | None = None, profile: str = "full", refine_time: float = 120.0,
             candidates: tuple[str, ...] | None = None, stock: tuple[str, ...] | None = None,
@@ -222,7 +242,6 @@ def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf:
     from quantmix.planning.constraints import Constraints
     from quantmix.planning.recipe import atomic_write_text, write_recipe
     from quantmix.reports.eval_table import render_eval_table
-    from quantmix.reports.heatmap import render_sensitivity_table, write_sensitivity_heatmap
     from quantmix.reports.model_card import render_model_card
     from quantmix.reports.pareto import write_pareto_plot
 
@@ -271,15 +290,7 @@ def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf:
     write_pareto_plot(rows, out / "pareto.png", f"{inputs.name}: quantmix vs llama.cpp stock mixes")
     plots = ["pareto.png"]
     if m.sensitivity is not None:
-        sens = m.sensitivity
-        cells = sens.by_layer_class(sens.probe_kld)
-        write_sensitivity_heatmap(cells, out / "sensitivity.png",
-                                  f"{inputs.name}: KLD caused by each tensor alone at {sens.probe_type}")
-        atomic_write_text(out / "sensitivity.md", f"# Sensitivity of {inputs.name}\n\nKLD on calibration tokens "
-                          f"when one tensor alone is quantized to {sens.probe_type} ({sens.profile} profile, "
-                          f"{sens.n_tokens} tokens, {sens.forward_tokens:,} forward-pass tokens).\n\n"
-                          + render_sensitivity_table(cells) + f"\n\n{sens.check_summary()}\n")
-        sens.save(out / "sensitivity.json")
+        write_sensitivity_report(m.sensitivity, out, inputs.name)
         plots.append("sensitivity.png")
     notes = "\n".join([f"- {s}" for s in summaries] + [f"- {n}" for n in m.notes]
                       + [f"- total time {time.time() - t_start:.0f} s"])

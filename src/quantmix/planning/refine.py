@@ -52,7 +52,8 @@ class RefineResult:
 def refine(plan: Plan, costs: dict[str, dict[str, float]], probe: KLDProbe, constraints: Constraints | None = None,
            *, time_limit: float = 300.0, max_moves: int | None = None, seed: int = 0, pool_size: int = 24,
            check_probe: KLDProbe | None = None, progress: bool = True) -> RefineResult:
-    """Improve ``plan`` by measured KLD within ``time_limit`` seconds (or ``max_moves`` moves).
+    """Improve ``plan`` by measured KLD: moves for ``time_limit`` seconds after the baseline measurement (at
+    least one move when one exists), or ``max_moves`` moves.
 
     ``costs``: predicted KLD per (tensor, type) (the sensitivity-scaled table the plan was solved with)."""
     t0 = time.time()
@@ -84,11 +85,12 @@ def refine(plan: Plan, costs: dict[str, dict[str, float]], probe: KLDProbe, cons
     pred_before = problem.evaluate(choice)[1]
     probe.set_base(current_types(choice))
     measured = measured_before = probe.kld({})
+    t_search = time.time()  # the time limit bounds the search, not the baseline measurement before it
     rng = random.Random(seed)
     tried: set[tuple] = set()
     n_tried = n_acc = 0
     order = [sorted(range(len(g.options)), key=lambda i: sum(g.options[i].usage)) for g in problem.groups]
-    while time.time() - t0 < time_limit and (max_moves is None or n_tried < max_moves):
+    while (n_tried == 0 or time.time() - t_search < time_limit) and (max_moves is None or n_tried < max_moves):
         ups, downs = [], []
         for gi, (g, k) in enumerate(zip(problem.groups, choice)):
             pos = order[gi].index(k)
