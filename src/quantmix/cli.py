@@ -475,11 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--imatrix", type=Path, help="use this imatrix instead of computing one")
     r.add_argument("--profile", choices=("full", "quick", "large"), default="quick",
                    help="sensitivity profile (default quick)")
-    r.add_argument("--refine-time", type=float, default=90.0, metavar="SECONDS",
-                   help="refinement time per target (default 90)")
+    r.add_argument("--refine-time", type=float, default=60.0, metavar="SECONDS",
+                   help="refinement search time per target (default 60)")
     r.add_argument("--stock", default=None,
-                   help="stock mixes to compare, comma-separated (default: those within 0.6 BPW of a target)")
-    r.add_argument("--eval-chunks", type=int, default=16, help="chunks of 512 wiki-eval tokens per evaluation")
+                   help="llama.cpp stock mixes to compare, comma-separated (default: the one nearest each target)")
+    r.add_argument("--eval-chunks", type=int, default=8,
+                   help="chunks of 512 wiki-eval tokens per evaluation (default 8: 2,040 scored tokens)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", help="cuda or cpu (default: CUDA when present)")
     r.add_argument("--quiet", action="store_true")

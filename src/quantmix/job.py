@@ -231,7 +231,7 @@ def write_sensitivity_report(sens: object, out_dir: Path, model_name: str) -> di
 def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf: str | Path | None = None,
             imatrix: str | Path | None = None, profile: str = "full", refine_time: float = 120.0,
             candidates: tuple[str, ...] | None = None, stock: tuple[str, ...] | None = None,
-            eval_chunks: int = 16, device: str | None = None, seed: int = 0, progress: bool = True) -> Path:
+            eval_chunks: int = 8, device: str | None = None, seed: int = 0, progress: bool = True) -> Path:
     """Calibrate, measure, optimize each BPW target, write each GGUF, evaluate each (and llama.cpp's stock mixes
     for comparison) on held-out text, and write the report folder; returns its README.md."""
     from quantmix.evaluation.evaluate import evaluate, gguf_source
@@ -252,6 +252,12 @@ def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf:
     inputs = resolve_model(model, hf)
     if inputs.hf_dir is None:
         raise ValueError(f"{model}: quantmix run evaluates against the Hugging Face model; give it with --hf DIR")
+    cat0 = catalog_from_gguf(inputs.gguf)  # stock mixes checked before the long work starts
+    pool = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+    stock_res = {f: stock_resolution(cat0, f, imatrix_present=True) for f in (stock or pool)}
+    if stock is None:  # the stock mix nearest each target in size
+        bpw_of = {f: 8.0 * r.n_bytes / cat0.n_elements for f, r in stock_res.items()}
+        stock = tuple(dict.fromkeys(min(pool, key=lambda f: abs(bpw_of[f] - t)) for t in targets))
     im = Path(imatrix) if imatrix else ensure_imatrix(inputs, progress=progress)
     m = measure(inputs, im, candidates, profile=profile, device=device, progress=progress)
     runs = out / "runs.jsonl"
@@ -274,11 +280,8 @@ def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf:
         append_run(runs, res.row() | {"family": "quantmix", "predicted_kld": oc.plan.objective,
                                       "recipe": files["recipe"].name})
         _log(f"{label}: KLD {res.stats.kld:.5f} (predicted {oc.plan.objective:.5f}), PPL {res.stats.ppl_q:.3f}")
-    lo, hi = min(targets) - 0.6, max(targets) + 0.6
-    for ftype in (stock if stock is not None else ("Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K")):
-        res_stock = stock_resolution(m.catalog, ftype, imatrix_present=True)
-        if stock is None and not lo <= 8.0 * res_stock.n_bytes / m.catalog.n_elements <= hi:
-            continue
+    for ftype in stock:
+        res_stock = stock_res[ftype]
         write_recipe(res_stock, out / "recipes" / f"stock-{ftype}.txt", "llama")
         g = out / "gguf" / f"{inputs.name}-{ftype}.gguf"
         quantize_gguf(inputs.gguf, res_stock, g, imatrix=im, device=device, progress=progress)

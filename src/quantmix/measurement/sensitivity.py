@@ -239,6 +239,7 @@ def fit_sensitivity(
         todo = names
     probe_kld: dict[str, float] = {}
     coef: dict[str, float] = {}
+    single: list[str] = []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -249,6 +250,13 @@ def fit_sensitivity(
             pc = _probe_cost(costs[n], probe_type)
             if pc is None:
                 coef[n] = 0.0
+                continue
+            if len(costs[n]) == 1:
+                # a single candidate: every plan gives this tensor the same type, so its coefficient cannot
+                # change a decision; it still counts in the prediction, with the median coefficient (below)
+                single.append(n)
+                if bar is not None:
+                    bar.update(1)
                 continue
             q, c = pc
             f = root / f"{n}.{q}.json"
@@ -272,6 +280,10 @@ def fit_sensitivity(
     finally:
         if bar is not None:
             bar.close()
+    if single:
+        measured = sorted(v for v in coef.values() if v > 0)
+        for n in single:
+            coef[n] = measured[len(measured) // 2] if measured else 0.0
     if profile == "large":  # per class: interpolate the probed layers' coefficients
         per_class: dict[str, dict[int, float]] = {}
         for n, v in coef.items():
