@@ -71,10 +71,6 @@ def refine(plan: Plan, costs: dict[str, dict[str, float]], probe: KLDProbe, cons
     cap = problem.capacities
     f0 = probe.forward_tokens + (check_probe.forward_tokens if check_probe else 0)
 
-    def feasible(ch: list[int]) -> bool:
-        use, _ = problem.evaluate(ch)
-        return all(u <= c for u, c in zip(use, cap))
-
     def current_types(ch: list[int]) -> dict[str, str]:
         out = dict(types)
         for g, k in zip(problem.groups, ch):
@@ -101,27 +97,35 @@ def refine(plan: Plan, costs: dict[str, dict[str, float]], probe: KLDProbe, cons
             if pos > 0:
                 nk = order[gi][pos - 1]
                 downs.append((g.options[nk].cost - cur.cost, gi, nk))
-        moves = []
-        for du, gu, ku in sorted(ups)[:pool_size * 2]:
-            for dd, gd, kd in sorted(downs)[:pool_size * 2]:
-                if gu == gd:
-                    continue
-                key = (tuple(choice), gu, ku, gd, kd)
-                if key in tried:
-                    continue
-                moves.append((du + dd, gu, ku, gd, kd))
+        use, _ = problem.evaluate(choice)
+        slack = [c - u for c, u in zip(cap, use)]
+
+        def delta(gi: int, k: int) -> list[int]:
+            cur, new = problem.groups[gi].options[choice[gi]], problem.groups[gi].options[k]
+            return [a - b for a, b in zip(new.usage, cur.usage)]
+
+        moves = []  # (predicted change, raised group, its option, lowered group, its option)
+        up_d = [(du, gu, ku, delta(gu, ku)) for du, gu, ku in ups]
+        down_d = [(dd, gd, kd, delta(gd, kd)) for dd, gd, kd in downs]
+        for du, gu, ku, bu in up_d:
+            for dd, gd, kd, bd in down_d:
+                if gu == gd or any(x + y > sl for x, y, sl in zip(bu, bd, slack)):
+                    continue  # the pair must fit in what is left of every pool
+                if (tuple(choice), gu, ku, gd, kd) not in tried:
+                    moves.append((du + dd, gu, ku, gd, kd))
         moves.sort()
         pick = None
-        for m in rng.sample(moves[:pool_size * 4], min(len(moves), pool_size * 4)) if moves else []:
+        if moves:  # among the moves predicted nearly free, one drawn at random (the model's near-ties)
+            m = rng.choice(moves[:pool_size])
             trial = list(choice)
             trial[m[1]], trial[m[3]] = m[2], m[4]
-            if feasible(trial):
-                pick = (m, trial)
-                break
-            tried.add((tuple(choice), *m[1:]))
+            pick = (m, trial)
         if pick is None:
             break
         m, trial = pick
+        if any(u > c for u, c in zip(problem.evaluate(trial)[0], cap)):  # reserves (largest tensor) moved
+            tried.add((tuple(choice), *m[1:]))
+            continue
         tried.add((tuple(choice), *m[1:]))
         changes = {}
         for gi in (m[1], m[3]):
