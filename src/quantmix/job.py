@@ -223,7 +223,8 @@ def write_sensitivity_report(sens: object, out_dir: Path, model_name: str) -> di
     atomic_write_text(md, (
         f"# Sensitivity of {model_name}\n\nMean KLD on calibration tokens when one tensor alone is quantized to "
         f"{sens.probe_type} ({sens.profile} profile, {sens.n_tokens} tokens, {sens.forward_tokens:,} forward-pass "
-        f"tokens, {sens.seconds:.0f} s).\n\n" + render_sensitivity_table(cells) + f"\n\n{sens.check_summary()}\n"))
+        f"tokens, {sens.seconds:.0f} s; tensors whose rows {sens.probe_type}'s block does not divide are probed at "
+        f"the median-cost type that fits).\n\n" + render_sensitivity_table(cells) + f"\n\n{sens.check_summary()}\n"))
     js = sens.save(out_dir / "sensitivity.json")
     return {"png": png, "md": md, "json": js}
 
