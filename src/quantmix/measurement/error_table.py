@@ -17,9 +17,14 @@ Routed experts (3-D tensors) are measured per expert, each with its own imatrix 
 quantizes it with), and combined weighted by the expert's token count; experts never routed to (count 0)
 weigh nothing and are skipped. Without counts (no imatrix) the experts weigh equally.
 
+Each tensor is read once: slab by slab (one expert at a time for routed experts) its raw bytes go to the device
+(through pinned memory on CUDA), are converted to float32 there, and every candidate type not yet cached is
+measured while the slab is resident; the float64 sums stay on the device and are read back once per tensor.
+
 Results are cached per (tensor, type) under ``cache_dir()/errors``, keyed by a hash of the tensor's full bytes,
 the imatrix values used, the type, :data:`NUMERICS_VERSION` and the backend, written atomically; an interrupted
-run resumes where it stopped and gives the identical table.
+run resumes where it stopped (the entries of the tensor whose pass was cut off are measured again) and gives
+the identical table.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,7 +57,8 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 # Weights per slab converted to float32 and handed to quant_error (bounded memory).
 SLAB_WEIGHTS = 1 << 22
 SLAB_WEIGHTS_GPU = 1 << 26
-_ENTRY_VERSION = 1  # layout of one cache entry
+HASH_PIECE = 1 << 26  # bytes per independently hashed piece of a tensor
+_ENTRY_VERSION = 2  # layout of one cache entry and of its key (2: piece-wise tensor hash)
 
 
 class ErrorTableError(ValueError):
@@ -148,13 +155,27 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def _hash_bytes(data: np.ndarray) -> str:
-    """blake2b of the full buffer, streamed in 64 MiB pieces (a memmap is never read whole into memory)."""
-    h = hashlib.blake2b(digest_size=20)
+def _hash_bytes(data: np.ndarray, threads: int | None = None) -> str:
+    """A digest of the full buffer: blake2b of every 64 MiB piece (in a thread pool: hashlib releases the GIL,
+    so pieces hash in parallel), then blake2b of the byte length and the piece digests in order. Any changed,
+    added or removed byte changes a piece digest or the length, hence the key. A memmap is never read whole
+    into memory. ``threads`` default: ``torch.get_num_threads()``."""
     flat = data.reshape(-1).view(np.uint8)
-    step = 1 << 26
-    for o in range(0, flat.size, step):
-        h.update(memoryview(np.ascontiguousarray(flat[o:o + step])))
+    starts = range(0, flat.size, HASH_PIECE)
+
+    def piece(o: int) -> bytes:
+        return hashlib.blake2b(memoryview(np.ascontiguousarray(flat[o:o + HASH_PIECE])), digest_size=32).digest()
+
+    k = min(len(starts), threads or torch.get_num_threads())
+    if k > 1:
+        with ThreadPoolExecutor(k) as ex:
+            digests = list(ex.map(piece, starts))
+    else:
+        digests = [piece(o) for o in starts]
+    h = hashlib.blake2b(digest_size=20, person=b"qm-pieces")
+    h.update(int(flat.size).to_bytes(8, "little"))
+    for d in digests:
+        h.update(d)
     return h.hexdigest()
 
 
@@ -170,15 +191,77 @@ def _hash_arrays(*arrays: np.ndarray | None) -> str:
     return h.hexdigest()
 
 
-def _to_f32(raw: np.ndarray, type_name: str) -> np.ndarray:
-    """Raw little-endian bytes -> float32 (exact for F16 / BF16), as the GGUF writer converts them."""
+def _to_f32(raw: torch.Tensor, type_name: str) -> torch.Tensor:
+    """Raw little-endian bytes (uint8, on any device) -> float32, exactly as the GGUF writer converts them
+    (BF16: the 16 bits become the high half of a float32; F16: IEEE half -> single)."""
     if type_name == "F32":
-        return raw.view("<f4").astype(np.float32)
+        return raw.view(torch.float32)
     if type_name == "F16":
-        return raw.view("<f2").astype(np.float32)
+        return raw.view(torch.float16).float()
     if type_name == "BF16":
-        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+        return (raw.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
     raise AssertionError(type_name)
+
+
+def _host_f32(raw: np.ndarray, type_name: str) -> torch.Tensor:
+    """The CPU path's conversion (a fresh float32 array; the memmap is read-only): numpy's shift for BF16, torch
+    for F16, whichever is faster on the host."""
+    if type_name == "BF16":
+        return torch.from_numpy((raw.view("<u2").astype(np.uint32) << 16).view(np.float32))
+    return _to_f32(torch.from_numpy(np.array(raw)), type_name)
+
+
+class _Feeder:
+    """Moves raw slab bytes to the device once and converts them there. On CUDA the bytes go through two pinned
+    staging buffers: a worker thread copies the next slab into one while the device works on the current one
+    from the other (an event guards each buffer's reuse until its upload is done)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._bufs: list[torch.Tensor] = []
+        self._events: list[torch.cuda.Event | None] = [None, None]
+        self._pool = ThreadPoolExecutor(1) if self.cuda else None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _buffers(self, nbytes: int) -> None:
+        if not self._bufs or self._bufs[0].numel() < nbytes:
+            for ev in self._events:
+                if ev is not None:
+                    ev.synchronize()
+            self._bufs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            self._events = [None, None]
+
+    def slabs(self, raws: list[np.ndarray], src_type: str, ne0: int):  # type: ignore[no-untyped-def]
+        """Yield each raw slab as float32 [rows, ne0] on the device, in order."""
+        if not self.cuda:
+            for raw in raws:
+                yield _host_f32(raw, src_type).reshape(-1, ne0)
+            return
+        assert self._pool is not None
+        self._buffers(max(r.size for r in raws))
+
+        def stage(k: int) -> torch.Tensor:
+            buf = self._bufs[k % 2][:raws[k].size]
+            np.copyto(buf.numpy(), raws[k])
+            return buf
+
+        fut = self._pool.submit(stage, 0)
+        for k in range(len(raws)):
+            host = fut.result()
+            dev = host.to(self.device, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            self._events[k % 2] = ev
+            if k + 1 < len(raws):
+                nxt = self._events[(k + 1) % 2]
+                if nxt is not None:
+                    nxt.synchronize()  # the upload that last read that buffer is done
+                fut = self._pool.submit(stage, k + 1)
+            yield _to_f32(dev, src_type).reshape(-1, ne0)
 
 
 def _expected_backend(qtype: str, device: torch.device) -> str:
@@ -215,52 +298,76 @@ def _stats(im: Imatrix | None, name: str, shape: tuple[int, ...]) -> _Stats:
     return _Stats(w, a, counts)
 
 
-def _measure(data: np.ndarray, src_type: str, shape: tuple[int, ...], qtype: str, st: _Stats,
-             device: torch.device, name: str) -> dict:
-    """Error sums of one tensor quantized to ``qtype``, per matrix, combined (see the module docstring)."""
+def _measure(data: np.ndarray, src_type: str, shape: tuple[int, ...], qtypes: list[str], st: _Stats,
+             device: torch.device, name: str, feeder: _Feeder | None = None) -> dict[str, dict]:
+    """Error sums of one tensor quantized to each of ``qtypes``, per matrix, combined (see the module docstring).
+
+    One pass over the tensor: each slab goes to the device once and every type is measured while it is there;
+    the sums stay on the device (float64, added in the same order as one type at a time would) and are read
+    back once at the end."""
     ne0 = shape[0]
     rows_per_mat = shape[1] if len(shape) > 1 else 1
     n_mat = int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else 1
     src_rb = data.size // (rows_per_mat * n_mat)
     slab = SLAB_WEIGHTS if device.type == "cpu" else SLAB_WEIGHTS_GPU
     step = max(1, slab // ne0)
-    per: list[tuple[int, float, float]] = []
-    backends: set[str] = set()
-    for e in range(n_mat):
-        count = int(st.counts[e]) if st.counts is not None else 1
-        if st.counts is not None and count <= 0 and n_mat > 1:
-            per.append((0, 0.0, 0.0))  # never routed to: weighs nothing
-            continue
+    counts = [int(st.counts[e]) if st.counts is not None else 1 for e in range(n_mat)]
+    live = [e for e in range(n_mat) if not (st.counts is not None and counts[e] <= 0 and n_mat > 1)]
+    # per expert imatrix weights (float32, as quant_error takes them), w*a and sum w a^2 (one read-back)
+    w_dev: dict[int, torch.Tensor | None] = {}
+    wa_dev: dict[int, torch.Tensor | None] = {}
+    wa2_dev: list[torch.Tensor] = []
+    for e in live:
         w = torch.from_numpy(st.w[e].copy()).to(device) if st.w is not None else None
-        wd = w.double() if w is not None else None
-        wa = None
-        wa2 = 0.0
-        if st.a is not None and wd is not None:
+        w_dev[e] = w
+        wa_dev[e] = None
+        if st.a is not None and w is not None:
+            wd = w.double()
             ad = torch.from_numpy(st.a[e].copy()).to(device).double()
-            wa = wd * ad  # quant_error's bias = sum_j act_mean_j e_j, so this gives sum_j w_j a_j e_j
-            wa2 = float((wa * ad).sum())
-        err = ref = bias = 0.0
-        for r0 in range(0, rows_per_mat, step):
-            r1 = min(rows_per_mat, r0 + step)
-            g0, g1 = e * rows_per_mat + r0, e * rows_per_mat + r1
-            x = torch.from_numpy(_to_f32(data[g0 * src_rb:g1 * src_rb], src_type).reshape(r1 - r0, ne0)).to(device)
-            q = quant_error(x, qtype, w, wa if wa2 > 0 else None, name=name, backend="auto")
-            backends.add(q.backend)
-            err += float(q.err_w.sum())
-            ref += float(q.ref_w.sum())
-            if q.bias is not None:
-                bias += float(q.bias.double().square().sum()) / wa2
-        rel = err / ref if ref > 0 else 0.0
-        bt = bias / ref if ref > 0 else 0.0
-        per.append((count, rel, bt))
-    tot = sum(c for c, _, _ in per)
-    if tot > 0:
-        rel = sum(c * r for c, r, _ in per) / tot
-        bt = sum(c * b for c, _, b in per) / tot
-    else:  # an entry whose every expert has count 0: llama-quantize uses w=1 for all; weigh equally
-        rel = bt = 0.0
-    return {"v": _ENTRY_VERSION, "rel_err": rel, "bias_term": bt, "backend": "+".join(sorted(backends)) or "none",
-            "experts": [list(p) for p in per] if n_mat > 1 else None}
+            wa_dev[e] = wd * ad  # quant_error's bias = sum_j act_mean_j e_j, so this gives sum_j w_j a_j e_j
+            wa2_dev.append((wa_dev[e] * ad).sum())
+    wa2: dict[int, float] = {}
+    if wa2_dev:
+        wa2 = dict(zip([e for e in live if wa_dev[e] is not None], torch.stack(wa2_dev).tolist(), strict=True))
+    slabs = [(e, r0, min(rows_per_mat, r0 + step)) for e in live for r0 in range(0, rows_per_mat, step)]
+    raws = [data[(e * rows_per_mat + r0) * src_rb:(e * rows_per_mat + r1) * src_rb] for e, r0, r1 in slabs]
+    acc = torch.zeros((len(qtypes), n_mat, 3), dtype=torch.float64, device=device)  # err, ref, bias per expert
+    backends: list[set[str]] = [set() for _ in qtypes]
+    own = feeder is None
+    feeder = feeder if feeder is not None else _Feeder(device)
+    try:
+        for (e, _, _), x in zip(slabs, feeder.slabs(raws, src_type, ne0), strict=True):
+            w, wa, a2 = w_dev[e], wa_dev[e], wa2.get(e, 0.0)
+            for i, q in enumerate(qtypes):
+                r = quant_error(x, q, w, wa if a2 > 0 else None, name=name, backend="auto")
+                backends[i].add(r.backend)
+                acc[i, e, 0] += r.err_w.sum()
+                acc[i, e, 1] += r.ref_w.sum()
+                if r.bias is not None:
+                    acc[i, e, 2] += r.bias.double().square().sum() / a2
+    finally:
+        if own:
+            feeder.close()
+    sums = acc.cpu().tolist()
+    out: dict[str, dict] = {}
+    for i, q in enumerate(qtypes):
+        per: list[tuple[int, float, float]] = []
+        for e in range(n_mat):
+            if e not in w_dev:
+                per.append((0, 0.0, 0.0))  # never routed to: weighs nothing
+                continue
+            err, ref, bias = sums[i][e]
+            per.append((counts[e], err / ref if ref > 0 else 0.0, bias / ref if ref > 0 else 0.0))
+        tot = sum(c for c, _, _ in per)
+        if tot > 0:
+            rel = sum(c * r for c, r, _ in per) / tot
+            bt = sum(c * b for c, _, b in per) / tot
+        else:  # an entry whose every expert has count 0: llama-quantize uses w=1 for all; weigh equally
+            rel = bt = 0.0
+        out[q] = {"v": _ENTRY_VERSION, "rel_err": rel, "bias_term": bt,
+                  "backend": "+".join(sorted(backends[i])) or "none",
+                  "experts": [list(p) for p in per] if n_mat > 1 else None}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ public
@@ -283,8 +390,9 @@ def error_table(
 
     ``candidates``: type names (default: every type with numerics except the float ones); a type whose block
     does not divide a tensor's rows is left out for that tensor. ``cache_root``: where the per-(tensor, type)
-    results live (default ``cache_dir()/errors``). ``on_compute(tensor, type)`` is called before each
-    measurement that is not served from the cache (progress hooks, tests). ``tensors``: measure only these
+    results live (default ``cache_dir()/errors``). ``on_compute(tensor, type)`` is called for each entry that is
+    not served from the cache, before its tensor's pass (progress hooks, tests); if it raises, the entries
+    announced before it are measured and cached, then the exception propagates. ``tensors``: measure only these
     (default: every quantizable tensor)."""
     from quantmix.export.gguf_writer import open_source
 
@@ -334,6 +442,7 @@ def error_table(
         from tqdm import tqdm
 
         bar = tqdm(total=sum(src[t.name].data.size for t in todo), unit="B", unit_scale=True, desc="error table")
+    feeder = _Feeder(dev)
     try:
         for t in todo:
             s = src[t.name]
@@ -343,28 +452,45 @@ def error_table(
                      and not (get_type(q).requires_imatrix and st.w is None)]
             t_hash = _hash_bytes(s.data) if cache else ""
             i_hash = _hash_arrays(st.w, st.a, st.counts) if cache else ""
+            entries: dict[str, dict] = {}
+            paths: dict[str, Path] = {}
             for q in types:
-                be = _expected_backend(q, dev)
-                entry = None
-                path = None
-                if cache:
-                    key = hashlib.blake2b(json.dumps(
-                        [_ENTRY_VERSION, NUMERICS_VERSION, t.name, shape, s.type_name, t_hash, i_hash, q, be]
-                    ).encode(), digest_size=20).hexdigest()
-                    path = root / key[:2] / f"{key}.json"
-                    if path.is_file():
-                        try:
-                            entry = json.loads(path.read_text())
-                            if entry.get("v") != _ENTRY_VERSION:
-                                entry = None
-                        except (OSError, ValueError):
-                            entry = None
-                if entry is None:
-                    if on_compute is not None:
+                if not cache:
+                    continue
+                key = hashlib.blake2b(json.dumps(
+                    [_ENTRY_VERSION, NUMERICS_VERSION, t.name, shape, s.type_name, t_hash, i_hash, q,
+                     _expected_backend(q, dev)]).encode(), digest_size=20).hexdigest()
+                paths[q] = path = root / key[:2] / f"{key}.json"
+                if path.is_file():
+                    try:
+                        entry = json.loads(path.read_text())
+                        if entry.get("v") == _ENTRY_VERSION:
+                            entries[q] = entry
+                    except (OSError, ValueError):
+                        pass
+            # announce each missing entry; a hook that raises stops before that entry, after the ones before
+            # it are measured and cached (as if measured one at a time)
+            go: list[str] = []
+            stop: BaseException | None = None
+            for q in types:
+                if q in entries:
+                    continue
+                if on_compute is not None:
+                    try:
                         on_compute(t.name, q)
-                    entry = _measure(s.data, s.type_name, shape, q, st, dev, t.name)
-                    if path is not None:
-                        _atomic_write(path, json.dumps(entry).encode())
+                    except BaseException as exc:  # noqa: BLE001 - re-raised below
+                        stop = exc
+                        break
+                go.append(q)
+            if go:
+                for q, entry in _measure(s.data, s.type_name, shape, go, st, dev, t.name, feeder).items():
+                    entries[q] = entry
+                    if q in paths:
+                        _atomic_write(paths[q], json.dumps(entry).encode())
+            if stop is not None:
+                raise stop
+            for q in types:
+                entry = entries[q]
                 if not (math.isfinite(entry["rel_err"]) and math.isfinite(entry["bias_term"])):
                     raise ErrorTableError(f"{gp}: tensor {t.name}, type {q}: non-finite error {entry}")
                 table.rows.append(ErrorRow(t.name, q, get_type(q).tensor_bytes(shape), float(entry["rel_err"]),
@@ -372,6 +498,7 @@ def error_table(
             if bar is not None:
                 bar.update(s.data.size)
     finally:
+        feeder.close()
         if bar is not None:
             bar.close()
     return table
