@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"fixture name, float GGUF (with --hf) or Hugging Face directory (default {DEFAULT_MODEL})")
     r.add_argument("--hf", type=Path, help="the Hugging Face model of a GGUF")
-    r.add_argument("--targets", default="4.0,5.0", help="bits per weight, comma-separated (default 4.0,5.0)")
+    r.add_argument("--targets", default="4.5", help="bits per weight, comma-separated (default 4.5)")
     r.add_argument("-o", "--out", type=Path, default=Path("out"), help="report folder (default ./out)")
     r.add_argument("--imatrix", type=Path, help="use this imatrix instead of computing one")
     r.add_argument("--profile", choices=("full", "quick", "large"), default="quick",
