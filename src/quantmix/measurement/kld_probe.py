@@ -139,6 +139,13 @@ class KLDProbe:
                              f"architecture for layer replay")
         self.forward_tokens = self.head_passes = 0
 
+    def _embed(self) -> Tensor:
+        """The first decoder layer's input for the calibration chunks (embedding, scaled where the model does)."""
+        emb = self.model.get_input_embeddings()
+        h = emb(self.chunks)
+        scale = getattr(emb, "embed_scale", None)
+        return h * scale if scale is not None else h
+
     def _head(self, h: Tensor) -> Tensor:
         base = getattr(self.model, self.model.base_model_prefix, None)
         norm = getattr(base, "norm", None) or getattr(base, "final_layernorm", None)
@@ -151,10 +158,7 @@ class KLDProbe:
         kw = dict(self._layer_kwargs)
         rest = kw.pop("_args_rest", ())
         if first < 0:  # the embedding changed: recompute the first layer's input
-            h = self.model.get_input_embeddings()(self.chunks)
-            scale = getattr(self.model.get_input_embeddings(), "embed_scale", None)
-            if scale is not None:
-                h = h * scale
+            h = self._embed()
             first = 0
         else:
             h = self._layer_inputs[first]  # first == L: only the head changed
@@ -272,10 +276,7 @@ class KLDProbe:
     def _record_inputs(self) -> None:
         kw = dict(self._layer_kwargs)
         rest = kw.pop("_args_rest", ())
-        h = self.model.get_input_embeddings()(self.chunks)
-        scale = getattr(self.model.get_input_embeddings(), "embed_scale", None)
-        if scale is not None:
-            h = h * scale
+        h = self._embed()
         inputs = []
         for layer in self.layers:
             inputs.append(h)

@@ -148,16 +148,6 @@ def _fit_key(model_fp: str, imatrix_sha: str, chunks: torch.Tensor, probe_type: 
     return h.hexdigest()[:24]
 
 
-def _file_sha(p: Path | None) -> str:
-    if p is None:
-        return "none"
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        while block := fh.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _probe_cost(costs: Mapping[str, float], probe_type: str) -> tuple[str, float] | None:
     """The probe type, or (when it does not fit the tensor) the candidate whose cost is nearest Q3_K-like."""
     if probe_type in costs and costs[probe_type] > 0:
@@ -209,6 +199,7 @@ def fit_sensitivity(
     from transformers import AutoTokenizer
 
     from quantmix.calibration.imatrix import calibration_tokens
+    from quantmix.evaluation.evaluate import _file_sha256
     from quantmix.evaluation.reference import model_fingerprint
     from quantmix.fixtures.text import read_text
     from quantmix.paths import cache_dir
@@ -228,7 +219,7 @@ def fit_sensitivity(
     missing = [n for n in costs if n not in probe.tensor_names]
     if missing:
         raise SensitivityError(f"tensor {missing[0]}: in the error table but not a weight of {model_dir}")
-    key = _fit_key(model_fingerprint(model_dir), _file_sha(Path(imatrix) if imatrix else None), probe.chunks.cpu(),
+    key = _fit_key(model_fingerprint(model_dir), _file_sha256(Path(imatrix)) if imatrix else "none", probe.chunks.cpu(),
                    probe_type, probe.device.type)
     root = cache_dir() / "sensitivity" / key
     if profile == "large":
