@@ -56,7 +56,7 @@ def resolve_model(model: str | Path, hf: str | Path | None = None) -> ModelInput
         return ModelInputs(p.name.removesuffix(".gguf"), p, hd)
     if p.is_dir() and (p / "config.json").is_file():
         from quantmix.evaluation.reference import model_fingerprint
-        from quantmix.tools.llamacpp import ensure_llamacpp
+        from quantmix.tools.llamacpp import llamacpp_source
 
         fp = model_fingerprint(p)[:16]
         out = cache_dir() / "converted" / f"{p.name}-{fp}-f32.gguf"
@@ -64,7 +64,7 @@ def resolve_model(model: str | Path, hf: str | Path | None = None) -> ModelInput
             if not out.exists():
                 _log(f"converting {p} to a float GGUF with convert_hf_to_gguf.py (once)")
                 tmp = out.with_suffix(".tmp.gguf")
-                ensure_llamacpp().convert(p, tmp, "f32")
+                llamacpp_source().convert(p, tmp, "f32")
                 tmp.replace(out)
         return ModelInputs(p.name, out, p)
     raise FileNotFoundError(f"{model}: not a built-in fixture, a float GGUF or a Hugging Face model directory")

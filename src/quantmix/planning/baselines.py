@@ -28,8 +28,9 @@ from quantmix.planning.solver import (
     PlannedTensor,
     PoolUse,
     Problem,
-    _infeasible_message,
     build_problem,
+    infeasible_message,
+    plan_from_choice,
 )
 
 __all__ = [
@@ -233,7 +234,7 @@ def lagrangian_allocation(catalog: Catalog, costs: CostTable, budget: Budget,
                             f"{', '.join(problem.pool_names)}"
                             f"{' with an op-offload reserve' if problem.n_pools == 1 else ''}: use the exact solver")
     if problem.smallest()[0] > problem.capacities[0]:
-        raise InfeasibleBudget(_infeasible_message(problem, "the budget is too small"))
+        raise InfeasibleBudget(infeasible_message(problem, "the budget is too small"))
     room = problem.capacities[0] - problem.fixed[0]
     rel = _Relaxation(problem)
 
@@ -270,8 +271,9 @@ def lagrangian_allocation(catalog: Catalog, costs: CostTable, budget: Budget,
     left = problem.capacities[0] - used[0]
     notes = [f"Lagrangian baseline (target-bpw proposal): {left:,} bytes of the budget left unused; not proven "
              f"optimal (dual bound {best_bound:.6g}, gap {gap:.2e})"]
-    return _plan(catalog, costs, budget, problem, choice, used, "feasible", objective, best_bound, gap,
-                 time.perf_counter() - t0, n_opts, notes)
+    return plan_from_choice(catalog, costs, budget, problem, choice, used, status="feasible", objective=objective,
+                            bound=best_bound, gap=gap, seconds=time.perf_counter() - t0, method="lagrangian",
+                            n_options=n_opts, notes=notes)
 
 
 def _greedy_fill(rel: _Relaxation, pos: list[int], room: int) -> list[int]:
@@ -295,30 +297,6 @@ def _greedy_fill(rel: _Relaxation, pos: list[int], room: int) -> list[int]:
             pos[i] += 1
             push(i)
     return pos
-
-
-def _plan(catalog: Catalog, costs: CostTable, budget: Budget, problem: Problem, choice: list[int],
-          used: tuple[int, ...], status: str, objective: float, bound: float, gap: float, seconds: float,
-          n_options: tuple[int, int], notes: list[str]) -> Plan:
-    """A :class:`Plan` from a choice per group, built as :func:`~quantmix.planning.solver.optimize` builds its
-    own (per-tensor unweighted predicted cost, fixed tensors at their stored type)."""
-    chosen: dict[str, str] = {}
-    for g, k in zip(problem.groups, choice):
-        for n, q in zip(g.members, g.options[k].types):
-            chosen[n] = q
-    tensors = []
-    for t in catalog:
-        if t.name in chosen:
-            q = chosen[t.name]
-            c = _lookup(costs.get(t.name), q)
-            tensors.append(PlannedTensor(t.name, q, get_type(q).tensor_bytes(t.shape), c if c is not None else 0.0,
-                                         False))
-        else:
-            q = t.source_type or "F32"
-            tensors.append(PlannedTensor(t.name, q, get_type(q).tensor_bytes(t.shape), None, True))
-    pools = [PoolUse(p.name, p.capacity, u) for p, u in zip(budget.pools, used)]
-    return Plan(catalog, budget, tensors, pools, status, objective, bound, gap, seconds, "lagrangian", n_options,
-                list(budget.notes) + notes)
 
 
 # ---------------------------------------------------------------------------------------------- dispatch

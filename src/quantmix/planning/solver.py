@@ -25,6 +25,7 @@ import os
 import re
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -298,7 +299,7 @@ def solve_ilp(problem: Problem, time_limit: float = 60.0, rel_gap: float = 0.0) 
         info = h.getInfo()
         if info.primal_solution_status != 2:  # no feasible solution
             if "nfeasible" in status:
-                raise InfeasibleBudget(_infeasible_message(problem, "no plan fits every pool at once"))
+                raise InfeasibleBudget(infeasible_message(problem, "no plan fits every pool at once"))
             raise SolverError(f"HiGHS found no solution ({status}) within {time_limit:.0f} s")
         x = np.asarray(h.getSolution().col_value[:n_x])
         choice = [int(np.argmax(x[cols])) for cols in group_cols]
@@ -337,7 +338,7 @@ def solve_dp(problem: Problem, max_states: int = 2_000_000) -> Solution:
         if r is not None and (best is None or r[0] < best[0]):
             best = r
     if best is None:
-        raise InfeasibleBudget(_infeasible_message(problem, "no plan fits every pool at once"))
+        raise InfeasibleBudget(infeasible_message(problem, "no plan fits every pool at once"))
     used, obj = problem.evaluate(best[1])
     return Solution(best[1], "optimal", obj, obj, 0.0, used, time.perf_counter() - t0, "dp")
 
@@ -390,7 +391,7 @@ def solve(problem: Problem, method: str = "ilp", time_limit: float = 60.0) -> So
     problem.groups = [prune(g) for g in problem.groups]
     small = problem.smallest()
     if any(s > c for s, c in zip(small, problem.capacities)):
-        raise InfeasibleBudget(_infeasible_message(problem, "the budget is too small"))
+        raise InfeasibleBudget(infeasible_message(problem, "the budget is too small"))
     if method == "ilp":
         return solve_ilp(problem, time_limit)
     if method == "dp":
@@ -398,7 +399,7 @@ def solve(problem: Problem, method: str = "ilp", time_limit: float = 60.0) -> So
     raise ValueError(f"unknown solver method {method!r}: use 'ilp' or 'dp'")
 
 
-def _infeasible_message(problem: Problem, why: str) -> str:
+def infeasible_message(problem: Problem, why: str) -> str:
     small = problem.smallest()
     parts = []
     for name, cap, s in zip(problem.pool_names, problem.capacities, small):
@@ -573,8 +574,26 @@ def optimize(catalog: Catalog, costs: CostTable, budget: Budget, constraints: Co
     n_before = sum(len(g.options) for g in problem.groups)
     sol = solve(problem, method, time_limit)
     n_after = sum(len(g.options) for g in problem.groups)
+    notes = []
+    if budget.placement is not None:
+        residence = budget.charger(catalog).residence
+        unloaded = [t.name for t in catalog if residence.get(t.name) == ()]
+        if unloaded:
+            notes.append(f"{len(unloaded)} NextN/MTP tensors are not loaded by llama.cpp without MTP decoding: "
+                         f"no memory pool is charged for them")
+    return plan_from_choice(catalog, costs, budget, problem, sol.choice, sol.usage, status=sol.status,
+                            objective=sol.objective, bound=sol.bound, gap=sol.gap, seconds=sol.seconds,
+                            method=sol.method, n_options=(n_before, n_after), notes=notes)
+
+
+def plan_from_choice(catalog: Catalog, costs: CostTable, budget: Budget, problem: Problem, choice: Sequence[int],
+                     usage: Sequence[int], *, status: str, objective: float, bound: float, gap: float,
+                     seconds: float, method: str, n_options: tuple[int, int], notes: Sequence[str] = ()) -> Plan:
+    """The :class:`Plan` of one option per group of ``problem`` (any allocator's answer, exact or not): each
+    planned tensor carries its unweighted predicted cost from ``costs``; tensors outside every group keep
+    their stored type."""
     chosen: dict[str, str] = {}
-    for g, k in zip(problem.groups, sol.choice):
+    for g, k in zip(problem.groups, choice):
         for n, q in zip(g.members, g.options[k].types):
             chosen[n] = q
     tensors = []
@@ -587,16 +606,9 @@ def optimize(catalog: Catalog, costs: CostTable, budget: Budget, constraints: Co
         else:
             q = _fixed_type(t.source_type)
             tensors.append(PlannedTensor(t.name, q, get_type(q).tensor_bytes(t.shape), None, True))
-    pools = [PoolUse(p.name, p.capacity, u) for p, u in zip(budget.pools, sol.usage)]
-    notes = list(budget.notes)
-    if budget.placement is not None:
-        residence = budget.charger(catalog).residence
-        unloaded = [t.name for t in catalog if residence.get(t.name) == ()]
-        if unloaded:
-            notes.append(f"{len(unloaded)} NextN/MTP tensors are not loaded by llama.cpp without MTP decoding: "
-                         f"no memory pool is charged for them")
-    return Plan(catalog, budget, tensors, pools, sol.status, sol.objective, sol.bound, sol.gap, sol.seconds,
-                sol.method, (n_before, n_after), notes)
+    pools = [PoolUse(p.name, p.capacity, u) for p, u in zip(budget.pools, usage)]
+    return Plan(catalog, budget, tensors, pools, status, objective, bound, gap, seconds, method, n_options,
+                list(budget.notes) + list(notes))
 
 
 def add_solver_arguments(parser: argparse.ArgumentParser) -> None:

@@ -99,6 +99,13 @@ def _fetch_source() -> Path:
     return root
 
 
+def llamacpp_source() -> LlamaCpp:
+    """The vendored llama.cpp source tree, fetched once but not built: enough for convert_hf_to_gguf.py, which
+    needs no compiled tool (so building a fixture or converting a model does not cost the 6-minute build)."""
+    with file_lock("llamacpp"):
+        return LlamaCpp(_fetch_source())
+
+
 def ensure_llamacpp() -> LlamaCpp:
     """Return the cached llama.cpp build, building it first if any tool is missing."""
     with file_lock("llamacpp"):
