@@ -185,3 +185,20 @@ def test_no_in_sum_and_planner(gguf: Path, tmp_path: Path) -> None:
     plan = optimize(cat, costs, budget)
     assert plan.n_bytes <= budget.pools[0].capacity
     assert set(plan.types().values()) & {"Q4_0", "Q4_K"} and "Q8_0" in set(plan.types().values())
+
+
+def test_codebook_types_on_cpu_use_ggml_with_equal_results(gguf: Path, tmp_path: Path) -> None:
+    """On a CPU with llama.cpp built, the codebook types are measured by ggml's C (10x faster than the torch
+    numerics there): same bytes, so the same errors as the direct torch computation."""
+    imp = _imatrix(gguf, tmp_path / "im.gguf")
+    name = "blk.0.ffn_down_shexp.weight"
+    tab = error_table(gguf, imp, ["IQ2_S", "IQ3_XXS", "Q4_K"], device="cpu", cache=False, progress=False)
+    rows = _rows(tab)
+    im = read_imatrix(imp)
+    e = im.entries[name]
+    x = _weights(gguf, name)
+    for q, backend in (("IQ2_S", "ggml"), ("IQ3_XXS", "ggml"), ("Q4_K", "torch")):
+        r = rows[(name, q)]
+        assert r.backend == backend
+        rel, bias = _direct(x, q, im.weights(name)[0], e.in_sum[0] / np.float32(e.counts[0]))
+        assert r.rel_err == pytest.approx(rel, rel=1e-9) and r.bias_term == pytest.approx(bias, rel=1e-9)

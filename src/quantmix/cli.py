@@ -222,6 +222,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stock = tuple(x for x in args.stock.split(",") if x) if args.stock is not None else None
     readme = run_job(args.model, targets, args.out, hf=args.hf, imatrix=args.imatrix, profile=args.profile,
                      refine_time=args.refine_time, stock=stock, eval_chunks=args.eval_chunks, device=args.device,
+                     candidates=tuple(x.strip().upper() for x in args.types.split(",") if x.strip()) if args.types
+                     else None,
                      seed=args.seed, progress=not args.quiet)
     print(readme.parent / "results.md")
     print(readme.parent.joinpath("results.md").read_text())
@@ -481,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llama.cpp stock mixes to compare, comma-separated (default: the one nearest each target)")
     r.add_argument("--eval-chunks", type=int, default=8,
                    help="chunks of 512 wiki-eval tokens per evaluation (default 8: 2,040 scored tokens)")
+    r.add_argument("--types", default=None,
+                   help="candidate types, comma-separated, or 'all' (default: every supported type on a GPU; on a "
+                        "CPU the k-quants, legacy and IQ4 types; 'all' adds the codebook IQ1_S..IQ3_S types, "
+                        "measured there with ggml's own quantizer from the llama.cpp build)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", help="cuda or cpu (default: CUDA when present)")
     r.add_argument("--quiet", action="store_true")

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from quantmix.calibration.imatrix_io import Imatrix, read_imatrix
+from quantmix.formats.ggml_backend import preferred_backend
 from quantmix.formats.registry import get_type
 from quantmix.model.gguf_header import GGUFHeaderError, read_gguf_header
 from quantmix.planning.llama_rules import llama_tensor_order
@@ -335,6 +336,7 @@ def _write_tensor(fh, p: _Planned, device: torch.device, on_weights: Callable[[i
     slab = SLAB_WEIGHTS if device.type == "cpu" else SLAB_WEIGHTS_GPU
     step = max(1, slab // ne0)
     written = 0
+    backend = preferred_backend(p.qtype, device)  # ggml's C for the codebook types on a CPU: same bytes, faster
     for e in range(n_mat):
         im = None
         if p.imatrix is not None:
@@ -343,7 +345,7 @@ def _write_tensor(fh, p: _Planned, device: torch.device, on_weights: Callable[[i
             r1 = min(rows_per_mat, r0 + step)
             g0, g1 = e * rows_per_mat + r0, e * rows_per_mat + r1
             x = _to_f32(st.data[g0 * src_rb:g1 * src_rb], st.type_name).reshape(r1 - r0, ne0)
-            q = quantize(torch.from_numpy(x).to(device), p.qtype, im, name=st.name)
+            q = quantize(torch.from_numpy(x).to(device), p.qtype, im, name=st.name, backend=backend)
             b = q.cpu().numpy().tobytes()
             fh.write(b)
             written += len(b)

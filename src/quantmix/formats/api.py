@@ -10,9 +10,12 @@ with one the ``*_impl`` paths (see quantmix.tools.ggml_oracle, which the tests c
 Backends: ``"torch"`` is the reference implementation of every type (CPU or GPU tensors). ``"cuda"`` is
 the fused CUDA kernels of :mod:`quantmix.formats.gpu` (k-quants only): the same bytes (they repeat ggml's
 float32 arithmetic exactly; tests check them against ggml and against the torch path), hundreds of times
-faster on a GPU, and a quant_error that never materializes the bytes. ``"auto"`` (the default) takes
-``"cuda"`` for CUDA tensors of a type that has kernels and ``"torch"`` otherwise. QuantError records which
-backend computed it, so caches can tell.
+faster on a GPU, and a quant_error that never materializes the bytes. ``"ggml"`` is ggml's own C quantizer
+on CPU tensors (:mod:`quantmix.formats.ggml_backend`, needs the cached llama.cpp build): the same bytes by
+definition, used where the torch numerics are slow on a CPU (the codebook types). ``"auto"`` (the default)
+takes ``"cuda"`` for CUDA tensors of a type that has kernels and ``"torch"`` otherwise; it never picks
+``"ggml"``, so the torch numerics stay what the tests compare with ggml. QuantError records which backend
+computed it, so caches can tell.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ CHUNK_WEIGHTS_GPU = 1 << 25
 # The CUDA kernels hold ~7 bytes of scratch per weight: 2^27 weights per launch keeps that under 1 GB.
 CHUNK_WEIGHTS_KERNEL = 1 << 27
 
-BACKENDS = ("auto", "torch", "cuda")
+BACKENDS = ("auto", "torch", "cuda", "ggml")
 
 # Bump when any numerics change what quant_error returns: keys the cached error tables (measurement.error_table).
 NUMERICS_VERSION = "1"
@@ -86,7 +89,7 @@ class QuantError:
     err_w: Tensor
     ref_w: Tensor
     bias: Tensor | None = None
-    backend: str = "torch"  # what computed it: "torch" (through the bytes) or "cuda" (fused kernels)
+    backend: str = "torch"  # what computed it: "torch" / "ggml" (through the bytes) or "cuda" (fused kernels)
 
     def relative(self) -> Tensor:
         """err_w / ref_w per row (0 where the row's reference energy is 0)."""
@@ -216,6 +219,10 @@ def _pick_backend(backend: str, t: type[GGMLType], device: torch.device, lab: st
         raise ValueError(f"{lab}: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return "torch"
+    if backend == "ggml":
+        if device.type != "cpu":
+            raise ValueError(f"{lab}: backend 'ggml' runs ggml's C quantizer on CPU tensors; this one is on {device}")
+        return "ggml"
     from quantmix.formats import gpu
 
     usable = device.type == "cuda" and gpu.has_kernel(t.name)
@@ -268,8 +275,14 @@ def quantize(
     if not num.uses_imatrix:
         im = None
     rb = t.row_bytes(n)
+    chosen = _pick_backend(backend, t, x.device, lab)
+    if chosen == "ggml":
+        from quantmix.formats import ggml_backend
+
+        q = ggml_backend.quantize_rows(t.name, x.numpy(), None if im is None else im.numpy())
+        return torch.from_numpy(q)
     out = torch.empty((rows, rb), dtype=torch.uint8, device=x.device)
-    if _pick_backend(backend, t, x.device, lab) == "cuda":
+    if chosen == "cuda":
         from quantmix.formats import gpu
 
         step = _chunk_rows_kernel(n)
@@ -337,7 +350,8 @@ def quant_error(
             raise ValueError(f"{lab}: act_mean has {a.numel()} values, the rows have {n}")
         if not bool(torch.isfinite(a).all()):
             raise ValueError(f"{lab}: act_mean has non-finite values")
-    if _pick_backend(backend, t, x.device, lab) == "cuda":
+    chosen = _pick_backend(backend, t, x.device, lab)
+    if chosen == "cuda":
         from quantmix.formats import gpu
 
         errs, refs, biases = [], [], []
@@ -354,14 +368,21 @@ def quant_error(
     ref = torch.empty_like(err)
     bias = torch.empty_like(err) if a is not None else None
     step = _chunk_rows(n, x.device)
+    if chosen == "ggml":
+        from quantmix.formats import ggml_backend
+
+        step = max(step, step * ggml_backend.threads())  # one chunk feeds every thread
     for r0 in range(0, rows, step):
         xc = x[r0:r0 + step]
-        q = quantize(xc, t, im, name=name, backend="torch")
-        e = dequantize(q, t, n).double() - xc.double()
+        q = quantize(xc, t, im, name=name, backend=chosen)
+        if chosen == "ggml":
+            e = torch.from_numpy(ggml_backend.dequantize_rows(t.name, q.numpy(), n)).double() - xc.double()
+        else:
+            e = dequantize(q, t, n).double() - xc.double()
         x2 = xc.double().square()
         e2 = e.square()
         err[r0:r0 + step] = (e2 @ w) if w is not None else e2.sum(dim=1)
         ref[r0:r0 + step] = (x2 @ w) if w is not None else x2.sum(dim=1)
         if bias is not None:
             bias[r0:r0 + step] = e @ a
-    return QuantError(err, ref, bias)
+    return QuantError(err, ref, bias, backend="ggml" if chosen == "ggml" else "torch")

@@ -106,6 +106,18 @@ def llamacpp_source() -> LlamaCpp:
         return LlamaCpp(_fetch_source())
 
 
+def llamacpp_built() -> LlamaCpp | None:
+    """The cached build when it is complete, else None; never fetches or builds (a cheap check for callers
+    that only use the tools when they are already there)."""
+    lc = LlamaCpp(_source_root())
+    stamp = lc.root / "build" / "quantmix-build.stamp"
+    try:
+        ok = stamp.read_text() == " ".join(CMAKE_FLAGS + TARGETS)
+    except OSError:
+        return None
+    return lc if ok and lc.libggml_base.exists() and all(lc.tool(t).exists() for t in TARGETS) else None
+
+
 def ensure_llamacpp() -> LlamaCpp:
     """Return the cached llama.cpp build, building it first if any tool is missing."""
     with file_lock("llamacpp"):
