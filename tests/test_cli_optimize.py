@@ -32,3 +32,16 @@ def test_optimize_writes_recipes_within_budget(llamacpp, tmp_path: Path) -> None
     bad = subprocess.run(cmd[:5] + ["--target-bpw", "1.0", "-o", str(out), "--types", "Q4_0", "--quiet"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "smallest feasible" in bad.stderr.lower()
+
+
+def test_optimize_types_all_measures_codebook_types_with_ggml(llamacpp, tmp_path: Path) -> None:
+    """`--types all` on a CPU adds the codebook types (measured by ggml's C there); without an imatrix only
+    IQ3_S of them is admissible (llama-quantize's rule)."""
+    src = _converted_tiny(llamacpp, "tiny-qwen2-moe")
+    out = tmp_path / "recipe.txt"
+    proc = subprocess.run([sys.executable, "-m", "quantmix.cli", "optimize", str(src), "--target-bpw", "3.6",
+                           "-o", str(out), "--types", "all", "--device", "cpu"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "ggml's own quantizer" in proc.stderr
+    types = {t["type"] for t in json.loads(out.with_suffix(".plan.json").read_text())["tensors"]}
+    assert not types & {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"}

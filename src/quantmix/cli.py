@@ -183,7 +183,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if profile and inputs.hf_dir is None:
         print("note: no Hugging Face model (--hf DIR): the plan minimizes the proxy error, not predicted KLD",
               file=sys.stderr)
-    m = measure(inputs, args.imatrix, tuple(constraints.types) if constraints.types else None, profile=profile,
+    cands = ("all",) if (args.types or "").strip().lower() == "all" else constraints.types
+    m = measure(inputs, args.imatrix, tuple(cands) if cands else None, profile=profile,
                 device=args.device, progress=not args.quiet)
     for n in m.notes:
         print(f"note: {n}", file=sys.stderr)

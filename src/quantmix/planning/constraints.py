@@ -381,7 +381,8 @@ def add_constraint_arguments(parser: argparse.ArgumentParser) -> None:
                    help="tensors whose names differ only in the matched part share a type")
     g.add_argument("--weight", action="append", default=[], metavar="REGEX=FACTOR",
                    help="multiply these tensors' predicted cost (favour them)")
-    g.add_argument("--types", default=None, help="comma-separated types the optimizer may use (default: all costed)")
+    g.add_argument("--types", default=None, help="comma-separated types the optimizer may use, or 'all' (default: all costed; on a CPU the "
+                        "error table skips the codebook IQ1_S..IQ3_S types unless they are named or 'all' is given)")
     g.add_argument("--no-imatrix", action="store_true",
                    help="no importance matrix: leave out the types llama-quantize refuses without one")
 
@@ -395,7 +396,7 @@ def constraints_from_args(args: argparse.Namespace, catalog: Catalog) -> Constra
         ties=[(x, f"--tie {i + 1}") for i, x in enumerate(args.tie)],
         weights=[parse_weight(x, f"--weight {i + 1}") for i, x in enumerate(args.weight)],
         types=tuple(type_name(x.strip(), "--types") for x in args.types.split(",") if x.strip())
-        if args.types else None,
+        if args.types and args.types.strip().lower() != "all" else None,
         imatrix=not args.no_imatrix,
     )
     for pat, o in c.ties:
