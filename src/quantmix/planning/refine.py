@@ -29,7 +29,7 @@ class RefineResult:
     predicted_before: float
     predicted_after: float
     measured_before: float  # on the search tokens
-    measured_after: float
+    measured_after: float  # of the returned plan (= measured_before when the check did not confirm)
     check_before: float | None  # on the check tokens (None: no check probe)
     check_after: float | None
     moves_tried: int
@@ -37,12 +37,15 @@ class RefineResult:
     kept: bool  # False: the check tokens did not confirm, the knapsack plan is returned
     seconds: float
     forward_tokens: int
+    measured_found: float | None = None  # search tokens, the best plan the moves found (kept or not)
 
     def summary(self) -> str:
         s = (f"refinement: {self.moves_accepted} of {self.moves_tried} moves accepted in {self.seconds:.0f} s "
              f"({self.forward_tokens:,} forward-pass tokens); predicted KLD {self.predicted_before:.5f} -> "
              f"{self.predicted_after:.5f}; measured (search tokens) {self.measured_before:.5f} -> "
              f"{self.measured_after:.5f}")
+        if not self.kept and self.measured_found is not None:
+            s += f" (the moves found {self.measured_found:.5f})"
         if self.check_before is not None:
             s += (f"; check tokens {self.check_before:.5f} -> {self.check_after:.5f} "
                   f"({'kept' if self.kept else 'not confirmed: knapsack plan kept'})")
@@ -159,7 +162,8 @@ def refine(plan: Plan, costs: dict[str, dict[str, float]], probe: KLDProbe, cons
                       method=plan.method + "+refine" if kept and final != start_choice else plan.method)
     return RefineResult(refined, pred_before, pred_after, measured_before, measured if kept else measured_before,
                         check_before, check_after, n_tried, n_acc, kept, time.time() - t0,
-                        probe.forward_tokens + (check_probe.forward_tokens if check_probe else 0) - f0)
+                        probe.forward_tokens + (check_probe.forward_tokens if check_probe else 0) - f0,
+                        measured_found=measured)
 
 
 def _bytes(cat: object, name: str, qtype: str) -> int:
