@@ -37,14 +37,14 @@ class RefineResult:
     kept: bool  # False: the check tokens did not confirm, the knapsack plan is returned
     seconds: float
     forward_tokens: int
-    measured_found: float | None = None  # search tokens, the best plan the moves found (kept or not)
+    measured_found: float  # search tokens, the best plan the moves found (kept or not)
 
     def summary(self) -> str:
         s = (f"refinement: {self.moves_accepted} of {self.moves_tried} moves accepted in {self.seconds:.0f} s "
              f"({self.forward_tokens:,} forward-pass tokens); predicted KLD {self.predicted_before:.5f} -> "
              f"{self.predicted_after:.5f}; measured (search tokens) {self.measured_before:.5f} -> "
              f"{self.measured_after:.5f}")
-        if not self.kept and self.measured_found is not None:
+        if not self.kept:
             s += f" (the moves found {self.measured_found:.5f})"
         if self.check_before is not None:
             s += (f"; check tokens {self.check_before:.5f} -> {self.check_after:.5f} "
