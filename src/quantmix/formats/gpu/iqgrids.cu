@@ -7,11 +7,12 @@
 // C's order: products associate left to right as written in C ((w*x)*q), sums accumulate sequentially,
 // comparisons are C's (NaN compares false), nearest_int and the fp16 rounding are ggml's bit tricks.
 //
-// Work split: one thread per super-block of 256 weights runs the whole quantizer of its type (the
-// candidate-scale search of every sub-block, the neighbour searches, the super-block scale and the bit
-// packing) and writes the block bytes. IQ1_S / IQ1_M hand their neighbour searches to the whole warp
-// (iq_search: C's first-minimum result, found cooperatively); the others search privately, which measured
-// faster for their many short lists (BENCHMARKS.md). The codebook tables are read from global memory (cached):
+// Work split: IQ2_XS, IQ3_XXS and IQ3_S run one warp per super-block, their neighbour searches spread
+// over the lanes as a queue of chunks (see "one warp per super-block" below): their long, heavy-tailed
+// lists dominate. IQ2_XXS and IQ2_S run one thread per super-block, each lane searching its own lists;
+// IQ1_S / IQ1_M one thread per super-block with their searches handed to the whole warp (iq_search: C's
+// first-minimum result, found cooperatively). Each type uses the split that measured fastest for it
+// (BENCHMARKS.md). The codebook tables are read from global memory (cached):
 //   map  int32 [keys]: >= 0 the grid index of an on-grid key, else -(1 + offset) into nbr, where
 //        nbr[offset] = number of neighbours, followed by their keys (not indices: one load fewer per
 //        neighbour; the winner's index is map[key]) in ggml's order;
@@ -23,7 +24,9 @@
 
 #ifdef IQ_CUDA
 #define IQ_DEV __device__ __forceinline__
+#define IQ_NOINLINE __device__ __noinline__  // long serial helpers: kept out of the kernels' register budget
 #define IQ_UNROLL _Pragma("unroll")
+#define IQ_UNROLL1 _Pragma("unroll 1")
 #define IQ_UNROLL_J _Pragma("unroll 4")  // the neighbour loops: independent d2 chains to overlap
 #define IQ_KERNEL extern "C" __global__ void
 #define IQ_LD(p) __ldg(p)
@@ -31,7 +34,9 @@
 #include <math.h>
 #include <string.h>
 #define IQ_DEV static inline
+#define IQ_NOINLINE static
 #define IQ_UNROLL
+#define IQ_UNROLL1
 #define IQ_UNROLL_J
 #define IQ_KERNEL extern "C" void
 #define IQ_LD(p) (*(p))
@@ -258,9 +263,9 @@ IQ_DEV float* iq_myP(IqWarp& W) {
 #endif
 }
 
-// neighbour searches (iq2_find_best_neighbour, iq3_find_best_neighbour, iq1_find_best_neighbour2) for
-// the groups with need set (key u off the grid). Where C aborts (no neighbour with d2 < FLT_MAX: only for
-// weights that overflow) the first is taken. Every lane of the warp may call them, need or not.
+// iq2_find_best_neighbour for the per-thread kernels (IQ2_XXS, IQ2_S), for a group with need set (key u
+// off the grid). Where C aborts (no neighbour with d2 < FLT_MAX: only for weights that overflow) the first
+// is taken. Every lane of the warp may call it, need or not.
 
 // 8-d grid, q = 2l+1 (levels 0..2): the winner's levels into L[0..7]. One lane, its own list (the
 // warp-cooperative search was measured slower for these callers: many calls with short lists).
@@ -300,35 +305,16 @@ IQ_DEV void iq2_best(IQ_WS_DECL const IqTabs& t, bool need, u32 u, const float* 
     for (int i = 0; i < 8; ++i) L[i] = (i8)((bk >> (2 * i)) & 3);
 }
 
-// 4-d grid of 3-bit levels, q = 2l+1.
-IQ_DEV void iq3_best(IQ_WS_DECL const IqTabs& t, bool need, u32 u, const float* xval, const float* w, float scale, i8* L) {
-    (void)W;
-    if (!need) return;
-    const int off = -IQ_LD(t.map + u) - 1;
-    const int n = IQ_LD(t.nbr + off);
-    float best = IQ_FLT_MAX;
-    u32 bk = 0xFFFFFFFFu;
-    IQ_UNROLL_J
-    for (int j = 1; j <= n; ++j) {
-        const u32 key = IQ_LD(t.nbr + off + j);
-        float d2 = 0;
-        IQ_UNROLL
-        for (int i = 0; i < 4; ++i) {
-            float q = iq_q(2 * (int)((key >> (3 * i)) & 7) + 1);
-            float diff = scale * q - xval[i];
-            d2 += w[i] * diff * diff;
-        }
-        if (d2 < best) {
-            best = d2;
-            bk = key;
-        }
-    }
-    if (bk == 0xFFFFFFFFu) bk = IQ_LD(t.nbr + off + 1);
-    IQ_UNROLL
-    for (int i = 0; i < 4; ++i) L[i] = (i8)((bk >> (3 * i)) & 7);
+// the key of 8 levels (2 bits each)
+IQ_DEV u32 iq2_key(const i8* L) {
+    u32 u = 0;
+    for (int i = 0; i < 8; ++i) u |= ((u32)L[i] << (2 * i));
+    return u;
 }
 
-// IQ1: q = xg[level] (the shifted ternary values); x are the signed weights. Returns the winner's key.
+// IQ1_S / IQ1_M neighbour search (iq1_find_best_neighbour2); where C aborts (no neighbour with
+// d2 < FLT_MAX: only for weights that overflow) the first is taken. Every lane of the warp may call it.
+// q = xg[level] (the shifted ternary values); x are the signed weights. Returns the winner's key.
 IQ_DEV u32 iq1_best(IQ_WS_DECL const IqTabs& t, bool need, u32 u, const float* x, const float* w, float scale, const float* xg) {
     const int off = need ? -IQ_LD(t.map + u) - 1 : 0;
     if (need) iq8_terms(iq_myP(W), x, w, scale, xg[0], xg[1], xg[2]);
@@ -442,7 +428,9 @@ IQ_DEV float iq_make_qp(const float* x, const float* w) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// IQ2_XXS (32-weight sub-blocks), IQ2_XS / IQ2_S (16-weight sub-blocks)
+// IQ2_XXS (32-weight sub-blocks) and IQ2_S (16-weight sub-blocks): one thread per super-block, each
+// lane searching its own lists (measured faster for these two than the warp design below: their searches
+// are a smaller share of the work)
 // ------------------------------------------------------------------------------------------------
 template <int BS>
 IQ_DEV void iq2_sums(const float* weight, const float* xval, const i8* L, float* sumqx, float* sumq2) {
@@ -457,11 +445,6 @@ IQ_DEV void iq2_sums(const float* weight, const float* xval, const i8* L, float*
     *sumq2 = b;
 }
 
-IQ_DEV u32 iq2_key(const i8* L) {
-    u32 u = 0;
-    for (int i = 0; i < 8; ++i) u |= ((u32)L[i] << (2 * i));
-    return u;
-}
 
 IQ_DEV void iq2_xxs_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float* qwbl, u8* y) {
     const int kMaxQ = 3;
@@ -561,15 +544,14 @@ IQ_DEV void iq2_xxs_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float
     for (int i = 0; i < 16; ++i) iq_wr32(y + 2 + 4 * i, q2[i]);
 }
 
-template <bool IS_S>
-IQ_DEV void iq2_16_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float* qwbl, int has_qw, u8* y) {
+IQ_DEV void iq2_s_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float* qwbl, int has_qw, u8* y) {
     const int kMaxQ = 3;
-    const int TS = IS_S ? 82 : 74;
+    const int TS = 82;
     float scales[16];
     for (int i = 0; i < TS; ++i) y[i] = 0;
     float max_scale = 0;
     float sumx2 = iq_sumx2(xbl);
-    float sigma2 = IS_S ? 2 * sumx2 / QK_K : sumx2 / QK_K;
+    float sigma2 = 2 * sumx2 / QK_K;
     for (int ib = 0; ib < 16; ++ib) {
         const float* xb = xbl + 16 * ib;
         float weight[16], waux[16], xval[16];
@@ -583,11 +565,11 @@ IQ_DEV void iq2_16_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float*
             for (int i = 0; i < 16; ++i) weight[i] = 0.25f * sigma2 + xb[i] * xb[i];
         }
         for (int i = 0; i < 16; ++i) waux[i] = sqrtf(weight[i]);
-        iq_signs<2, !IS_S>(xb, weight, xval, block_signs);
+        iq_signs<2, false>(xb, weight, xval, block_signs);
         float max = xval[0];
         for (int i = 1; i < 16; ++i) max = iq_max(max, xval[i]);
         for (int i = 0; i < 16; ++i) L[i] = 0;
-        if (max < (IS_S ? 1e-8f : 1e-15f)) {
+        if (max < 1e-8f) {
             scales[ib] = 0;
             continue;
         }
@@ -638,31 +620,26 @@ IQ_DEV void iq2_16_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float*
         }
         if (scale < 0) {
             scale = -scale;
-            for (int k = 0; k < 2; ++k) block_signs[k] = IS_S ? (u8)(~block_signs[k]) : (u8)((~block_signs[k]) & 127);
+            for (int k = 0; k < 2; ++k) block_signs[k] = (u8)(~block_signs[k]);
         }
         for (int k = 0; k < 2; ++k) {
             int gi = IQ_LD(t.map + iq2_key(L + 8 * k));
             if (gi < 0) gi = 0;  // C aborts: unreachable
             const int g8 = 2 * ib + k;
-            if (IS_S) {
-                y[2 + g8] = (u8)(gi & 255);
-                y[2 + 64 + g8 / 4] |= (u8)((gi >> 8) << (2 * (g8 % 4)));
-                y[2 + 32 + g8] = block_signs[k];
-            } else {
-                iq_wr16(y + 2 + 2 * g8, (u32)gi | ((u32)block_signs[k] << 9));
-            }
+            y[2 + g8] = (u8)(gi & 255);
+            y[2 + 64 + g8 / 4] |= (u8)((gi >> 8) << (2 * (g8 % 4)));
+            y[2 + 32 + g8] = block_signs[k];
         }
         scales[ib] = scale;
         max_scale = iq_max(max_scale, scale);
     }
     if (!max_scale) {
-        if (!IS_S) for (int i = 0; i < TS; ++i) y[i] = 0;  // XS zeroes qs; S keeps what it wrote
         return;
     }
     float d = max_scale / 31;
-    iq_wr16(y, iq_fp16(IS_S ? d * 0.9875f : d));
+    iq_wr16(y, iq_fp16(d * 0.9875f));
     float id = 1 / d;
-    u8* sc = y + (IS_S ? 74 : 66);
+    u8* sc = y + 74;
     for (int ib = 0; ib < 16; ++ib) {
         int l = iq_clampi(iq_nint(0.5f * (id * scales[ib] - 1)), 0, 15);
         if (ib % 2 == 0) sc[ib / 2] = (u8)l;
@@ -671,131 +648,480 @@ IQ_DEV void iq2_16_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float*
 }
 
 // ------------------------------------------------------------------------------------------------
-// IQ3_XXS (256-point grid) and IQ3_S (512 points), 32-weight sub-blocks, groups of 4
+// IQ2_XS, IQ3_XXS, IQ3_S: one warp per super-block, the searches on a balanced queue
 // ------------------------------------------------------------------------------------------------
-IQ_DEV u32 iq3_key(const i8* L) {
-    return (u32)L[0] | ((u32)L[1] << 3) | ((u32)L[2] << 6) | ((u32)L[3] << 9);
+// Why: their candidate-scale loops run one neighbour search per (group, candidate scale), and the list
+// lengths are heavy-tailed (IQ2_XS: median 21, max 292 neighbours). With one super-block per lane a warp
+// waited at every step for its longest list (Nsight: ~10 of 32 lanes active). Here a warp owns one
+// super-block and runs each phase across its lanes: every (group, scale) task computes its key; the
+// off-grid ones put their neighbour lists on a queue as chunks of at most CH neighbours; the queue is
+// evaluated 32 chunks at a time, and each chunk's best, packed as (d2 order key, index), is merged per
+// task by a 64-bit min: C's first minimum whatever the split. The sums, the sequential choice of the
+// scale, the final pass and the packing are C's, op for op.
+//
+// The host build runs the same phases with the lanes as a loop (IQ_LANES); only the scan, the min merge
+// and __syncwarp differ, so CI checks this code against ggml.
+
+#ifdef IQ_CUDA
+#define IQ_LANES(...)                                                                                   \
+    for (int lane = threadIdx.x & 31, once_ = 1; once_; once_ = 0) { __VA_ARGS__ }                    \
+    __syncwarp();
+#else
+#define IQ_LANES(...) for (int lane = 0; lane < 32; ++lane) { __VA_ARGS__ }
+#endif
+
+// KIND: 1 IQ2_XS, 3 IQ3_XXS, 4 IQ3_S (IQ2_XXS and IQ2_S, 0 and 2, measured faster per thread, above)
+template <int KIND>
+struct GridT {
+    enum {
+        IQ3 = KIND >= 3,
+        IS_S = KIND == 4,
+        GS = IQ3 ? 4 : 8,                          // weights per grid point
+        BITS = IQ3 ? 3 : 2,                        // key bits per level
+        KMAXQ = IQ3 ? 8 : 3,
+        BS = KIND == 1 ? 16 : 32,                  // sub-block
+        NSB = QK_K / BS,
+        GPB = BS / GS,                             // groups per sub-block
+        NIS = KIND == 3 ? 15 : 9,
+        NIS2 = 2 * NIS + 1,                        // candidate scales
+#ifdef IQ_NBB
+        NBB = IQ_NBB,
+#else
+        NBB = KIND == 3 ? 1 : (KIND == 4 ? 2 : 8),  // sub-blocks per batch (shared memory)
+#endif
+#ifdef IQ_CH
+        CH = IQ_CH,
+#else
+        CH = IQ3 ? 8 : 16,                         // neighbours per queue item
+#endif
+        MAXN = KIND == 1 ? 292 : 38,               // longest list of the tables (longer ones still work)
+        MAXI = (MAXN + CH - 1) / CH,               // items per task at most (the last takes any rest)
+        NMAIN = NBB * GPB * NIS2,                  // slots of the candidate-scale tasks of a batch
+        NSLOT = NMAIN + NBB * GPB,                 // + the final pass's
+        QCAP = 31 + 32 * MAXI,
+        TS = KIND == 1 ? 74 : (KIND == 3 ? 98 : 110),
+    };
+};
+
+template <class T>
+struct GridS {
+    unsigned long long best[T::NSLOT];  // per task: min of (iq_okey(d2) << 32 | index); ~0 = no search
+    float w[QK_K], wa[QK_K], xv[QK_K];
+    float mx[T::NSB], s0[T::NSB], sc[T::NSB];  // max |x|, the first scale, the chosen scale
+    u32 tu[T::NSLOT];                   // the task's key u; after its search the winner's, with bit 16 set
+    u32 q[T::QCAP];                     // queue items: slot | chunk << 10
+    // per (sub-block of the batch, candidate scale): id and the search scale 1/id, then C's sums and
+    // the scale and best that C sets when the candidate wins (they depend on the candidate only)
+    float pid[T::NBB * T::NIS2], pts[T::NBB * T::NIS2];
+    float sqx[T::NBB * T::NIS2], sq2[T::NBB * T::NIS2], csc[T::NBB * T::NIS2], cbt[T::NBB * T::NIS2];
+    float fts[T::NBB * T::GPB];         // the final pass's search scale
+    u32 fkey[T::NSB * T::GPB];          // the sub-block's chosen, then final, key of each group
+    int cnt[32];
+    u8 skip[T::NSB], fin[T::NSB], doit[T::NSB];
+    u8 sg[32];                          // sign byte of each group of 8
+    float sumx2;
+};
+
+template <class T>
+IQ_DEV u32 grid_key(const float* xv, float id) {
+    u32 u = 0;
+    IQ_UNROLL
+    for (int i = 0; i < T::GS; ++i) {
+        const int l = iq_clampi(iq_nint(0.5f * (id * xv[i] - 1)), 0, T::KMAXQ - 1);
+        u |= (u32)l << (T::BITS * i);
+    }
+    return u;
 }
 
-template <bool IS_S>
-IQ_DEV void iq3_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float* qwbl, int has_qw, u8* y) {
-    const int kMaxQ = 8;
-    const int TS = IS_S ? 110 : 98;
-    float scales[8];
-    for (int i = 0; i < TS; ++i) y[i] = 0;
-    float max_scale = 0;
-    float sigma2 = 2 * iq_sumx2(xbl) / QK_K;
-    int slot = 0;  // IQ3_S: qs / signs advance only past blocks that are not all zero
-    for (int ib = 0; ib < 8; ++ib) {
-        const float* xb = xbl + 32 * ib;
-        float weight[32], waux[32], xval[32];
-        i8 L[32], Laux[32];
-        bool on_grid[8], on_aux[8];
-        u8 block_signs[4];
-        if (has_qw) {
-            const float* qw = qwbl + 32 * ib;
-            for (int i = 0; i < 32; ++i) weight[i] = qw[i] * sqrtf(sigma2 + xb[i] * xb[i]);
-        } else {
-            for (int i = 0; i < 32; ++i) weight[i] = xb[i] * xb[i];
+template <class T>
+IQ_DEV int grid_items(const IqTabs& t, u32 u) {
+    const int m = IQ_LD(t.map + u);
+    if (m >= 0) return 0;
+    const int n = IQ_LD(t.nbr + (-m - 1));
+    const int it = (n + T::CH - 1) / T::CH;
+    return it < T::MAXI ? it : T::MAXI;
+}
+
+// the slot's group (its first weight in the super-block) and search scale
+template <class T>
+IQ_DEV int grid_slot(const GridS<T>& S, int slot, int b0, float* scale) {
+    int bl, k;
+    if (slot < T::NMAIN) {
+        bl = slot / (T::GPB * T::NIS2);
+        k = (slot / T::NIS2) % T::GPB;
+        *scale = S.pts[bl * T::NIS2 + slot % T::NIS2];
+    } else {
+        bl = (slot - T::NMAIN) / T::GPB;
+        k = (slot - T::NMAIN) % T::GPB;
+        *scale = S.fts[slot - T::NMAIN];
+    }
+    return (b0 + bl) * T::BS + k * T::GS;
+}
+
+// one queue item: its chunk of the slot's neighbour list, merged into best[slot]
+template <class T>
+IQ_DEV void grid_eval(GridS<T>& S, const IqTabs& t, int b0, u32 item) {
+    const int slot = (int)(item & 1023u), c = (int)(item >> 10);
+    float scale;
+    const int e0 = grid_slot<T>(S, slot, b0, &scale);
+    const int off = -IQ_LD(t.map + S.tu[slot]) - 1;
+    const int n = IQ_LD(t.nbr + off);
+    int nit = (n + T::CH - 1) / T::CH;
+    if (nit > T::MAXI) nit = T::MAXI;
+#ifdef IQ_EQUAL_CHUNKS
+    const int j0 = c * n / nit, j1 = (c + 1) * n / nit;  // near-equal chunks: even rounds
+#else
+    const int j0 = c * T::CH, j1 = c == nit - 1 ? n : j0 + T::CH;
+#endif
+    const float* xv = S.xv + e0;
+    const float* wa = S.wa + e0;
+    float best = IQ_FLT_MAX;
+    int bj = -1;
+    if (T::IQ3) {
+        float xr[4], wr[4];
+        IQ_UNROLL
+        for (int i = 0; i < 4; ++i) {
+            xr[i] = xv[i];
+            wr[i] = wa[i];
         }
-        for (int i = 0; i < 32; ++i) waux[i] = sqrtf(weight[i]);
-        iq_signs<4, !IS_S>(xb, weight, xval, block_signs);
-        float max = xval[0];
-        for (int i = 1; i < 32; ++i) max = iq_max(max, xval[i]);
-        for (int i = 0; i < 32; ++i) L[i] = 0;
-        if (IS_S ? !max : (max < 1e-8f)) {
+        IQ_UNROLL_J
+        for (int j = j0; j < j1; ++j) {
+            const u32 key = IQ_LD(t.nbr + off + 1 + j);
+            float d2 = 0;
+            IQ_UNROLL
+            for (int i = 0; i < 4; ++i) {
+                float q = iq_q(2 * (int)((key >> (3 * i)) & 7) + 1);
+                float diff = scale * q - xr[i];
+                d2 += wr[i] * diff * diff;
+            }
+            if (d2 < best) {
+                best = d2;
+                bj = j;
+            }
+        }
+    } else {
+        // the terms (w_i*diff)*diff per position and level, summed per neighbour in C's order
+        float t0[8], t1[8], t2[8];
+        IQ_UNROLL
+        for (int i = 0; i < 8; ++i) {
+            const float x = xv[i], w = wa[i];
+            float d0 = scale * 1.f - x, d1 = scale * 3.f - x, d2 = scale * 5.f - x;
+            t0[i] = w * d0 * d0;
+            t1[i] = w * d1 * d1;
+            t2[i] = w * d2 * d2;
+        }
+        IQ_UNROLL_J
+        for (int j = j0; j < j1; ++j) {
+            const u32 key = IQ_LD(t.nbr + off + 1 + j);
+            float d2 = 0;
+            IQ_UNROLL
+            for (int i = 0; i < 8; ++i) {
+                // bit 0 of the level picks t1, bit 1 t2 (level 2 -> t2): two bit-test selects
+                const float a = (key & (1u << (2 * i))) ? t1[i] : t0[i];
+                d2 += (key & (2u << (2 * i))) ? t2[i] : a;
+            }
+            if (d2 < best) {
+                best = d2;
+                bj = j;
+            }
+        }
+    }
+    // no d2 < FLT_MAX (C aborts; only overflowing weights): the chunk offers its first, so the list's first wins
+    const unsigned long long v = bj < 0 ? (0xFFFFFFFFull << 32) | (u32)j0 : ((unsigned long long)iq_okey(best) << 32) | (u32)bj;
+#ifdef IQ_CUDA
+    atomicMin(&S.best[slot], v);
+#else
+    if (v < S.best[slot]) S.best[slot] = v;
+#endif
+}
+
+// Append the items of the 32 slots base + lane (S.cnt[lane] of them each) at q[qn..]; returns how many.
+template <class T>
+IQ_DEV int grid_push(GridS<T>& S, int base, int qn) {
+#ifdef IQ_CUDA
+    const int lane = threadIdx.x & 31;
+    const int v = S.cnt[lane];
+    int incl = v;
+    IQ_UNROLL
+    for (int d = 1; d < 32; d <<= 1) {
+        const int o = __shfl_up_sync(0xFFFFFFFFu, incl, d);
+        if (lane >= d) incl += o;
+    }
+    const int total = __shfl_sync(0xFFFFFFFFu, incl, 31);
+    for (int c = 0; c < v; ++c) S.q[qn + incl - v + c] = (u32)(base + lane) | ((u32)c << 10);
+    __syncwarp();
+    return total;
+#else
+    int p = qn;
+    for (int lane = 0; lane < 32; ++lane)
+        for (int c = 0; c < S.cnt[lane]; ++c) S.q[p++] = (u32)(base + lane) | ((u32)c << 10);
+    return p - qn;
+#endif
+}
+
+// Evaluate the queue 32 items at a time while a full round is there (all of it with flush); the rest
+// moves to the front.
+template <class T>
+IQ_DEV void grid_drain(GridS<T>& S, const IqTabs& t, int b0, int& qn, bool flush) {
+    int qh = 0;
+    while (qn - qh >= 32 || (flush && qn > qh)) {
+        const int h = qh, e = qn;
+        IQ_LANES(if (h + lane < e) grid_eval<T>(S, t, b0, S.q[h + lane]);)
+        qh += 32;
+    }
+    if (qh >= qn) {
+        qn = 0;
+    } else if (qh > 0) {  // qh >= 32 > rest: the two ranges do not overlap
+        const int h = qh, rest = qn - qh;
+        IQ_LANES(if (lane < rest) S.q[lane] = S.q[h + lane];)
+        qn = rest;
+    }
+}
+
+// After the searches of slots [lo, hi): each searched task's winner key, bit 16 set.
+template <class T>
+IQ_DEV void grid_resolve(GridS<T>& S, const IqTabs& t, int lo, int hi) {
+    IQ_LANES(for (int s = lo + lane; s < hi; s += 32) {
+        const unsigned long long b = S.best[s];
+        if (b != ~0ull) {
+            const int off = -IQ_LD(t.map + S.tu[s]) - 1;
+            S.tu[s] = (u32)IQ_LD(t.nbr + off + 1 + (int)(u32)(b & 0xFFFFFFFFu)) | 0x10000u;
+        }
+    })
+}
+
+// C's sums over a sub-block: sumqx += (w*xval)*q, sumq2 += (w*q)*q, q = 2l+1, in weight order
+template <class T>
+IQ_DEV void grid_sums(const GridS<T>& S, int ib, const u32* keys, int kstride, float* sumqx, float* sumq2) {
+    float a = 0, b = 0;
+    IQ_UNROLL1
+    for (int k = 0; k < T::GPB; ++k) {
+        const u32 key = keys[k * kstride];
+        IQ_UNROLL
+        for (int i = 0; i < T::GS; ++i) {
+            const int e = ib * T::BS + k * T::GS + i;
+            const float w = S.w[e];
+            const float q = iq_q(2 * (int)((key >> (T::BITS * i)) & ((1u << T::BITS) - 1)) + 1);
+            a += w * S.xv[e] * q;
+            b += w * q * q;
+        }
+    }
+    *sumqx = a;
+    *sumq2 = b;
+}
+
+// The super-block's bytes from the per-sub-block results, as C writes them (sign flips for negative
+// scales, grid indices, the super-block scale and the 4-bit sub-block scales).
+template <int KIND>
+IQ_NOINLINE void grid_pack(const GridS<GridT<KIND> >& S, const IqTabs& t, u8* y) {
+    typedef GridT<KIND> T;
+    float scales[T::NSB];
+    float max_scale = 0;
+    for (int i = 0; i < T::TS; ++i) y[i] = 0;
+    int slot = 0;  // IQ3_S: qs / signs advance only past sub-blocks that are not all zero
+    for (int ib = 0; ib < T::NSB; ++ib) {
+        if (S.skip[ib]) {
             scales[ib] = 0;
             continue;
         }
-        float best = 0;
-        float scale = max / (2 * kMaxQ - 1);
-        for (int k = 0; k < 8; ++k) on_grid[k] = !IS_S;
-        const int nis = IS_S ? 9 : 15;
-        for (int is = -nis; is <= nis; ++is) {
-            float id = (2 * kMaxQ - 1 + is * 0.2f) / max;
-            float this_scale = 1 / id;
-            for (int k = 0; k < 8; ++k) {
-                for (int i = 0; i < 4; ++i) {
-                    int l = iq_nint(0.5f * (id * xval[4 * k + i] - 1));
-                    Laux[4 * k + i] = (i8)iq_clampi(l, 0, kMaxQ - 1);
-                }
-                u32 u = iq3_key(Laux + 4 * k);
-                on_aux[k] = IQ_LD(t.map + u) >= 0;
-                iq3_best(W, t, !on_aux[k], u, xval + 4 * k, waux + 4 * k, this_scale, Laux + 4 * k);
-            }
-            float sumqx, sumq2;
-            iq2_sums<32>(weight, xval, Laux, &sumqx, &sumq2);
-            if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
-                scale = sumqx / sumq2;
-                best = scale * sumqx;
-                for (int i = 0; i < 32; ++i) L[i] = Laux[i];
-                for (int k = 0; k < 8; ++k) on_grid[k] = on_aux[k];
-            }
-        }
-        int n_not = 0;
-        for (int k = 0; k < 8; ++k) if (!on_grid[k]) ++n_not;
-        const bool fin = n_not > 0 && scale > 0;  // every lane runs the block (see iq2_16_sb)
-        {
-            float id = 1 / scale;
-            for (int k = 0; k < 8; ++k) {
-                const bool doit = fin && (IS_S || !on_grid[k]);
-                i8 Lk[4];
-                for (int i = 0; i < 4; ++i) Lk[i] = (i8)iq_clampi(iq_nint(0.5f * (id * xval[4 * k + i] - 1)), 0, kMaxQ - 1);
-                u32 u = iq3_key(Lk);
-                iq3_best(W, t, doit && IQ_LD(t.map + u) < 0, u, xval + 4 * k, waux + 4 * k, scale, Lk);
-                if (doit)
-                    for (int i = 0; i < 4; ++i) L[4 * k + i] = Lk[i];
-            }
-            if (fin) {
-                float sumqx, sumq2;
-                iq2_sums<32>(weight, xval, L, &sumqx, &sumq2);
-                if (sumq2 > 0) scale = sumqx / sumq2;
-            }
-        }
+        float scale = S.sc[ib];
+        const int nsg = T::BS / 8;  // sign bytes of the sub-block
+        u8 bs[4];
+        for (int k = 0; k < nsg; ++k) bs[k] = S.sg[nsg * ib + k];
         if (scale < 0) {
             scale = -scale;
-            for (int k = 0; k < 4; ++k) block_signs[k] = IS_S ? (u8)(~block_signs[k]) : (u8)((~block_signs[k]) & 127);
+            for (int k = 0; k < nsg; ++k) bs[k] = T::IS_S ? (u8)(~bs[k]) : (u8)((~bs[k]) & 127);
         }
-        if (IS_S) {
-            for (int k = 0; k < 8; ++k) {
-                int gi = IQ_LD(t.map + iq3_key(L + 4 * k));
-                if (gi < 0) gi = 0;  // C aborts: unreachable
+        for (int k = 0; k < T::GPB; ++k) {
+            int gi = IQ_LD(t.map + S.fkey[ib * T::GPB + k]);
+            if (gi < 0) gi = 0;  // C aborts: unreachable
+            if (KIND == 1) {
+                iq_wr16(y + 2 + 2 * (2 * ib + k), (u32)gi | ((u32)bs[k] << 9));
+            } else if (KIND == 3) {
+                y[2 + 8 * ib + k] = (u8)gi;
+            } else {
                 y[2 + 8 * slot + k] = (u8)(gi & 255);
                 y[66 + ib] |= (u8)((gi >> 8) << k);
             }
-            for (int k = 0; k < 4; ++k) y[74 + 4 * slot + k] = block_signs[k];
-            ++slot;
-        } else {
-            for (int k = 0; k < 8; ++k) {
-                int gi = IQ_LD(t.map + iq3_key(L + 4 * k));
-                if (gi < 0) gi = 0;
-                y[2 + 8 * ib + k] = (u8)gi;
-            }
-            u32 sas = (u32)block_signs[0] | ((u32)block_signs[1] << 7) | ((u32)block_signs[2] << 14) | ((u32)block_signs[3] << 21);
+        }
+        if (KIND == 3) {
+            u32 sas = (u32)bs[0] | ((u32)bs[1] << 7) | ((u32)bs[2] << 14) | ((u32)bs[3] << 21);
             iq_wr32(y + 66 + 4 * ib, sas);
+        } else if (KIND == 4) {
+            for (int k = 0; k < 4; ++k) y[74 + 4 * slot + k] = bs[k];
+            ++slot;
         }
         scales[ib] = scale;
         max_scale = iq_max(max_scale, scale);
     }
     if (!max_scale) {
-        if (!IS_S) for (int i = 0; i < TS; ++i) y[i] = 0;
-        return;  // IQ3_S keeps what it wrote (qh / qs of blocks with max != 0 and scale 0)
+        // IQ2_XS / IQ3_XXS zero the block; IQ3_S keeps what it wrote
+        if (!T::IS_S)
+            for (int i = 0; i < T::TS; ++i) y[i] = 0;
+        return;
     }
-    float d = max_scale / 31;
-    iq_wr16(y, iq_fp16(d * (IS_S ? 1.033f : 1.0125f)));
-    float id = 1 / d;
-    if (IS_S) {
+    const float d = max_scale / 31;
+    const float dm = KIND == 3 ? d * 1.0125f : (KIND == 4 ? d * 1.033f : d);
+    iq_wr16(y, iq_fp16(dm));
+    const float id = 1 / d;
+    if (KIND == 1) {
+        u8* sc = y + 66;
+        for (int ib = 0; ib < T::NSB; ++ib) {
+            int l = iq_clampi(iq_nint(0.5f * (id * scales[ib] - 1)), 0, 15);
+            if (ib % 2 == 0) sc[ib / 2] = (u8)l;
+            else sc[ib / 2] |= (u8)(l << 4);
+        }
+    } else if (KIND == 3) {
+        for (int ib = 0; ib < 8; ++ib) {
+            int l = iq_clampi(iq_nint(0.5f * (id * scales[ib] - 1)), 0, 15);
+            y[66 + 4 * ib + 3] |= (u8)((u32)l << 4);
+        }
+    } else {
         for (int ib = 0; ib < 8; ib += 2) {
             int l1 = iq_clampi(iq_nint(0.5f * (id * scales[ib] - 1)), 0, 15);
             int l2 = iq_clampi(iq_nint(0.5f * (id * scales[ib + 1] - 1)), 0, 15);
             y[106 + ib / 2] = (u8)(l1 | (l2 << 4));
         }
-    } else {
-        for (int ib = 0; ib < 8; ++ib) {
-            int l = iq_clampi(iq_nint(0.5f * (id * scales[ib] - 1)), 0, 15);
-            y[66 + 4 * ib + 3] |= (u8)((u32)l << 4);
-        }
     }
+}
+
+template <int KIND>
+IQ_DEV void grid_sb(GridS<GridT<KIND> >& S, const IqTabs& t, const float* xbl, const float* qwbl, int has_qw, u8* y) {
+    typedef GridT<KIND> T;
+    const float step = T::IQ3 ? 0.2f : 0.1f;
+    // weights, |x| with C's sign handling, the sub-blocks' maxima and first scales
+    IQ_LANES(if (lane == 0) S.sumx2 = iq_sumx2(xbl);)
+    const float sumx2 = S.sumx2;
+    const float sigma2 = KIND == 1 ? sumx2 / QK_K : 2 * sumx2 / QK_K;
+    IQ_LANES(IQ_UNROLL1 for (int e = lane; e < QK_K; e += 32) {
+        const float xe = xbl[e];
+        float we;
+        if (has_qw) we = qwbl[e] * sqrtf(sigma2 + xe * xe);
+        else if (KIND == 1) we = 0.25f * sigma2 + xe * xe;
+        else we = xe * xe;
+        S.w[e] = we;
+        S.wa[e] = sqrtf(we);
+    })
+    IQ_LANES(iq_signs<1, !T::IS_S>(xbl + 8 * lane, S.w + 8 * lane, S.xv + 8 * lane, S.sg + lane);)
+    IQ_LANES(if (lane < T::NSB) {
+        const int ib = lane;
+        const float* xv = S.xv + T::BS * ib;
+        float mx = xv[0];
+        for (int i = 1; i < T::BS; ++i) mx = iq_max(mx, xv[i]);
+        S.skip[ib] = KIND == 1 ? mx < 1e-15f : (KIND == 3 ? mx < 1e-8f : !mx);
+        S.mx[ib] = mx;
+        S.s0[ib] = mx / (2 * T::KMAXQ - 1);
+        S.sc[ib] = 0;
+    })
+    for (int b0 = 0; b0 < T::NSB; b0 += T::NBB) {
+        int qn = 0;
+        IQ_LANES(for (int p = lane; p < T::NBB * T::NIS2; p += 32) {
+            const int ib = b0 + p / T::NIS2;
+            if (!S.skip[ib]) {
+                const float id = (2 * T::KMAXQ - 1 + (p % T::NIS2 - T::NIS) * step) / S.mx[ib];
+                S.pid[p] = id;
+                S.pts[p] = 1 / id;
+            }
+        })
+        // the candidate scales: every (group, scale) key, the off-grid ones searched
+        for (int r = 0; r < T::NMAIN; r += 32) {
+            IQ_LANES({
+                const int slot = r + lane;
+                int items = 0;
+                if (slot < T::NMAIN) {
+                    const int bl = slot / (T::GPB * T::NIS2), k = (slot / T::NIS2) % T::GPB, si = slot % T::NIS2;
+                    const int ib = b0 + bl;
+                    S.best[slot] = ~0ull;
+                    S.tu[slot] = 0;
+                    if (!S.skip[ib]) {
+                        const u32 u = grid_key<T>(S.xv + ib * T::BS + k * T::GS, S.pid[bl * T::NIS2 + si]);
+                        S.tu[slot] = u;
+                        items = grid_items<T>(t, u);
+                    }
+                }
+                S.cnt[lane] = items;
+            })
+            qn += grid_push<T>(S, r, qn);
+            grid_drain<T>(S, t, b0, qn, false);
+        }
+        grid_drain<T>(S, t, b0, qn, true);
+        grid_resolve<T>(S, t, 0, T::NMAIN);
+        IQ_LANES(for (int p = lane; p < T::NBB * T::NIS2; p += 32) {
+            const int bl = p / T::NIS2, si = p % T::NIS2;
+            if (!S.skip[b0 + bl]) {
+                float sumqx, sumq2;
+                grid_sums<T>(S, b0 + bl, S.tu + bl * T::GPB * T::NIS2 + si, T::NIS2, &sumqx, &sumq2);
+                S.sqx[p] = sumqx;
+                S.sq2[p] = sumq2;
+                const float scale = sumqx / sumq2;
+                S.csc[p] = scale;
+                S.cbt[p] = scale * sumqx;
+            }
+        })
+        // C's sequential choice of the scale, then which groups the final pass redoes
+        IQ_LANES(if (lane < T::NBB && !S.skip[b0 + lane]) {
+            const int bl = lane, ib = b0 + lane;
+            float best = 0, scale = S.s0[ib];
+            int ch = -1;
+            for (int si = 0; si < T::NIS2; ++si) {
+                const int p = bl * T::NIS2 + si;
+                const float sumqx = S.sqx[p], sumq2 = S.sq2[p];
+                if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+                    scale = S.csc[p];  // = sumqx / sumq2
+                    best = S.cbt[p];   // = scale * sumqx
+                    ch = si;
+                }
+            }
+            u32 on = 0;
+            int n_not = 0;
+            for (int k = 0; k < T::GPB; ++k) {
+                const u32 key = ch >= 0 ? S.tu[(bl * T::GPB + k) * T::NIS2 + ch] : 0u;
+                const bool onk = ch >= 0 ? !(key & 0x10000u) : !(T::IQ3 && T::IS_S);
+                S.fkey[ib * T::GPB + k] = key & 0xFFFFu;
+                if (onk) on |= 1u << k;
+                else ++n_not;
+            }
+            const bool fin = n_not > 0 && scale > 0;
+            const u32 doit = fin ? (T::IS_S ? 0xFFu : (~on & ((1u << T::GPB) - 1))) : 0u;
+            S.sc[ib] = scale;
+            S.fin[ib] = (u8)fin;
+            S.doit[ib] = (u8)doit;
+        })
+        // the final pass at the chosen scale
+        IQ_LANES({
+            const int f = lane;
+            int items = 0;
+            if (f < T::NBB * T::GPB) {
+                const int bl = f / T::GPB, k = f % T::GPB, ib = b0 + bl, slot = T::NMAIN + f;
+                S.best[slot] = ~0ull;
+                if (!S.skip[ib] && ((S.doit[ib] >> k) & 1)) {
+                    const float scale = S.sc[ib];
+                    const float id = 1 / scale;
+                    const u32 u = grid_key<T>(S.xv + ib * T::BS + k * T::GS, id);
+                    S.fkey[ib * T::GPB + k] = u;
+                    S.fts[f] = scale;
+                    S.tu[slot] = u;
+                    items = grid_items<T>(t, u);
+                }
+            }
+            S.cnt[lane] = items;
+        })
+        qn += grid_push<T>(S, T::NMAIN, qn);
+        grid_drain<T>(S, t, b0, qn, true);
+        grid_resolve<T>(S, t, T::NMAIN, T::NSLOT);
+        IQ_LANES(if (lane < T::NBB * T::GPB) {
+            const int slot = T::NMAIN + lane;
+            if (S.best[slot] != ~0ull) S.fkey[b0 * T::GPB + lane] = S.tu[slot] & 0xFFFFu;
+        })
+        IQ_LANES(if (lane < T::NBB && !S.skip[b0 + lane] && S.fin[b0 + lane]) {
+            const int ib = b0 + lane;
+            float sumqx, sumq2;
+            grid_sums<T>(S, ib, S.fkey + ib * T::GPB, 1, &sumqx, &sumq2);
+            if (sumq2 > 0) S.sc[ib] = sumqx / sumq2;
+        })
+    }
+    // packing, in C's order (one lane)
+    IQ_LANES(if (lane == 0) grid_pack<KIND>(S, t, y);)
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1098,9 +1424,10 @@ IQ_DEV void iq1_m_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float* 
 }
 
 // ------------------------------------------------------------------------------------------------
-// entry points: one thread per super-block (the threads of a warp share their neighbour searches). x
-// [nsb * 256] (rows of sb_per_row super-blocks), qw the row's imatrix [sb_per_row * 256] (ignored when
-// has_qw is 0), out [nsb * type_size]. CUDA blocks have IQ_TPB threads (iqkernels.TPB).
+// entry points. x [nsb * 256] (rows of sb_per_row super-blocks), qw the row's imatrix [sb_per_row * 256]
+// (ignored when has_qw is 0), out [nsb * type_size]. IQ1_S / IQ1_M: one thread per super-block, CUDA
+// blocks of IQ_TPB threads (iqkernels.TPB). The others: one warp per super-block, CUDA blocks of
+// IQ_WTPB threads (iqkernels.WTPB), IQ_WTPB / 32 super-blocks each.
 // ------------------------------------------------------------------------------------------------
 #ifndef IQ_TPB
 #define IQ_TPB 64
@@ -1121,7 +1448,7 @@ IQ_DEV void iq1_m_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float* 
     }
 
 #ifdef IQ_CUDA
-// 16 blocks of 64 threads per SM: the register cap this sets (64) measured fastest for every type.
+// IQ1: 16 blocks of 64 threads per SM (the register cap this sets, 64, measured fastest).
 #define IQ_BOUNDS __launch_bounds__(IQ_TPB, 16)
 #define IQ_LOOP(NAME)                                                                                   \
     __shared__ IqWarp ws[IQ_TPB / 32];                                                                  \
@@ -1134,10 +1461,40 @@ IQ_DEV void iq1_m_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float* 
     for (int sb = 0; sb < nsb; ++sb) NAME##_one(ws, x, qw, out, map, nbr, grid, sb, sb_per_row, has_qw);
 #endif
 
+#ifndef IQ_WTPB
+#define IQ_WTPB 64
+#endif
+#define IQ_WENTRY(NAME, KIND)                                                                           \
+    IQ_KERNEL IQ_WBOUNDS qm_iq_##NAME(const float* x, const float* qw, u8* out, const int* map,         \
+                                      const u16* nbr, const u16* grid, int nsb, int sb_per_row, int has_qw) { \
+        IqTabs t = {map, nbr, grid};                                                                    \
+        IQ_WLOOP(KIND)                                                                                  \
+    }
+#define IQ_WONE(KIND, S, sb)                                                                            \
+    grid_sb<KIND>(S, t, x + (i64)(sb) * QK_K, has_qw ? qw + (i64)((sb) % sb_per_row) * QK_K : (const float*)0, \
+                  has_qw, out + (i64)(sb) * GridT<KIND>::TS);
+#ifdef IQ_CUDA
+// warp kernels: at least 8 blocks of 64 threads per SM (at most 128 registers) measured fastest (4-12%
+// over no cap; 12 and 16 blocks cap registers harder for no gain)
+#ifndef IQ_WMINB
+#define IQ_WMINB 8
+#endif
+#define IQ_WBOUNDS __launch_bounds__(IQ_WTPB, IQ_WMINB)
+#define IQ_WLOOP(KIND)                                                                                  \
+    __shared__ GridS<GridT<KIND> > gs[IQ_WTPB / 32];                                                    \
+    const int sb = blockIdx.x * (IQ_WTPB / 32) + threadIdx.x / 32;                                      \
+    if (sb < nsb) { IQ_WONE(KIND, gs[threadIdx.x / 32], sb) }
+#else
+#define IQ_WBOUNDS
+#define IQ_WLOOP(KIND)                                                                                  \
+    GridS<GridT<KIND> > gs;                                                                             \
+    for (int sb = 0; sb < nsb; ++sb) { IQ_WONE(KIND, gs, sb) }
+#endif
+
 IQ_ENTRY(iq2_xxs, 66, iq2_xxs_sb(W, t, xbl, qwbl, y))
-IQ_ENTRY(iq2_xs, 74, iq2_16_sb<false>(W, t, xbl, qwbl, has_qw, y))
-IQ_ENTRY(iq2_s, 82, iq2_16_sb<true>(W, t, xbl, qwbl, has_qw, y))
-IQ_ENTRY(iq3_xxs, 98, iq3_sb<false>(W, t, xbl, qwbl, has_qw, y))
-IQ_ENTRY(iq3_s, 110, iq3_sb<true>(W, t, xbl, qwbl, has_qw, y))
+IQ_WENTRY(iq2_xs, 1)
+IQ_ENTRY(iq2_s, 82, iq2_s_sb(W, t, xbl, qwbl, has_qw, y))
+IQ_WENTRY(iq3_xxs, 3)
+IQ_WENTRY(iq3_s, 4)
 IQ_ENTRY(iq1_s, 50, iq1_s_sb(W, t, xbl, qwbl, y))
 IQ_ENTRY(iq1_m, 56, iq1_m_sb(W, t, xbl, qwbl, has_qw, y))

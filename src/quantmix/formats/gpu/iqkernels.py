@@ -2,8 +2,8 @@
 
 Why: the torch numerics of these types (iq1.py / iq2.py / iq3.py) are exact but run a few hundred
 thousand small tensor ops per chunk; on a GPU they reach well under 1 G weights/s. ``iqgrids.cu`` runs
-ggml's quantizers one thread per super-block, with ggml's float32 arithmetic op for op, so the bytes are
-ggml's. The same source is compiled for the host with g++ (``host_quantize_rows``) so that CI, without a
+ggml's quantizers (one warp per super-block for IQ2_XS / IQ3_XXS / IQ3_S, one thread for the others)
+with ggml's float32 arithmetic op for op, so the bytes are ggml's. The same source is compiled for the host with g++ (``host_quantize_rows``) so that CI, without a
 GPU, checks the kernels' arithmetic against ggml's C quantizer.
 
 The iq modules call :func:`quantize_rows` for CUDA tensors (unless ``QUANTMIX_IQ_KERNELS=0`` is set or
@@ -33,8 +33,10 @@ from quantmix.paths import cache_dir, file_lock
 
 SOURCE = Path(__file__).with_name("iqgrids.cu")
 QK_K = 256
-TPB = 64  # threads (super-blocks) per CUDA block: the kernels are register-heavy (a multiple of 32)
-_BUILT_TPB = TPB  # what the cubin is compiled for (-DIQ_TPB): launches always use it
+TPB = 64  # IQ1 kernels: threads (super-blocks) per CUDA block (a multiple of 32)
+WTPB = 64  # the warp-per-super-block kernels: threads per CUDA block, WTPB // 32 super-blocks
+_BUILT_TPB, _BUILT_WTPB = TPB, WTPB  # what the cubin is compiled for (-DIQ_TPB / -DIQ_WTPB)
+WARP_TYPES = frozenset({"IQ2_XS", "IQ3_XXS", "IQ3_S"})  # one warp per super-block (iqgrids.cu says why)
 # name -> (kernel stem in iqgrids.cu, bytes per 256 weights)
 TYPES: dict[str, tuple[str, int]] = {
     "IQ2_XXS": ("iq2_xxs", 66),
@@ -161,7 +163,7 @@ def _cubin(arch: str) -> bytes:
     from quantmix.formats.gpu import nvrtc
 
     src = SOURCE.read_text()
-    opts = [*nvrtc.OPTIONS, f"-DIQ_TPB={_BUILT_TPB}"]  # sizes the kernels' per-warp shared scratch
+    opts = [*nvrtc.OPTIONS, f"-DIQ_TPB={_BUILT_TPB}", f"-DIQ_WTPB={_BUILT_WTPB}"]  # block sizes (shared scratch)
     key = hashlib.sha256("\0".join([src, *opts, arch, nvrtc._nvrtc_version(), torch.version.cuda or ""]).encode())
     f = cache_dir() / "gpu" / f"iqgrids-sm{arch}-{key.hexdigest()[:16]}.cubin"
     if f.exists():
@@ -206,8 +208,9 @@ def quantize_rows(qtype: str, x: Tensor, imatrix: Tensor | None) -> Tensor:
         return out
     if nsb >= 2**31:
         raise ValueError(f"{qtype}: {rows}x{n} is too large for one launch; quantize fewer rows per call")
+    tpb, per_block = (_BUILT_WTPB, _BUILT_WTPB // 32) if qtype in WARP_TYPES else (_BUILT_TPB, _BUILT_TPB)
     with torch.cuda.device(dev):
-        kern(grid=((nsb + _BUILT_TPB - 1) // _BUILT_TPB, 1, 1), block=(_BUILT_TPB, 1, 1),
+        kern(grid=((nsb + per_block - 1) // per_block, 1, 1), block=(tpb, 1, 1),
              args=[x, qw, out, m, nb, g, nsb, n // QK_K, int(imatrix is not None)])
     return out
 
