@@ -263,6 +263,45 @@ IQ_DEV float* iq_myP(IqWarp& W) {
 #endif
 }
 
+// The terms (w_i*diff)*diff of an 8-d neighbour's distance per position and level (q = 1, 3, 5), for
+// iq2_scan: C computes the same products per neighbour, so summing them in C's order gives C's d2.
+IQ_DEV void iq2_terms(const float* xval, const float* w, float scale, float* t0, float* t1, float* t2) {
+    IQ_UNROLL
+    for (int i = 0; i < 8; ++i) {
+        const float x = xval[i], wi = w[i];
+        float d0 = scale * 1.f - x, d1 = scale * 3.f - x, d2 = scale * 5.f - x;
+        t0[i] = wi * d0 * d0;
+        t1[i] = wi * d1 * d1;
+        t2[i] = wi * d2 * d2;
+    }
+}
+
+// C's neighbour loop over keys[j0..j1): the first neighbour of least d2 (d2 < FLT_MAX), as its key
+// (KEY) or its index j; 0xFFFFFFFF if none. *best gets its d2. (Each caller tracks only what it uses.)
+template <bool KEY>
+IQ_DEV u32 iq2_scan(const float* t0, const float* t1, const float* t2, const u16* keys, int j0, int j1, float* best) {
+    float b = IQ_FLT_MAX;
+    u32 r = 0xFFFFFFFFu;
+    IQ_UNROLL_J
+    for (int j = j0; j < j1; ++j) {
+        const u32 key = IQ_LD(keys + j);
+        float d2 = 0;
+        IQ_UNROLL
+        for (int i = 0; i < 8; ++i) {
+            // bit 0 of the level picks t1, bit 1 t2 (as C: level 2 -> t2): two bit-test selects; the
+            // compare-based form of the level kept the ALU pipe busy and measured ~1.4x slower
+            const float a = (key & (1u << (2 * i))) ? t1[i] : t0[i];
+            d2 += (key & (2u << (2 * i))) ? t2[i] : a;
+        }
+        if (d2 < b) {
+            b = d2;
+            r = KEY ? key : (u32)j;
+        }
+    }
+    *best = b;
+    return r;
+}
+
 // iq2_find_best_neighbour for the per-thread kernels (IQ2_XXS, IQ2_S), for a group with need set (key u
 // off the grid). Where C aborts (no neighbour with d2 < FLT_MAX: only for weights that overflow) the first
 // is taken. Every lane of the warp may call it, need or not.
@@ -274,32 +313,9 @@ IQ_DEV void iq2_best(IQ_WS_DECL const IqTabs& t, bool need, u32 u, const float* 
     if (!need) return;
     const int off = -IQ_LD(t.map + u) - 1;
     const int n = IQ_LD(t.nbr + off);
-    float t0[8], t1[8], t2[8];
-    IQ_UNROLL
-    for (int i = 0; i < 8; ++i) {
-        float d0 = scale * 1.f - xval[i], d1 = scale * 3.f - xval[i], d2 = scale * 5.f - xval[i];
-        t0[i] = w[i] * d0 * d0;
-        t1[i] = w[i] * d1 * d1;
-        t2[i] = w[i] * d2 * d2;
-    }
-    float best = IQ_FLT_MAX;
-    u32 bk = 0xFFFFFFFFu;
-    IQ_UNROLL_J
-    for (int j = 1; j <= n; ++j) {
-        const u32 key = IQ_LD(t.nbr + off + j);
-        float d2 = 0;
-        IQ_UNROLL
-        for (int i = 0; i < 8; ++i) {
-            // bit 0 of the level picks t1, bit 1 t2 (as C: level 2 -> t2): two bit-test selects; the
-            // compare-based form of the level kept the ALU pipe busy and measured ~1.4x slower
-            const float a = (key & (1u << (2 * i))) ? t1[i] : t0[i];
-            d2 += (key & (2u << (2 * i))) ? t2[i] : a;
-        }
-        if (d2 < best) {
-            best = d2;
-            bk = key;
-        }
-    }
+    float t0[8], t1[8], t2[8], best;
+    iq2_terms(xval, w, scale, t0, t1, t2);
+    u32 bk = iq2_scan<true>(t0, t1, t2, t.nbr + off + 1, 0, n, &best);
     if (bk == 0xFFFFFFFFu) bk = IQ_LD(t.nbr + off + 1);
     IQ_UNROLL
     for (int i = 0; i < 8; ++i) L[i] = (i8)((bk >> (2 * i)) & 3);
@@ -768,11 +784,7 @@ IQ_DEV void grid_eval(GridS<T>& S, const IqTabs& t, int b0, u32 item) {
     const int n = IQ_LD(t.nbr + off);
     int nit = (n + T::CH - 1) / T::CH;
     if (nit > T::MAXI) nit = T::MAXI;
-#ifdef IQ_EQUAL_CHUNKS
-    const int j0 = c * n / nit, j1 = (c + 1) * n / nit;  // near-equal chunks: even rounds
-#else
     const int j0 = c * T::CH, j1 = c == nit - 1 ? n : j0 + T::CH;
-#endif
     const float* xv = S.xv + e0;
     const float* wa = S.wa + e0;
     float best = IQ_FLT_MAX;
@@ -800,31 +812,9 @@ IQ_DEV void grid_eval(GridS<T>& S, const IqTabs& t, int b0, u32 item) {
             }
         }
     } else {
-        // the terms (w_i*diff)*diff per position and level, summed per neighbour in C's order
         float t0[8], t1[8], t2[8];
-        IQ_UNROLL
-        for (int i = 0; i < 8; ++i) {
-            const float x = xv[i], w = wa[i];
-            float d0 = scale * 1.f - x, d1 = scale * 3.f - x, d2 = scale * 5.f - x;
-            t0[i] = w * d0 * d0;
-            t1[i] = w * d1 * d1;
-            t2[i] = w * d2 * d2;
-        }
-        IQ_UNROLL_J
-        for (int j = j0; j < j1; ++j) {
-            const u32 key = IQ_LD(t.nbr + off + 1 + j);
-            float d2 = 0;
-            IQ_UNROLL
-            for (int i = 0; i < 8; ++i) {
-                // bit 0 of the level picks t1, bit 1 t2 (level 2 -> t2): two bit-test selects
-                const float a = (key & (1u << (2 * i))) ? t1[i] : t0[i];
-                d2 += (key & (2u << (2 * i))) ? t2[i] : a;
-            }
-            if (d2 < best) {
-                best = d2;
-                bj = j;
-            }
-        }
+        iq2_terms(xv, wa, scale, t0, t1, t2);
+        bj = (int)iq2_scan<false>(t0, t1, t2, t.nbr + off + 1, j0, j1, &best);
     }
     // no d2 < FLT_MAX (C aborts; only overflowing weights): the chunk offers its first, so the list's first wins
     const unsigned long long v = bj < 0 ? (0xFFFFFFFFull << 32) | (u32)j0 : ((unsigned long long)iq_okey(best) << 32) | (u32)bj;
