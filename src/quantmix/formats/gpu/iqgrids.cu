@@ -305,6 +305,8 @@ IQ_DEV u32 iq2_scan(const float* t0, const float* t1, const float* t2, const u16
 // iq2_find_best_neighbour for the per-thread kernels (IQ2_XXS, IQ2_S), for a group with need set (key u
 // off the grid). Where C aborts (no neighbour with d2 < FLT_MAX: only for weights that overflow) the first
 // is taken. Every lane of the warp may call it, need or not.
+// Its loop is iq2_terms + iq2_scan written out: these kernels run capped at 64 registers and spill, and
+// calling the helpers changed their spills and measured 5-8% slower (IQ2_XXS 3.41 -> 3.14 G w/s, H200).
 
 // 8-d grid, q = 2l+1 (levels 0..2): the winner's levels into L[0..7]. One lane, its own list (the
 // warp-cooperative search was measured slower for these callers: many calls with short lists).
@@ -313,9 +315,32 @@ IQ_DEV void iq2_best(IQ_WS_DECL const IqTabs& t, bool need, u32 u, const float* 
     if (!need) return;
     const int off = -IQ_LD(t.map + u) - 1;
     const int n = IQ_LD(t.nbr + off);
-    float t0[8], t1[8], t2[8], best;
-    iq2_terms(xval, w, scale, t0, t1, t2);
-    u32 bk = iq2_scan<true>(t0, t1, t2, t.nbr + off + 1, 0, n, &best);
+    float t0[8], t1[8], t2[8];
+    IQ_UNROLL
+    for (int i = 0; i < 8; ++i) {
+        float d0 = scale * 1.f - xval[i], d1 = scale * 3.f - xval[i], d2 = scale * 5.f - xval[i];
+        t0[i] = w[i] * d0 * d0;
+        t1[i] = w[i] * d1 * d1;
+        t2[i] = w[i] * d2 * d2;
+    }
+    float best = IQ_FLT_MAX;
+    u32 bk = 0xFFFFFFFFu;
+    IQ_UNROLL_J
+    for (int j = 1; j <= n; ++j) {
+        const u32 key = IQ_LD(t.nbr + off + j);
+        float d2 = 0;
+        IQ_UNROLL
+        for (int i = 0; i < 8; ++i) {
+            // bit 0 of the level picks t1, bit 1 t2 (as C: level 2 -> t2): two bit-test selects; the
+            // compare-based form of the level kept the ALU pipe busy and measured ~1.4x slower
+            const float a = (key & (1u << (2 * i))) ? t1[i] : t0[i];
+            d2 += (key & (2u << (2 * i))) ? t2[i] : a;
+        }
+        if (d2 < best) {
+            best = d2;
+            bk = key;
+        }
+    }
     if (bk == 0xFFFFFFFFu) bk = IQ_LD(t.nbr + off + 1);
     IQ_UNROLL
     for (int i = 0; i < 8; ++i) L[i] = (i8)((bk >> (2 * i)) & 3);
