@@ -307,7 +307,6 @@ IQ_DEV u32 iq2_scan(const float* t0, const float* t1, const float* t2, const u16
 // is taken. Every lane of the warp may call it, need or not.
 // Its loop is iq2_terms + iq2_scan written out: these kernels run capped at 64 registers and spill, and
 // calling the helpers changed their spills and measured 5-8% slower (IQ2_XXS 3.41 -> 3.14 G w/s, H200).
-
 // 8-d grid, q = 2l+1 (levels 0..2): the winner's levels into L[0..7]. One lane, its own list (the
 // warp-cooperative search was measured slower for these callers: many calls with short lists).
 IQ_DEV void iq2_best(IQ_WS_DECL const IqTabs& t, bool need, u32 u, const float* xval, const float* w, float scale, i8* L) {
@@ -1091,7 +1090,7 @@ IQ_DEV void grid_sb(GridS<GridT<KIND> >& S, const IqTabs& t, const float* xbl, c
             int n_not = 0;
             for (int k = 0; k < T::GPB; ++k) {
                 const u32 key = ch >= 0 ? S.tu[(bl * T::GPB + k) * T::NIS2 + ch] : 0u;
-                const bool onk = ch >= 0 ? !(key & 0x10000u) : !(T::IQ3 && T::IS_S);
+                const bool onk = ch >= 0 ? !(key & 0x10000u) : !T::IS_S;
                 S.fkey[ib * T::GPB + k] = key & 0xFFFFu;
                 if (onk) on |= 1u << k;
                 else ++n_not;
@@ -1440,9 +1439,9 @@ IQ_DEV void iq1_m_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float* 
 
 // ------------------------------------------------------------------------------------------------
 // entry points. x [nsb * 256] (rows of sb_per_row super-blocks), qw the row's imatrix [sb_per_row * 256]
-// (ignored when has_qw is 0), out [nsb * type_size]. IQ1_S / IQ1_M: one thread per super-block, CUDA
-// blocks of IQ_TPB threads (iqkernels.TPB). The others: one warp per super-block, CUDA blocks of
-// IQ_WTPB threads (iqkernels.WTPB), IQ_WTPB / 32 super-blocks each.
+// (ignored when has_qw is 0), out [nsb * type_size]. IQ_ENTRY (IQ1_S, IQ1_M, IQ2_XXS, IQ2_S): one thread
+// per super-block, CUDA blocks of IQ_TPB threads (iqkernels.TPB). IQ_WENTRY (IQ2_XS, IQ3_XXS, IQ3_S): one
+// warp per super-block, CUDA blocks of IQ_WTPB threads (iqkernels.WTPB), IQ_WTPB / 32 super-blocks each.
 // ------------------------------------------------------------------------------------------------
 #ifndef IQ_TPB
 #define IQ_TPB 64
@@ -1463,7 +1462,7 @@ IQ_DEV void iq1_m_sb(IqWarp& W, const IqTabs& t, const float* xbl, const float* 
     }
 
 #ifdef IQ_CUDA
-// IQ1: 16 blocks of 64 threads per SM (the register cap this sets, 64, measured fastest).
+// per-thread kernels: 16 blocks of 64 threads per SM (the register cap this sets, 64, measured fastest).
 #define IQ_BOUNDS __launch_bounds__(IQ_TPB, 16)
 #define IQ_LOOP(NAME)                                                                                   \
     __shared__ IqWarp ws[IQ_TPB / 32];                                                                  \

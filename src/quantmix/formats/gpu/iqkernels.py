@@ -3,8 +3,9 @@
 Why: the torch numerics of these types (iq1.py / iq2.py / iq3.py) are exact but run a few hundred
 thousand small tensor ops per chunk; on a GPU they reach well under 1 G weights/s. ``iqgrids.cu`` runs
 ggml's quantizers (one warp per super-block for IQ2_XS / IQ3_XXS / IQ3_S, one thread for the others)
-with ggml's float32 arithmetic op for op, so the bytes are ggml's. The same source is compiled for the host with g++ (``host_quantize_rows``) so that CI, without a
-GPU, checks the kernels' arithmetic against ggml's C quantizer.
+with ggml's float32 arithmetic op for op, so the bytes are ggml's. The same source is compiled for the
+host with g++ (``host_quantize_rows``) so that CI, without a GPU, checks the kernels' arithmetic against
+ggml's C quantizer.
 
 The iq modules call :func:`quantize_rows` for CUDA tensors (unless ``QUANTMIX_IQ_KERNELS=0`` is set or
 the kernels cannot be built, then they keep their torch path).
@@ -33,7 +34,7 @@ from quantmix.paths import cache_dir, file_lock
 
 SOURCE = Path(__file__).with_name("iqgrids.cu")
 QK_K = 256
-TPB = 64  # IQ1 kernels: threads (super-blocks) per CUDA block (a multiple of 32)
+TPB = 64  # per-thread kernels (IQ1_S, IQ1_M, IQ2_XXS, IQ2_S): threads = super-blocks per CUDA block
 WTPB = 64  # the warp-per-super-block kernels: threads per CUDA block, WTPB // 32 super-blocks
 _BUILT_TPB, _BUILT_WTPB = TPB, WTPB  # what the cubin is compiled for (-DIQ_TPB / -DIQ_WTPB)
 WARP_TYPES = frozenset({"IQ2_XS", "IQ3_XXS", "IQ3_S"})  # one warp per super-block (iqgrids.cu says why)
