@@ -773,13 +773,23 @@ IQ_DEV u32 grid_key(const float* xv, float id) {
     return u;
 }
 
+// queue items of a list of n neighbours: chunks of CH, at most MAXI (the last takes any rest)
+template <class T>
+IQ_DEV int grid_nit(int n) {
+    const int it = (n + T::CH - 1) / T::CH;
+    return it < T::MAXI ? it : T::MAXI;
+}
+
+// level i of a key as C's grid value q = 2l+1
+template <class T>
+IQ_DEV float grid_q(u32 key, int i) {
+    return iq_q(2 * (int)((key >> (T::BITS * i)) & ((1u << T::BITS) - 1)) + 1);
+}
+
 template <class T>
 IQ_DEV int grid_items(const IqTabs& t, u32 u) {
     const int m = IQ_LD(t.map + u);
-    if (m >= 0) return 0;
-    const int n = IQ_LD(t.nbr + (-m - 1));
-    const int it = (n + T::CH - 1) / T::CH;
-    return it < T::MAXI ? it : T::MAXI;
+    return m >= 0 ? 0 : grid_nit<T>(IQ_LD(t.nbr + (-m - 1)));
 }
 
 // the slot's group (its first weight in the super-block) and search scale
@@ -806,9 +816,7 @@ IQ_DEV void grid_eval(GridS<T>& S, const IqTabs& t, int b0, u32 item) {
     const int e0 = grid_slot<T>(S, slot, b0, &scale);
     const int off = -IQ_LD(t.map + S.tu[slot]) - 1;
     const int n = IQ_LD(t.nbr + off);
-    int nit = (n + T::CH - 1) / T::CH;
-    if (nit > T::MAXI) nit = T::MAXI;
-    const int j0 = c * T::CH, j1 = c == nit - 1 ? n : j0 + T::CH;
+    const int j0 = c * T::CH, j1 = c == grid_nit<T>(n) - 1 ? n : j0 + T::CH;
     const float* xv = S.xv + e0;
     const float* wa = S.wa + e0;
     float best = IQ_FLT_MAX;
@@ -826,7 +834,7 @@ IQ_DEV void grid_eval(GridS<T>& S, const IqTabs& t, int b0, u32 item) {
             float d2 = 0;
             IQ_UNROLL
             for (int i = 0; i < 4; ++i) {
-                float q = iq_q(2 * (int)((key >> (3 * i)) & 7) + 1);
+                float q = grid_q<T>(key, i);
                 float diff = scale * q - xr[i];
                 d2 += wr[i] * diff * diff;
             }
@@ -915,7 +923,7 @@ IQ_DEV void grid_sums(const GridS<T>& S, int ib, const u32* keys, int kstride, f
         for (int i = 0; i < T::GS; ++i) {
             const int e = ib * T::BS + k * T::GS + i;
             const float w = S.w[e];
-            const float q = iq_q(2 * (int)((key >> (T::BITS * i)) & ((1u << T::BITS) - 1)) + 1);
+            const float q = grid_q<T>(key, i);
             a += w * S.xv[e] * q;
             b += w * q * q;
         }
