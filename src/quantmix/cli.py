@@ -165,8 +165,19 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="a llama-quantize --tensor-type rule (repeatable; before the recipe's rules)")
 
 
+def _texts(files: Sequence[str] | None, default: str, flag: str) -> "TextSource":
+    """The text files of ``flag`` (built-in ``default`` without), read and checked before any long work."""
+    from quantmix.evaluation.evaluate import TextSourceError, load_texts
+
+    try:
+        return load_texts(files, default)
+    except TextSourceError as e:
+        raise CliError(f"{flag}: {e}") from None
+
+
 def _cmd_optimize(args: argparse.Namespace) -> int:
-    from quantmix.job import measure, plan_recipe, resolve_model, write_plan
+    from quantmix.evaluation.evaluate import TextSourceError
+    from quantmix.job import CALIB_TEXT, check_text, measure, plan_recipe, resolve_model, write_plan
     from quantmix.model.catalog import catalog_from_gguf
     from quantmix.planning.budget import budget_from_args
     from quantmix.planning.constraints import constraints_from_args
@@ -176,21 +187,42 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         raise CliError(f"{inputs.gguf}: optimize reads the float GGUF that convert_hf_to_gguf.py writes")
     if args.imatrix is not None and not Path(args.imatrix).is_file():
         raise CliError(f"{args.imatrix}: no such imatrix file")
+    calib = _texts(args.calib, CALIB_TEXT, "--calib") if args.calib else None  # default: read when a probe runs
+    profile = None if args.sensitivity == "none" else args.sensitivity
+    if calib is not None and profile and inputs.hf_dir is not None:
+        try:
+            check_text(inputs.hf_dir, calib, 512)  # one chunk, checked before the error table's long work
+        except TextSourceError as e:
+            raise CliError(f"--calib: {e}") from None
     cat = catalog_from_gguf(inputs.gguf)
     budget = budget_from_args(args, cat)
     constraints = constraints_from_args(args, cat)
-    profile = None if args.sensitivity == "none" else args.sensitivity
+    notes: list[str] = []
+    if args.imatrix is None and constraints.imatrix:
+        import dataclasses
+
+        constraints = dataclasses.replace(constraints, imatrix=False)
+        notes.append("no --imatrix: the types llama-quantize refuses without one (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, "
+                     "IQ2_S, IQ3_XXS) are not candidates, except for token_embd and output")
+        print(f"note: {notes[-1]}", file=sys.stderr)
     if profile and inputs.hf_dir is None:
         print("note: no Hugging Face model (--hf DIR): the plan minimizes the proxy error, not predicted KLD",
               file=sys.stderr)
+    if args.calib and not (profile and inputs.hf_dir is not None):
+        print("note: --calib is not used: no sensitivity fit or refinement runs (it needs --sensitivity and the "
+              "Hugging Face model)", file=sys.stderr)
     cands = ("all",) if (args.types or "").strip().lower() == "all" else constraints.types
-    m = measure(inputs, args.imatrix, tuple(cands) if cands else None, profile=profile,
-                device=args.device, progress=not args.quiet)
-    for n in m.notes:
-        print(f"note: {n}", file=sys.stderr)
-    oc = plan_recipe(m, budget, constraints, refine_time=args.refine_time if profile != "large" else 0.0,
-                     method=args.solver, time_limit=args.time_limit, device=args.device, seed=args.seed,
-                     progress=not args.quiet)
+    try:
+        m = measure(inputs, args.imatrix, tuple(cands) if cands else None, profile=profile,
+                    device=args.device, progress=not args.quiet, calib=calib)
+        for n in m.notes:
+            print(f"note: {n}", file=sys.stderr)
+        oc = plan_recipe(m, budget, constraints, refine_time=args.refine_time if profile != "large" else 0.0,
+                         method=args.solver, time_limit=args.time_limit, device=args.device, seed=args.seed,
+                         progress=not args.quiet)
+    except TextSourceError as e:
+        raise CliError(f"--calib: {e}") from None
+    oc.notes += notes
     files = write_plan(oc, cat, Path(args.output))
     print(oc.plan.summary())
     if oc.sensitivity is not None:
@@ -212,7 +244,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from quantmix.job import run_job
+    from quantmix.evaluation.evaluate import DEFAULT_TEXT, TextSourceError
+    from quantmix.job import CALIB_TEXT, run_job
 
     try:
         targets = [float(t) for t in args.targets.split(",") if t.strip()]
@@ -221,11 +254,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not targets or any(not 1.0 < t < 16.5 for t in targets):
         raise CliError(f"--targets {args.targets!r}: each target must be between 1 and 16.5 bits per weight")
     stock = tuple(x for x in args.stock.split(",") if x) if args.stock is not None else None
-    readme = run_job(args.model, targets, args.out, hf=args.hf, imatrix=args.imatrix, profile=args.profile,
-                     refine_time=args.refine_time, stock=stock, eval_chunks=args.eval_chunks, device=args.device,
-                     candidates=tuple(x.strip().upper() for x in args.types.split(",") if x.strip()) if args.types
-                     else None,
-                     seed=args.seed, progress=not args.quiet)
+    calib = _texts(args.calib, CALIB_TEXT, "--calib")
+    eval_text = _texts(args.eval_text, DEFAULT_TEXT, "--eval-text")
+    try:
+        readme = run_job(args.model, targets, args.out, hf=args.hf, imatrix=args.imatrix, profile=args.profile,
+                         refine_time=args.refine_time, stock=stock, eval_chunks=args.eval_chunks,
+                         device=args.device,
+                         candidates=tuple(x.strip().upper() for x in args.types.split(",") if x.strip())
+                         if args.types else None,
+                         seed=args.seed, progress=not args.quiet, calib=calib, eval_text=eval_text)
+    except TextSourceError as e:  # a text too short for its use, named
+        raise CliError(str(e)) from None
     print(readme.parent / "results.md")
     print(readme.parent.joinpath("results.md").read_text())
     print(f"report: {readme}")
@@ -233,7 +272,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from quantmix.evaluation.evaluate import evaluate, gguf_source, recipe_source
+    from quantmix.evaluation.evaluate import DEFAULT_TEXT, TextSourceError, evaluate, gguf_source, recipe_source
     from quantmix.evaluation.runs import append_run, comparable_runs
     from quantmix.reports.eval_table import render_eval_table, render_llama_table
 
@@ -252,11 +291,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.imatrix and not Path(args.imatrix).is_file():
             raise CliError(f"{args.imatrix}: no such imatrix file")
         sources = [recipe_source(_spec_from_args(args, is_gguf=False), args.imatrix, label=args.label or "")]
+    text = _texts(args.eval_text, DEFAULT_TEXT, "--eval-text")
     rows = []
     for src in sources:
-        res = evaluate(model, src, args.text, n_ctx=args.ctx, max_chunks=args.chunks,
-                       all_positions=args.all_positions, precision=args.reference_precision,
-                       act_quant=args.act_quant, device=args.device, progress=not args.quiet)
+        try:
+            res = evaluate(model, src, text, n_ctx=args.ctx, max_chunks=args.chunks,
+                           all_positions=args.all_positions, precision=args.reference_precision,
+                           act_quant=args.act_quant, device=args.device, progress=not args.quiet)
+        except TextSourceError as e:  # too short for two chunks of --ctx
+            raise CliError(f"--eval-text: {e}") from None
         row = res.row()
         rows.append(row)
         if args.runs:
@@ -407,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "tensor class at 4 layers, interpolated, no refinement (for big models); none: proxy only")
     o.add_argument("--refine-time", type=float, default=120.0, metavar="SECONDS",
                    help="time for refinement against measured KLD (0: none; default 120)")
+    o.add_argument("--calib", nargs="+", metavar="FILE",
+                   help="calibration text files of the sensitivity and refinement probes, joined in order "
+                        "(default: the built-in wiki-calib)")
     o.add_argument("--seed", type=int, default=0, help="seed of the refinement's move sampling")
     o.add_argument("--device", help="cuda or cpu (default: CUDA when present)")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -430,14 +476,15 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  quantmix eval smollm2-768 --gguf smollm2-768-Q4_K_M.gguf --runs runs.jsonl\n"
                               "  quantmix eval smollm2-moe --mix Q6_K-IQ2_S-IQ2_S-IQ3_S --imatrix moe.imatrix.gguf\n"
-                              "  quantmix eval ./Qwen3-4B --gguf q4.gguf q3.gguf --text my-eval.txt --chunks 0")
+                              "  quantmix eval ./Qwen3-4B --gguf q4.gguf q3.gguf --eval-text my-eval.txt --chunks 0")
     e.add_argument("model", help="the float model: a Hugging Face directory or a built-in fixture name")
     e.add_argument("--gguf", type=Path, nargs="+", metavar="FILE", help="quantized GGUF file(s) to evaluate")
     _add_recipe_args(e)
     e.add_argument("--imatrix", type=Path, help="with a recipe: the importance matrix to quantize with")
     e.add_argument("--label", help="name of the quantization in tables (default: file name or recipe)")
-    e.add_argument("--text", help="evaluation text: a UTF-8 file or a built-in text (default wiki-eval, held out "
-                                  "from calibration)")
+    e.add_argument("--eval-text", "--text", dest="eval_text", nargs="+", metavar="FILE",
+                   help="evaluation text: UTF-8 files joined in order, or a built-in text (default wiki-eval, "
+                        "held out from calibration)")
     e.add_argument("--ctx", type=int, default=512, help="tokens per chunk (llama-perplexity -c; default 512)")
     e.add_argument("--chunks", type=int, default=None,
                    help="chunks to score (default: 32768 tokens' worth; 0 = the whole text)")
@@ -461,9 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     r = sub.add_parser("run", help="the whole job: calibrate, measure, optimize, write, evaluate, report",
-                       description="For each target size: calibrate (imatrix on wiki-calib), measure (error table, "
-                                   "sensitivity), optimize (exact knapsack on predicted KLD, refined against "
-                                   "measured KLD), write the GGUF, evaluate it on held-out text (wiki-eval) beside "
+                       description="For each target size: calibrate (imatrix on wiki-calib or --calib), measure (error "
+                                   "table, sensitivity), optimize (exact knapsack on predicted KLD, refined against "
+                                   "measured KLD), write the GGUF, evaluate it on held-out text (wiki-eval or "
+                                   "--eval-text) beside "
                                    "llama.cpp's stock mixes of similar size made with the same imatrix, and write a "
                                    "report folder: results table, Pareto plot, sensitivity heatmap, recipes and a "
                                    "model-card README.md.",
@@ -483,7 +531,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stock", default=None,
                    help="llama.cpp stock mixes to compare, comma-separated (default: the one nearest each target)")
     r.add_argument("--eval-chunks", type=int, default=8,
-                   help="chunks of 512 wiki-eval tokens per evaluation (default 8: 2,040 scored tokens)")
+                   help="chunks of 512 held-out tokens per evaluation (default 8: 2,040 scored tokens)")
+    r.add_argument("--calib", nargs="+", metavar="FILE",
+                   help="calibration text files of the imatrix, sensitivity and refinement, joined in order "
+                        "(default: the built-in wiki-calib)")
+    r.add_argument("--eval-text", nargs="+", metavar="FILE",
+                   help="held-out text files every GGUF is evaluated on, joined in order (default: the built-in "
+                        "wiki-eval)")
     r.add_argument("--types", default=None,
                    help="candidate types, comma-separated, or 'all' (default: every supported type on a GPU; on a "
                         "CPU the k-quants, legacy and IQ4 types; 'all' adds the codebook IQ1_S..IQ3_S types, "

@@ -11,21 +11,29 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quantmix.formats.ggml_backend import SLOW_ON_CPU
 from quantmix.model.catalog import Catalog, catalog_from_gguf
 from quantmix.paths import cache_dir, file_lock
 
+if TYPE_CHECKING:
+    import torch
+
+    from quantmix.evaluation.evaluate import TextSource
+
 __all__ = ["ModelInputs", "PlanOutcome", "resolve_model", "ensure_imatrix", "plan_recipe", "run_job",
-           "CPU_CANDIDATES"]
+           "CPU_CANDIDATES", "CALIB_TEXT", "check_text", "calib_chunks"]
 
 # Candidate types when no GPU is present and none are asked for: the codebook IQ types need ggml's C quantizer
 # (the llama.cpp build, ~6 minutes once) to be measured at a usable speed on a CPU, so they join only when asked
 # (``candidates=("all",)``, ``--types all``); with CUDA every supported type is used. The 32-block types are
 # there for rows that 256-blocks do not divide (llama.cpp's fallbacks).
 CPU_CANDIDATES = ("Q4_0", "Q5_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+CALIB_TEXT = "wiki-calib"  # the built-in calibration text, unless the user gives files (--calib)
 
 
 def _log(msg: str) -> None:
@@ -62,6 +70,7 @@ def resolve_model(model: str | Path, hf: str | Path | None = None) -> ModelInput
 
         fp = model_fingerprint(p)[:16]
         out = cache_dir() / "converted" / f"{p.name}-{fp}-f32.gguf"
+        out.parent.mkdir(parents=True, exist_ok=True)  # a fresh cache has no converted/ yet
         with file_lock(f"convert-{fp}"):
             if not out.exists():
                 _log(f"converting {p} to a float GGUF with convert_hf_to_gguf.py (once)")
@@ -72,24 +81,59 @@ def resolve_model(model: str | Path, hf: str | Path | None = None) -> ModelInput
     raise FileNotFoundError(f"{model}: not a built-in fixture, a float GGUF or a Hugging Face model directory")
 
 
-def ensure_imatrix(inputs: ModelInputs, chunks: int = 64, n_ctx: int = 512, progress: bool = True) -> Path:
-    """quantmix's imatrix of the model on the built-in calibration text (wiki-calib), computed once."""
-    from quantmix.calibration.imatrix import compute_imatrix
+def check_text(hf_dir: Path, text: TextSource, n_tokens: int) -> None:
+    """Fail at once, naming the text, when it gives fewer than ``n_tokens`` tokens: otherwise a job would stop
+    only when it reaches the step that reads it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    content = text.content
+    n = len(tok(content[: max(4096, 8 * n_tokens)], add_special_tokens=False)["input_ids"])
+    if n < n_tokens and len(content) > max(4096, 8 * n_tokens):
+        n = len(tok(content, add_special_tokens=False)["input_ids"])
+    if n < n_tokens:
+        from quantmix.evaluation.evaluate import TextSourceError
+
+        raise TextSourceError(f"{text.label}: the text gives {n} tokens, fewer than the {n_tokens} needed")
+
+
+def calib_chunks(hf_dir: Path, text: TextSource, n_chunks: int, n_ctx: int = 512) -> torch.Tensor:
+    """At most ``n_chunks`` calibration chunks of ``text`` (its files joined in order, as llama-imatrix reads
+    them); a text too short for one chunk is named in the error."""
+    from transformers import AutoTokenizer
+
+    from quantmix.calibration.imatrix import calibration_tokens
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    try:
+        return calibration_tokens(tok, list(text.parts), n_ctx, n_chunks)
+    except ValueError as e:
+        from quantmix.evaluation.evaluate import TextSourceError
+
+        raise TextSourceError(f"{text.label}: {e}") from None
+
+
+def ensure_imatrix(inputs: ModelInputs, chunks: int = 64, n_ctx: int = 512, progress: bool = True,
+                   text: TextSource | None = None) -> Path:
+    """quantmix's imatrix of the model on the calibration text (default wiki-calib), computed once per text."""
+    from quantmix.calibration.imatrix import compute_imatrix_tokens
     from quantmix.calibration.imatrix_io import write_imatrix
+    from quantmix.evaluation.evaluate import load_texts
     from quantmix.evaluation.reference import model_fingerprint
-    from quantmix.fixtures.text import text_path
 
     if inputs.hf_dir is None:
         raise ValueError(f"{inputs.gguf}: computing an imatrix needs the Hugging Face model (--hf DIR), or give "
                          f"an existing one with --imatrix")
-    text = text_path("wiki-calib")
-    key = hashlib.sha256(json.dumps([model_fingerprint(inputs.hf_dir), hashlib.sha256(text.read_bytes()).hexdigest(),
-                                     chunks, n_ctx, 1]).encode()).hexdigest()[:20]
+    text = load_texts(text, CALIB_TEXT)
+    # text.key is the file's sha256 for a single file: wiki-calib keeps the key (and cache) it always had
+    key = hashlib.sha256(json.dumps([model_fingerprint(inputs.hf_dir), text.key, chunks, n_ctx, 1]).encode()
+                         ).hexdigest()[:20]
     out = cache_dir() / "imatrix" / f"{inputs.name}-{key}.imatrix.gguf"
     with file_lock(f"imatrix-{key}"):
         if not out.exists():
-            _log(f"imatrix: {chunks} chunks of {n_ctx} tokens of wiki-calib")
-            im = compute_imatrix(inputs.hf_dir, [text], n_ctx=n_ctx, max_chunks=chunks, progress=progress)
+            _log(f"imatrix: {chunks} chunks of {n_ctx} tokens of {text.label}")
+            ids = calib_chunks(inputs.hf_dir, text, chunks, n_ctx)
+            im = compute_imatrix_tokens(inputs.hf_dir, ids, datasets=list(text.names), progress=progress)
             write_imatrix(im, out)
     return out
 
@@ -101,6 +145,8 @@ class PlanOutcome:
     sensitivity: object | None = None  # quantmix.measurement.sensitivity.Sensitivity
     refinement: object | None = None  # quantmix.planning.refine.RefineResult
     proxy_only: bool = False
+    notes: list[str] = field(default_factory=list)  # what the user should know about how the plan was made
+    calib_text: list[dict] | None = None  # the text sensitivity / refinement measured on (None: no text used)
 
     def plan_json(self, catalog: Catalog) -> dict:
         plan = self.plan
@@ -111,6 +157,8 @@ class PlanOutcome:
                           else "mean KLD on calibration tokens: sum of per-tensor coefficient x error"),
             "predicted_total": plan.objective,
             "refinement": self.refinement.summary() if self.refinement is not None else None,
+            "notes": list(self.notes),
+            "calibration_text": self.calib_text,
             "tensors": [{"name": t.name, "type": t.qtype, "bytes": t.n_bytes,
                          "predicted": None if t.fixed else self.costs.get(t.name, {}).get(t.qtype)}
                         for t in plan.tensors],
@@ -129,13 +177,17 @@ class Measured:
     probe: object | None = None
     check_probe: object | None = None
     notes: list[str] = field(default_factory=list)
+    calib: TextSource | None = None  # the calibration text of the probes (sensitivity and refinement)
 
 
 def measure(inputs: ModelInputs, imatrix: Path | None, candidates: tuple[str, ...] | None, *,
-            profile: str | None = "full", device: str | None = None, progress: bool = True) -> Measured:
-    """Error table, then (with the Hugging Face model and a profile) the sensitivity fit."""
+            profile: str | None = "full", device: str | None = None, progress: bool = True,
+            calib: TextSource | None = None) -> Measured:
+    """Error table, then (with the Hugging Face model and a profile) the sensitivity fit on ``calib``
+    (default wiki-calib), which refinement's probes then use too."""
     import torch
 
+    from quantmix.evaluation.evaluate import load_texts
     from quantmix.measurement.error_table import error_table
     from quantmix.measurement.sensitivity import fit_sensitivity
 
@@ -159,9 +211,10 @@ def measure(inputs: ModelInputs, imatrix: Path | None, candidates: tuple[str, ..
     if not table.bias:
         m.notes.append(table.bias_note)
     if profile and inputs.hf_dir is not None:
+        m.calib = load_texts(calib, CALIB_TEXT)  # only read (built, for wiki-calib) when a probe uses it
         classes = {t.name: t.tensor_class for t in cat}
         sens = fit_sensitivity(inputs.hf_dir, table.to_costs(), classes, imatrix, profile=profile, device=device,
-                               progress=progress)
+                               progress=progress, text=m.calib)
         _log(f"sensitivity ({profile}): {len(sens.probe_kld)} probes on {sens.n_tokens} calibration tokens, "
              f"{sens.forward_tokens:,} forward-pass tokens, {sens.seconds:.0f} s; {sens.check_summary()}")
         m.sensitivity = sens
@@ -170,15 +223,9 @@ def measure(inputs: ModelInputs, imatrix: Path | None, candidates: tuple[str, ..
     return m
 
 
-def _probe(m: Measured, first_chunk: int, n_chunks: int, device: str | None, cache_bytes: int) -> object:
-    from transformers import AutoTokenizer
-
-    from quantmix.calibration.imatrix import calibration_tokens
-    from quantmix.fixtures.text import read_text
+def _probe(m: Measured, ids: torch.Tensor, device: str | None, cache_bytes: int) -> object:
     from quantmix.measurement.kld_probe import KLDProbe
 
-    tok = AutoTokenizer.from_pretrained(m.inputs.hf_dir)
-    ids = calibration_tokens(tok, [read_text("wiki-calib")], 512, first_chunk + n_chunks)[first_chunk:]
     return KLDProbe(m.inputs.hf_dir, ids, m.imatrix, device, image_cache_bytes=cache_bytes)
 
 
@@ -197,10 +244,21 @@ def plan_recipe(m: Measured, budget: object, constraints: object = None, *, refi
     costs = m.sensitivity.scaled_costs(proxy) if m.sensitivity is not None else proxy
     plan = optimize(m.catalog, costs, budget, constraints, method=method, time_limit=time_limit)
     out = PlanOutcome(plan, costs, m.sensitivity, None, m.sensitivity is None)
+    if m.sensitivity is not None:
+        out.calib_text = m.sensitivity.text or (m.calib.records() if m.calib is not None else None)
     if refine_time > 0 and m.sensitivity is not None and m.sensitivity.profile != "large":
         if m.probe is None:
-            m.probe = _probe(m, 0, 4, device, 4 << 30)  # the sensitivity fit's own tokens
-            m.check_probe = _probe(m, 4, 8, device, 1 << 30)  # winners are confirmed on other, more tokens
+            if m.calib is None:
+                from quantmix.evaluation.evaluate import load_texts
+
+                m.calib = load_texts(None, CALIB_TEXT)
+            ids = calib_chunks(m.inputs.hf_dir, m.calib, 12)
+            m.probe = _probe(m, ids[:4], device, 4 << 30)  # the sensitivity fit's own tokens
+            # winners are confirmed on other, more tokens, when the calibration text has them
+            m.check_probe = _probe(m, ids[4:], device, 1 << 30) if len(ids) > 4 else None
+        if m.check_probe is None:
+            out.notes.append(f"calibration text {m.calib.label} gives {len(m.probe.chunks)} chunks of 512 tokens: "
+                             f"none left to confirm refinement's winner on other tokens")
         out.refinement = refine(plan, costs, m.probe, constraints, time_limit=refine_time, seed=seed,
                                 check_probe=m.check_probe, progress=progress)
         out.plan = out.refinement.plan
@@ -243,10 +301,14 @@ def write_sensitivity_report(sens: object, out_dir: Path, model_name: str) -> di
 def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf: str | Path | None = None,
             imatrix: str | Path | None = None, profile: str = "full", refine_time: float = 120.0,
             candidates: tuple[str, ...] | None = None, stock: tuple[str, ...] | None = None,
-            eval_chunks: int = 8, device: str | None = None, seed: int = 0, progress: bool = True) -> Path:
+            eval_chunks: int = 8, device: str | None = None, seed: int = 0, progress: bool = True,
+            calib: TextSource | Sequence[str | Path] | None = None,
+            eval_text: TextSource | Sequence[str | Path] | None = None) -> Path:
     """Calibrate, measure, optimize each BPW target, write each GGUF, evaluate each (and llama.cpp's stock mixes
-    for comparison) on held-out text, and write the report folder; returns its README.md."""
-    from quantmix.evaluation.evaluate import evaluate, gguf_source
+    for comparison) on held-out text, and write the report folder; returns its README.md. ``calib``: the text
+    of the imatrix, sensitivity and refinement (default wiki-calib); ``eval_text``: the held-out text (default
+    wiki-eval); files joined in order, or built-in text names."""
+    from quantmix.evaluation.evaluate import DEFAULT_TEXT, evaluate, gguf_source, load_texts
     from quantmix.evaluation.runs import append_run, load_runs
     from quantmix.export.gguf_writer import quantize_gguf
     from quantmix.planning.baselines import stock_resolution
@@ -264,14 +326,17 @@ def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf:
     inputs = resolve_model(model, hf)
     if inputs.hf_dir is None:
         raise ValueError(f"{model}: quantmix run evaluates against the Hugging Face model; give it with --hf DIR")
+    calib, eval_text = load_texts(calib, CALIB_TEXT), load_texts(eval_text, DEFAULT_TEXT)
+    check_text(inputs.hf_dir, calib, 512)  # one calibration chunk
+    check_text(inputs.hf_dir, eval_text, 1024)  # llama-perplexity's two chunks of 512
     cat0 = catalog_from_gguf(inputs.gguf)  # stock mixes checked before the long work starts
     pool = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
     stock_res = {f: stock_resolution(cat0, f, imatrix_present=True) for f in (stock or pool)}
     if stock is None:  # the stock mix nearest each target in size
         bpw_of = {f: 8.0 * r.n_bytes / cat0.n_elements for f, r in stock_res.items()}
         stock = tuple(dict.fromkeys(min(pool, key=lambda f: abs(bpw_of[f] - t)) for t in targets))
-    im = Path(imatrix) if imatrix else ensure_imatrix(inputs, progress=progress)
-    m = measure(inputs, im, candidates, profile=profile, device=device, progress=progress)
+    im = Path(imatrix) if imatrix else ensure_imatrix(inputs, progress=progress, text=calib)
+    m = measure(inputs, im, candidates, profile=profile, device=device, progress=progress, calib=calib)
     runs = out / "runs.jsonl"
     recipes: dict[str, str] = {}
     summaries = []
@@ -287,8 +352,8 @@ def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf:
         _log(summaries[-1])
         g = out / "gguf" / f"{inputs.name}-{label}.gguf"
         quantize_gguf(inputs.gguf, oc.plan.resolution(), g, imatrix=im, device=device, progress=progress)
-        res = evaluate(inputs.hf_dir, gguf_source(g, label=label), None, max_chunks=eval_chunks, device=device,
-                       progress=False)
+        res = evaluate(inputs.hf_dir, gguf_source(g, label=label), eval_text, max_chunks=eval_chunks,
+                       device=device, progress=False)
         append_run(runs, res.row() | {"family": "quantmix", "predicted_kld": oc.plan.objective,
                                       "recipe": files["recipe"].name})
         _log(f"{label}: KLD {res.stats.kld:.5f} (predicted {oc.plan.objective:.5f}), PPL {res.stats.ppl_q:.3f}")
@@ -297,8 +362,8 @@ def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf:
         write_recipe(res_stock, out / "recipes" / f"stock-{ftype}.txt", "llama")
         g = out / "gguf" / f"{inputs.name}-{ftype}.gguf"
         quantize_gguf(inputs.gguf, res_stock, g, imatrix=im, device=device, progress=progress)
-        res = evaluate(inputs.hf_dir, gguf_source(g, label=ftype), None, max_chunks=eval_chunks, device=device,
-                       progress=False)
+        res = evaluate(inputs.hf_dir, gguf_source(g, label=ftype), eval_text, max_chunks=eval_chunks,
+                       device=device, progress=False)
         append_run(runs, res.row() | {"family": "stock"})
         _log(f"stock {ftype}: {res.meta['bpw']:.3f} BPW, KLD {res.stats.kld:.5f}, PPL {res.stats.ppl_q:.3f}")
     rows = load_runs(runs)
@@ -310,9 +375,14 @@ def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf:
     notes = "\n".join([f"- {s}" for s in summaries] + [f"- {n}" for n in m.notes]
                       + [f"- total time {time.time() - t_start:.0f} s"])
     reproduce = (f"quantmix run {model} --targets {','.join(f'{t:g}' for t in targets)} --profile {profile} "
-                 f"--refine-time {refine_time:g} --eval-chunks {eval_chunks}")
+                 f"--refine-time {refine_time:g} --eval-chunks {eval_chunks}"
+                 + (f" --calib {' '.join(calib.names)}" if calib.names != (CALIB_TEXT,) else "")
+                 + (f" --eval-text {' '.join(eval_text.names)}" if eval_text.names != (DEFAULT_TEXT,) else ""))
+    uses = ([] if imatrix else ["imatrix"]) + ["sensitivity"] + (["refinement"] if refine_time > 0 and
+                                                                  profile != "large" else [])
+    texts = {f"calibration ({', '.join(uses)})": calib.records(), "evaluation (held out)": eval_text.records()}
     card = render_model_card(inputs.name, rows, recipes, plots, reproduce, notes, imatrix=str(im.name),
-                             source_gguf=inputs.gguf.name)
+                             source_gguf=inputs.gguf.name, texts=texts)
     readme = out / "README.md"
     atomic_write_text(readme, card)
     atomic_write_text(out / "results.md", render_eval_table(rows) + "\n")

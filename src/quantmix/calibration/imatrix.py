@@ -26,7 +26,6 @@ the tensor catalog (:mod:`quantmix.model.catalog`), the same mapping llama.cpp's
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from torch import nn
 
 from quantmix.calibration.activations import ActivationStats, ChannelStats, hook_modules
 from quantmix.calibration.imatrix_io import Imatrix, ImatrixEntry, ImatrixError
+from quantmix.model.checkpoint import Checkpoint, CheckpointError
 
 __all__ = [
     "compute_imatrix",
@@ -129,48 +129,21 @@ def calibration_tokens(tokenizer: Any, texts: Sequence[str], n_ctx: int = 512,
 # ------------------------------------------------------------------------------------------------ weights
 
 
-class _Checkpoint:
-    """Lazy access to a model directory's safetensors tensors by name (single file or sharded)."""
+class _Checkpoint(Checkpoint):
+    """The checkpoint reader (:class:`quantmix.model.checkpoint.Checkpoint`: FP8, compressed-tensors and MXFP4
+    weights dequantized), its errors raised as ImatrixError like the rest of the imatrix API."""
 
     def __init__(self, model_dir: Path) -> None:
-        from safetensors import safe_open
-
-        index = model_dir / "model.safetensors.index.json"
-        self._open = safe_open
-        self._handles: dict[Path, Any] = {}
-        self.where: dict[str, Path] = {}
-        if index.exists():
-            try:
-                wmap = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ImatrixError(f"{index}: not a safetensors index ({e})") from None
-            self.where = {k: model_dir / v for k, v in wmap.items()}
-        else:
-            files = sorted(model_dir.glob("*.safetensors"))
-            if not files:
-                raise ImatrixError(f"{model_dir}: no *.safetensors weights (other checkpoint formats are not read)")
-            for f in files:
-                for k in self._handle(f).keys():
-                    self.where[k] = f
-
-    def _handle(self, f: Path) -> Any:
-        if f not in self._handles:
-            if not f.exists():
-                raise ImatrixError(f"{f}: safetensors shard missing")
-            self._handles[f] = self._open(str(f), framework="pt", device="cpu")
-        return self._handles[f]
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.where
-
-    def close(self) -> None:
-        """Unmap the files: pages read so far stop counting against this process."""
-        self._handles.clear()
+        try:
+            super().__init__(model_dir)
+        except CheckpointError as e:
+            raise ImatrixError(str(e)) from None
 
     def get(self, key: str) -> torch.Tensor:
-        if key not in self.where:
-            raise ImatrixError(f"checkpoint has no tensor {key!r}")
-        return self._handle(self.where[key]).get_tensor(key)
+        try:
+            return super().get(key)
+        except CheckpointError as e:
+            raise ImatrixError(str(e)) from None
 
 
 class _Weights:

@@ -27,6 +27,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +43,8 @@ from quantmix.evaluation.reference import (
 )
 from quantmix.planning.recipe import RecipeSpec
 
-__all__ = ["DEFAULT_EVAL_TOKENS", "DEFAULT_TEXT", "QuantSource", "EvalResult", "recipe_source", "gguf_source",
-           "resolve_text", "model_label", "evaluate", "evaluate_tokens"]
+__all__ = ["DEFAULT_EVAL_TOKENS", "DEFAULT_TEXT", "QuantSource", "EvalResult", "TextSource", "TextSourceError",
+           "load_texts", "recipe_source", "gguf_source", "resolve_text", "model_label", "evaluate", "evaluate_tokens"]
 
 DEFAULT_EVAL_TOKENS = 32768
 DEFAULT_TEXT = "wiki-eval"
@@ -94,21 +95,78 @@ class EvalResult:
         return {**self.meta, **self.stats.as_dict()}
 
 
+class TextSourceError(ValueError):
+    """A text file that cannot be used (missing, unreadable, not UTF-8, empty); the message names it."""
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """A text the job reads: a built-in text or files joined in order, with what reports record of each part
+    (name, bytes, sha256), so a plan or a card says exactly which text it was measured on."""
+
+    names: tuple[str, ...]  # built-in name or path of each part
+    parts: tuple[str, ...]  # their contents, decoded as UTF-8 from the exact bytes (no newline translation)
+    sha256s: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return " + ".join(self.names)
+
+    @property
+    def content(self) -> str:
+        """The parts as one string (evaluation scores them as one text, as llama-perplexity one file)."""
+        return "".join(self.parts)
+
+    @property
+    def key(self) -> str:
+        """For cache keys: the sha256 of a single part (its file's sha256sum), else a hash of the parts'."""
+        return self.sha256s[0] if len(self.sha256s) == 1 else hashlib.sha256(
+            json.dumps(list(self.sha256s)).encode()).hexdigest()
+
+    def records(self) -> list[dict]:
+        """One {name, bytes, sha256} per part, in order: what plans and reports write down."""
+        return [{"name": n, "bytes": len(t.encode("utf-8")), "sha256": h}
+                for n, t, h in zip(self.names, self.parts, self.sha256s)]
+
+
+def load_texts(texts: str | Path | TextSource | Sequence[str | Path] | None, default: str) -> TextSource:
+    """``texts`` (files or built-in text names, joined in order; None or empty: the built-in ``default``)
+    read and checked once, so a bad file fails at the start of a job rather than hours into it."""
+    from quantmix.fixtures.text import NAMES, text_path
+
+    if isinstance(texts, TextSource):
+        return texts
+    if texts is None or isinstance(texts, (str, Path)):
+        texts = [texts if texts is not None else default]
+    if not texts:
+        texts = [default]
+    names, parts, shas = [], [], []
+    for t in texts:
+        builtin = str(t) in NAMES and not Path(t).exists()
+        p = text_path(str(t)) if builtin else Path(t)
+        if p.is_dir():
+            raise TextSourceError(f"{p}: a directory, not a text file")
+        if not builtin and not p.is_file():
+            raise TextSourceError(f"{p}: no such text file, and not a built-in text ({', '.join(NAMES)})")
+        try:
+            data = p.read_bytes()
+            content = data.decode("utf-8")
+        except OSError as e:
+            raise TextSourceError(f"{t}: unreadable text file ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise TextSourceError(f"{t}: not UTF-8 text ({e})") from None
+        if not content.strip():
+            raise TextSourceError(f"{t}: the text file is empty")
+        names.append(str(t))
+        parts.append(content)
+        shas.append(hashlib.sha256(data).hexdigest())
+    return TextSource(tuple(names), tuple(parts), tuple(shas))
+
+
 def resolve_text(text: str | Path | None) -> tuple[str, str]:
     """(label, content) of a named text (``wiki-eval``, ``jargon``, ...) or a UTF-8 file."""
-    from quantmix.fixtures.text import NAMES, read_text
-
-    if text is None:
-        text = DEFAULT_TEXT
-    if str(text) in NAMES and not Path(text).exists():
-        return str(text), read_text(str(text))
-    p = Path(text)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such text file, and not a built-in text ({', '.join(NAMES)})")
-    try:
-        return str(p), p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p}: not UTF-8 text ({e})") from None
+    src = load_texts(text, DEFAULT_TEXT)
+    return src.label, src.content
 
 
 def model_label(model_dir: Path) -> str:
@@ -164,12 +222,14 @@ def _check_model_dir(model_dir: str | Path) -> Path:
     return d
 
 
-def evaluate(model_dir: str | Path, quant: QuantSource, text: str | Path | None = None, n_ctx: int = 512,
+def evaluate(model_dir: str | Path, quant: QuantSource,
+             text: str | Path | TextSource | Sequence[str | Path] | None = None, n_ctx: int = 512,
              max_chunks: int | None = None, all_positions: bool = False, precision: str = "float32",
              act_quant: str = "llama-cpu", device: str | torch.device | None = None, progress: bool = False,
              reference_cache: Path | None = None) -> EvalResult:
     """Evaluate ``quant`` against the float model in ``model_dir`` (a Hugging Face directory) on ``text``
-    (a built-in text name or a UTF-8 file; default wiki-eval), tokenized and chunked as llama-perplexity does.
+    (a built-in text name, UTF-8 files joined in order, or a :class:`TextSource`; default wiki-eval), tokenized
+    and chunked as llama-perplexity does.
 
     ``max_chunks``: None = the first DEFAULT_EVAL_TOKENS tokens (``32768 // n_ctx`` chunks); <= 0 = the whole
     text. ``all_positions``: score every position, not only each chunk's second half. ``precision``: how the
@@ -182,10 +242,14 @@ def evaluate(model_dir: str | Path, quant: QuantSource, text: str | Path | None 
         max_chunks = max(DEFAULT_EVAL_TOKENS // n_ctx, 1)
     elif max_chunks <= 0:
         max_chunks = None
-    label, content = resolve_text(text)
+    src = load_texts(text, DEFAULT_TEXT)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    et = prepare_text(tok, content, n_ctx, max_chunks, all_positions, label)
-    return evaluate_tokens(model_dir, quant, et, precision, act_quant, device, progress, reference_cache)
+    try:
+        et = prepare_text(tok, src.content, n_ctx, max_chunks, all_positions, src.label)
+    except ValueError as e:  # e.g. too short for llama-perplexity's two chunks: say which text
+        raise TextSourceError(f"{src.label}: {e}") from None
+    res = evaluate_tokens(model_dir, quant, et, precision, act_quant, device, progress, reference_cache)
+    return EvalResult({**res.meta, "text_bytes": sum(r["bytes"] for r in src.records())}, res.stats)
 
 
 @torch.no_grad()
@@ -193,10 +257,9 @@ def evaluate_tokens(model_dir: str | Path, quant: QuantSource, text: EvalText, p
                     act_quant: str = "llama-cpu", device: str | torch.device | None = None, progress: bool = False,
                     reference_cache: Path | None = None) -> EvalResult:
     """:func:`evaluate` on an already chunked text (any token ids the model's vocabulary holds)."""
-    from transformers import AutoModelForCausalLM
-
     from quantmix.evaluation.llama_cpu import ACT_QUANT_MODES, llama_cpu_activations
     from quantmix.model.catalog import catalog_from_config
+    from quantmix.model.checkpoint import load_float_model
 
     if act_quant not in ACT_QUANT_MODES:
         raise ValueError(f"act_quant {act_quant!r}: choose one of {', '.join(ACT_QUANT_MODES)}")
@@ -204,7 +267,7 @@ def evaluate_tokens(model_dir: str | Path, quant: QuantSource, text: EvalText, p
     model_dir = _check_model_dir(model_dir)
     dev = _device(device)
     et = text
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev).eval()
+    model = load_float_model(model_dir, dtype=torch.float32, device=dev)  # FP8 / MXFP4 checkpoints dequantized
     if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
         with contextlib.suppress(ValueError):  # experts through F.linear, where llama_cpu intercepts them
             model.set_experts_implementation("eager")

@@ -31,6 +31,7 @@ class GGUFLoadReport:
     path: Path
     types: dict[str, str] = field(default_factory=dict)  # GGUF tensor -> its stored type
     not_in_model: list[str] = field(default_factory=list)  # GGUF tensors with no parameter (rope_freqs, ...)
+    off_main_path: list[str] = field(default_factory=list)  # NextN / MTP layers: not in the next-token forward
     n_bytes: int = 0  # tensor data, all tensors (quantmix's size unit)
     n_elements: int = 0  # all tensors
 
@@ -60,6 +61,22 @@ def dequantize_gguf_tensor(t: GGUFTensor, mm: np.memmap, data_offset: int) -> to
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(shape)
 
 
+def _main_layers(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    tc = getattr(cfg, "text_config", None) or cfg
+    return int(getattr(tc, "num_hidden_layers", 0) or 0)
+
+
+def _off_main_path(name: str, n_main: int) -> bool:
+    """A tensor of a block past the decoder layers: GLM's NextN (multi-token prediction) layers, which the GGUF
+    holds for speculative decoding and transformers' model does not instantiate. They do not change the
+    model's next-token distribution, so evaluating without them is exact."""
+    from quantmix.model.catalog import classify
+
+    layer = classify(name)[1]
+    return layer is not None and n_main > 0 and layer >= n_main
+
+
 def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
     """A shape without trailing 1s (GGUF headers store ggml_n_dims dimensions: [256, 1] is written [256])."""
     s = list(shape)
@@ -74,7 +91,7 @@ def load_gguf_weights(model: nn.Module, gguf_path: str | Path) -> GGUFLoadReport
 
     The model must be the GGUF's own architecture and shapes (the float model it was quantized from), loaded
     in float32. Every parameter the converter writes must be in the GGUF."""
-    from quantmix.export.simulate import tensor_targets, unpermute_rows
+    from quantmix.export.simulate import tensor_targets
 
     path = Path(gguf_path)
     header = read_gguf_header(path)
@@ -85,9 +102,13 @@ def load_gguf_weights(model: nn.Module, gguf_path: str | Path) -> GGUFLoadReport
         raise GGUFLoadError(f"{path}: has no tensor {missing[0]} ({len(missing)} of the model's tensors missing): "
                             f"not a quantization of this model")
     report = GGUFLoadReport(path, n_bytes=header.tensor_bytes, n_elements=sum(t.n_elements for t in header.tensors))
+    n_main = _main_layers(model)
     for name, t in tensors.items():
         report.types[name] = t.type_name
         if name not in targets:
+            if _off_main_path(name, n_main):  # a NextN / MTP layer: transformers does not run it
+                report.off_main_path.append(name)
+                continue
             if len([d for d in t.shape if d > 1]) > 1:
                 raise GGUFLoadError(f"{path}: tensor {name} {list(t.shape)} has no parameter in "
                                     f"{type(model).__name__}: not a quantization of this model")
@@ -104,11 +125,9 @@ def load_gguf_weights(model: nn.Module, gguf_path: str | Path) -> GGUFLoadReport
             raise GGUFLoadError(f"parameter {tgt.param} is {p.dtype}: load the model in float32 to hold the "
                                 f"GGUF's dequantized weights exactly")
         w = dequantize_gguf_tensor(t, maps[t.shard], header.data_offsets[t.shard])
-        if tgt.n_head_perm:
-            w = unpermute_rows(w, tgt.n_head_perm)
-        dst = p.data[:, tgt.part] if tgt.part is not None else p.data
+        dst = tgt.view(p.data)
         if dst.numel() != w.numel():
             raise GGUFLoadError(f"{path}: tensor {name} ({w.numel()} values) does not fill {tgt.param} "
                                 f"{list(dst.shape)}")
-        dst.copy_(w.reshape(dst.shape).to(p.device))
+        tgt.write(p.data, w)
     return report

@@ -136,9 +136,13 @@ def llama_cpu_activations(model: nn.Module, types: Mapping[str, str]) -> Iterato
     emb = model.get_input_embeddings()  # type: ignore[operator]
     lookup_only = emb.weight if emb is not None and emb.weight is not head_w else None
     per_param: dict[str, list[tuple[int, int, str | None]]] = {}
+    skipped: set[str] = set()
     for name, tgt in tensor_targets(model).items():
         p = params[tgt.param]
-        if name not in types or p.dim() < 2 or p is lookup_only:  # an untied embedding is only a row lookup
+        if name not in types or p.dim() < 2 or p is lookup_only or name.endswith(".bias"):
+            continue  # an untied embedding is only a row lookup; biases (gpt-oss's are 2-D) are added, not multiplied
+        if not tgt.is_row_slice:  # llama.cpp multiplies other activations by these (MLA's absorbed k_b / v_b)
+            skipped.add(tgt.param)
             continue
         rows = p.shape[-2] if p.dim() == 3 else p.shape[0]
         start, stop = (tgt.part.start, tgt.part.stop) if tgt.part is not None else (0, rows)
@@ -146,6 +150,8 @@ def llama_cpu_activations(model: nn.Module, types: Mapping[str, str]) -> Iterato
     table: dict[int, tuple[int, tuple[_Rows, ...]]] = {}
     owners: dict[int, str] = {}
     for pname, parts in per_param.items():
+        if pname in skipped:
+            continue
         p = params[pname]
         parts.sort()
         merged: list[_Rows] = []

@@ -11,7 +11,10 @@ two tools' files can be compared byte for byte:
   non-layer tensors first), dims written as ``ggml_n_dims`` counts them, data aligned to 32 bytes.
 - a tensor whose type does not change is copied; a float one is converted row-slab by row-slab to float32 and
   quantized with :func:`quantmix.formats.api.quantize`, per expert for 3-D tensors (each expert its own imatrix
-  row). A quantized source tensor is never requantized (llama-quantize refuses it too without a flag).
+  row). A quantized source tensor (gpt-oss's MXFP4 experts, as the converter keeps them) is copied when the recipe
+  keeps its type; another type for it is refused, as llama-quantize refuses it ("requantizing from type ... is
+  disabled"), unless ``allow_requantize`` (its ``--allow-requantize``): then it is dequantized to float32 first,
+  bit-exactly as ggml's ``to_float``, and quantized from that, as llama-quantize does.
 
 Split output follows llama-gguf-split (tools/gguf-split/gguf-split.cpp): shards ``PREFIX-0000i-of-0000N.gguf``;
 shard 1 holds every key-value, each shard has ``split.no`` (u16), ``split.count`` (u16) and
@@ -145,8 +148,9 @@ class _Planned:
         return self.src.data.size if self.copy else int(get_type(self.qtype).tensor_bytes(self.src.shape))
 
 
-def _plan(source: GGUFSource, resolution: Resolution, imatrix: Imatrix | None, ftype: str | None) -> list[_Planned]:
-    from quantmix.formats.api import numerics
+def _plan(source: GGUFSource, resolution: Resolution, imatrix: Imatrix | None, ftype: str | None,
+          allow_requantize: bool = False) -> list[_Planned]:
+    from quantmix.formats.api import UnsupportedTypeError, numerics
 
     by_src = {t.name: t for t in source.tensors}
     by_res = {a.tensor.name: a for a in resolution.assignments}
@@ -167,10 +171,16 @@ def _plan(source: GGUFSource, resolution: Resolution, imatrix: Imatrix | None, f
         qtype = st.type_name if a.reason.startswith("not quantized") else get_type(a.qtype).name
         w = None
         if qtype != st.type_name:
+            if st.type_name not in _FLOAT_SOURCES and not allow_requantize:
+                raise GGUFWriteError(f"{st.shard}: tensor {name} is stored as {st.type_name} and the recipe asks for "
+                                     f"{qtype}: requantizing is disabled, as in llama-quantize (\"requantizing from "
+                                     f"type {st.type_name.lower()} is disabled\"); keep it {st.type_name} in the recipe, "
+                                     f"or pass allow_requantize (llama-quantize's --allow-requantize)")
             if st.type_name not in _FLOAT_SOURCES:
-                raise GGUFWriteError(f"{st.shard}: tensor {name} is stored as {st.type_name}; quantmix quantizes "
-                                     f"only from F32/F16/BF16 (requantizing loses accuracy; llama-quantize refuses it "
-                                     f"without --allow-requantize)")
+                try:
+                    numerics(st.type_name)
+                except UnsupportedTypeError as e:
+                    raise GGUFWriteError(f"tensor {name}: cannot dequantize its {st.type_name} data ({e})") from None
             if not get_type(qtype).fits_row(st.shape[0]):
                 raise GGUFWriteError(f"tensor {name}: rows of {st.shape[0]} do not fit {qtype}'s block of "
                                      f"{get_type(qtype).block_size}")
@@ -307,14 +317,18 @@ def _split(plan: list[_Planned], max_bytes: int, align: int) -> list[list[_Plann
 
 
 def _to_f32(raw: np.ndarray, type_name: str) -> np.ndarray:
-    """Raw little-endian bytes of a float tensor slab -> float32 (exact for F16 and BF16)."""
+    """Raw little-endian bytes of a tensor slab -> flat float32: exact for F16 and BF16; a quantized slab (whole
+    blocks) is dequantized bit-exactly as ggml's to_float, which is what llama-quantize requantizes from."""
     if type_name == "F32":
         return raw.view("<f4").astype(np.float32)  # copy: the map is read-only
     if type_name == "F16":
         return raw.view("<f2").astype(np.float32)
     if type_name == "BF16":
         return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
-    raise AssertionError(type_name)
+    from quantmix.formats.api import dequantize
+
+    t = get_type(type_name)  # blocks are independent: dequantize them as rows of one block each
+    return dequantize(torch.from_numpy(np.array(raw)), t, t.block_size).numpy().reshape(-1)
 
 
 def _write_tensor(fh, p: _Planned, device: torch.device, on_weights: Callable[[int], None]) -> int:
@@ -336,7 +350,7 @@ def _write_tensor(fh, p: _Planned, device: torch.device, on_weights: Callable[[i
     slab = SLAB_WEIGHTS if device.type == "cpu" else SLAB_WEIGHTS_GPU
     step = max(1, slab // ne0)
     written = 0
-    backend = preferred_backend(p.qtype, device)  # ggml's C for the codebook types on a CPU: same bytes, faster
+    backend = preferred_backend(p.qtype, device)  # ggml's C on a CPU where it is faster: same bytes
     for e in range(n_mat):
         im = None
         if p.imatrix is not None:
@@ -379,6 +393,7 @@ def quantize_gguf(
     *,
     imatrix_label: str | None = None,
     on_tensor: Callable[[int, str], None] | None = None,
+    allow_requantize: bool = False,
 ) -> Path:
     """Quantize the float GGUF ``src`` (any shard of a split one) to ``out`` following ``recipe``.
 
@@ -387,7 +402,9 @@ def quantize_gguf(
     loaded :class:`Imatrix`; ``imatrix_label`` is what ``quantize.imatrix.file`` records (default: its path).
     ``split_max_size``: bytes of tensor data per shard; the output is then llama-gguf-split's shards and the
     first one is returned. ``device``: where the quantizers run (default: CUDA when present).
-    ``on_tensor(i, name)`` is called before tensor i is written.
+    ``on_tensor(i, name)`` is called before tensor i is written. ``allow_requantize``: as llama-quantize's
+    ``--allow-requantize``, a quantized source tensor (MXFP4 experts) given another type is dequantized and
+    quantized again; without it that is an error naming the tensor (a tensor kept in its type is always copied).
 
     Everything is checked (types, imatrix needs, shapes) before a byte is written; the file is written to a
     temporary file next to ``out`` and renamed, so an error or interrupt leaves nothing behind.
@@ -406,7 +423,7 @@ def quantize_gguf(
     else:
         raise TypeError(f"recipe: expected a RecipeSpec or Resolution, got {type(recipe).__name__}")
     ftype = resolution.spec.ftype
-    plan = _plan(source, resolution, im, ftype)
+    plan = _plan(source, resolution, im, ftype, allow_requantize)
     kv = _output_kv(source, resolution, im, imatrix_label)
     align = source.kv_u32("general.alignment") or DEFAULT_ALIGNMENT
     if align & (align - 1):

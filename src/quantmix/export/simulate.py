@@ -90,15 +90,59 @@ def unpermute_rows(w: Tensor, n_head: int) -> Tensor:
 # ------------------------------------------------------------------------------------------------ mapping
 
 
+# Architectures whose converter stores RMSNorm weights as (1 + w) (conversion/gemma.py): transformers keeps w.
+NORM_PLUS_ONE_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3"})
+
+
 @dataclass(frozen=True)
 class _Target:
-    """Where one GGUF tensor lives in the model: parameter, slice along dim 1 of a fused 3-D parameter,
-    and the head count of a q/k row permutation (0: none)."""
+    """Where one GGUF tensor lives in the model: parameter, slice along dim 1 of a fused 3-D parameter, the
+    converter's split of one parameter into several GGUF tensors (``split``: MLA's k_b / v_b, gpt-oss's
+    interleaved gate / up, a transpose), the head count of a q/k row permutation (0: none) and the constant the
+    converter adds (Gemma's norms: +1).
+
+    :meth:`read` gives the tensor in GGUF row order (numpy order of the GGUF tensor); :meth:`write` puts such a
+    tensor back into the parameter's data."""
 
     info: TensorInfo
     param: str
     part: slice | None
     n_head_perm: int
+    split: str = ""  # "", "k_b", "v_b", "gate_il", "up_il", "T"
+    dims: tuple[int, ...] = ()  # MLA: (n_head_kv, qk_nope_head_dim, v_head_dim)
+    shift: float = 0.0
+
+    def view(self, data: Tensor) -> Tensor:
+        """A view of the parameter's data in GGUF row order, before the q/k permutation."""
+        w = data[:, self.part] if self.part is not None else data
+        if self.split in ("k_b", "v_b"):
+            h, nope, v = self.dims
+            kv = w.view(h, nope + v, w.shape[-1])
+            return kv[:, :nope, :].transpose(1, 2) if self.split == "k_b" else kv[:, nope:, :]
+        if self.split in ("gate_il", "up_il"):
+            t = w.transpose(-1, -2) if w.dim() == 3 else w
+            start = 0 if self.split == "gate_il" else 1
+            return t[:, start::2, :] if w.dim() == 3 else t[..., start::2]
+        if self.split == "T":
+            return w.transpose(-1, -2)
+        return w
+
+    @property
+    def is_row_slice(self) -> bool:
+        """The GGUF tensor's rows are whole rows of the parameter (what activation emulation can intercept)."""
+        return self.split == ""
+
+    def read(self, data: Tensor) -> Tensor:
+        w = self.view(data)
+        w = permute_rows(w, self.n_head_perm) if self.n_head_perm else w.clone()
+        return w + self.shift if self.shift else w
+
+    def write(self, data: Tensor, value: Tensor) -> None:
+        v = value - self.shift if self.shift else value
+        if self.n_head_perm:
+            v = unpermute_rows(v, self.n_head_perm)
+        dst = self.view(data)
+        dst.copy_(v.reshape(dst.shape).to(dst.device, dst.dtype))
 
 
 def _config_catalog(model: nn.Module) -> tuple[Catalog, object]:
@@ -108,6 +152,23 @@ def _config_catalog(model: nn.Module) -> tuple[Catalog, object]:
     with tempfile.TemporaryDirectory(prefix="quantmix-sim-") as d:
         cfg.save_pretrained(d)
         return catalog_from_config(Path(d)), cfg
+
+
+def _split_of(info: TensorInfo, n_hits: int, arch: str) -> str:
+    """How the converter made GGUF tensor ``info`` out of its parameter (conversion/deepseek.py: kv_b split
+    into k_b transposed and v_b; conversion/gpt_oss.py: gate/up interleaved in one fused parameter, experts
+    stored transposed)."""
+    key = info.name.split(".")[-2]
+    if key in ("attn_k_b", "attn_v_b"):
+        return "k_b" if key == "attn_k_b" else "v_b"
+    if arch == "gpt-oss" and key in ("ffn_gate_exps", "ffn_up_exps"):
+        return "gate_il" if key == "ffn_gate_exps" else "up_il"
+    if arch == "gpt-oss" and info.name.endswith("ffn_down_exps.weight"):
+        return "T"
+    if n_hits > 1:
+        raise SimulationError(f"{info.name}: one of {n_hits} GGUF tensors made from one parameter; simulating "
+                              f"that split is not supported")
+    return ""
 
 
 def tensor_targets(model: nn.Module) -> dict[str, _Target]:
@@ -124,6 +185,8 @@ def tensor_targets(model: nn.Module) -> dict[str, _Target]:
     permute = arch in PERMUTED_QK_ARCHITECTURES
     n_head = int(getattr(tc, "num_attention_heads", 0) or 0)
     n_kv = int(getattr(tc, "num_key_value_heads", None) or n_head)
+    mla = (n_kv, int(getattr(tc, "qk_nope_head_dim", 0) or 0), int(getattr(tc, "v_head_dim", 0) or 0))
+    plus_one = catalog.hparams.arch in NORM_PLUS_ONE_ARCHITECTURES
     out: dict[str, _Target] = {}
     for pname, p in model.named_parameters():
         parts = checkpoint_tensors(cfg, [(pname, tuple(p.shape))])
@@ -131,25 +194,26 @@ def tensor_targets(model: nn.Module) -> dict[str, _Target]:
         off = 0
         for merged, part_shape, sources in parts:
             hits = {t.name: t for s in sources for t in by_source.get(s, [])}
-            if len(hits) > 1:
-                raise SimulationError(f"parameter {pname}: becomes {len(hits)} GGUF tensors ({', '.join(sorted(hits))});"
-                                      f" simulating that split is not supported")
             if not hits:
                 off += part_shape[1] if fused and len(part_shape) > 1 else 0
                 continue
-            info = next(iter(hits.values()))
-            if tuple(reversed(part_shape)) != tuple(info.shape):
-                raise SimulationError(f"parameter {pname} ({list(part_shape)}) does not match GGUF tensor {info.name} "
-                                      f"{list(info.shape)}")
             part = slice(off, off + part_shape[1]) if fused else None
             if fused:
                 off += part_shape[1]
-            perm = 0
-            if permute and info.tensor_class == "attn_q" and merged.endswith("q_proj.weight"):
-                perm = n_head
-            elif permute and info.tensor_class == "attn_k" and merged.endswith("k_proj.weight"):
-                perm = n_kv
-            out[info.name] = _Target(info, pname, part, perm)
+            for info in hits.values():
+                split = _split_of(info, len(hits), catalog.hparams.arch)
+                tgt = _Target(info, pname, part, 0, split, mla if split in ("k_b", "v_b") else ())
+                shape = tuple(tgt.view(torch.empty(p.shape, device="meta")).shape)
+                if tuple(reversed(shape)) != tuple(info.shape):
+                    raise SimulationError(f"parameter {pname} ({list(part_shape)}) does not match GGUF tensor "
+                                          f"{info.name} {list(info.shape)}")
+                perm = 0
+                if permute and info.tensor_class == "attn_q" and merged.endswith("q_proj.weight"):
+                    perm = n_head
+                elif permute and info.tensor_class == "attn_k" and merged.endswith("k_proj.weight"):
+                    perm = n_kv
+                shift = 1.0 if plus_one and info.name.endswith("norm.weight") else 0.0
+                out[info.name] = _Target(info, pname, part, perm, split, tgt.dims, shift)
     return out
 
 
@@ -169,7 +233,7 @@ def quantized_image(w: Tensor, qtype: str, src_type: str, imatrix: np.ndarray | 
     from quantmix.formats.api import dequantize, quantize
     from quantmix.formats.ggml_backend import preferred_backend
 
-    backend = preferred_backend(qtype, dev)  # ggml's C for the codebook types on a CPU: same bytes, faster
+    backend = preferred_backend(qtype, dev)  # ggml's C on a CPU where it is faster: same bytes
     x = _round_to(w.detach().to(device=dev, dtype=torch.float32), src_type)
     if qtype == src_type:
         return x
@@ -227,20 +291,17 @@ def simulate_quantization(
         if p.dtype != torch.float32:
             raise SimulationError(f"parameter {tgt.param} is {p.dtype}: load the model in float32 to simulate "
                                   f"quantization exactly")
-        w = p.data[:, tgt.part] if tgt.part is not None else p.data
-        wq = permute_rows(w, tgt.n_head_perm) if tgt.n_head_perm else w
+        w = tgt.view(p.data)
+        wq = tgt.read(p.data)
         w_im = None
         if qtype != src_type and im is not None:
             w_im = im.weights_for(name, tuple(a.tensor.shape))
         if w_im is None and qtype != src_type and needs_imatrix(name, qtype, ftype):
             raise SimulationError(f"tensor {name}: type {qtype} needs an importance matrix (imatrix)")
-        new = quantized_image(wq, qtype, src_type, w_im, name, dev)
-        if tgt.n_head_perm:
-            new = unpermute_rows(new, tgt.n_head_perm)
-        new = new.to(p.device)
-        ref = w.double().square().sum()
-        err = (new.double() - w.double()).square().sum()
-        w.copy_(new)
+        new = quantized_image(wq, qtype, src_type, w_im, name, dev).to(p.device)
+        ref = wq.double().square().sum()
+        err = (new.double() - wq.double()).square().sum()
+        tgt.write(p.data, new)
         part = (tgt.part.start, tgt.part.stop) if tgt.part is not None else None
         report.tensors.append(SimulatedTensor(name, qtype, tgt.param, float(err / ref) if ref > 0 else 0.0, part,
                                               tgt.n_head_perm))

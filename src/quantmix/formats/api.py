@@ -43,6 +43,7 @@ NUMERICS_MODULES = (
     "quantmix.formats.iq3",
     "quantmix.formats.iq2",
     "quantmix.formats.iq1",
+    "quantmix.formats.mxfp4",
 )
 
 # Rows per call into a type's quantize_rows are chosen so that one call sees about this many weights:

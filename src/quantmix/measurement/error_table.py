@@ -54,6 +54,9 @@ __all__ = ["ErrorRow", "ErrorTable", "ErrorTableError", "error_table", "load_cos
 NUMERICS_VERSION: str = getattr(_api, "NUMERICS_VERSION", "1")
 TABLE_FORMAT = 1
 FLOAT_TYPES = ("F32", "F16", "BF16")
+# Quantized source types measured from their dequantized values: gpt-oss's MXFP4 experts are the release's own
+# weights (the converter keeps them MXFP4), so their float values are the truth every candidate is held to.
+QUANT_SOURCES = ("MXFP4",)
 # Weights per slab converted to float32 and handed to quant_error (bounded memory).
 SLAB_WEIGHTS = 1 << 22
 SLAB_WEIGHTS_GPU = 1 << 26
@@ -193,13 +196,16 @@ def _hash_arrays(*arrays: np.ndarray | None) -> str:
 
 def _to_f32(raw: torch.Tensor, type_name: str) -> torch.Tensor:
     """Raw little-endian bytes (uint8, on any device) -> float32, exactly as the GGUF writer converts them
-    (BF16: the 16 bits become the high half of a float32; F16: IEEE half -> single)."""
+    (BF16: the 16 bits become the high half of a float32; F16: IEEE half -> single; MXFP4: ggml's to_float)."""
     if type_name == "F32":
         return raw.view(torch.float32)
     if type_name == "F16":
         return raw.view(torch.float16).float()
     if type_name == "BF16":
         return (raw.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
+    if type_name in QUANT_SOURCES:  # whole blocks, each independent: dequantize them as one-block rows
+        t = get_type(type_name)
+        return _api.dequantize(raw, t, t.block_size).reshape(-1)
     raise AssertionError(type_name)
 
 
@@ -393,7 +399,8 @@ def error_table(
     on_compute: Callable[[str, str], None] | None = None,
     tensors: list[str] | None = None,
 ) -> ErrorTable:
-    """Measure every quantizable tensor of a float GGUF (F32/F16/BF16) against every candidate type.
+    """Measure every quantizable tensor of a float GGUF (F32/F16/BF16; MXFP4 ones read dequantized) against every
+    candidate type.
 
     ``candidates``: type names (default: every type with numerics except the float ones); a type whose block
     does not divide a tensor's rows is left out for that tensor. ``cache_root``: where the per-(tensor, type)
@@ -439,9 +446,9 @@ def error_table(
             raise ErrorTableError(f"{gp}: tensor {unknown[0]} is not a quantizable tensor of this model")
         todo = [t for t in todo if t.name in set(tensors)]
     for t in todo:
-        if src[t.name].type_name not in FLOAT_TYPES:
+        if src[t.name].type_name not in FLOAT_TYPES + QUANT_SOURCES:
             raise ErrorTableError(f"{gp}: tensor {t.name} is {src[t.name].type_name}; the error table needs a "
-                                  f"float (F32/F16/BF16) source GGUF")
+                                  f"float (F32/F16/BF16) source GGUF (MXFP4 tensors are read dequantized)")
     table = ErrorTable(str(gp), str(imatrix_path) if imatrix_path is not None else None, has_in_sum, note,
                        float(bias_lambda))
     bar = None

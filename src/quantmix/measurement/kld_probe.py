@@ -45,11 +45,10 @@ def tensor_layer(name: str) -> int:
 @dataclass
 class _Place:
     param: Tensor  # the live parameter's data (a view into the model)
-    part: slice | None
-    n_head_perm: int
+    target: object  # quantmix.export.simulate._Target: how the GGUF tensor maps onto the parameter
 
     def view(self) -> Tensor:
-        return self.param[:, self.part] if self.part is not None else self.param
+        return self.target.view(self.param)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -72,22 +71,21 @@ class KLDProbe:
     def __init__(self, model_dir: str | Path, chunks: Tensor, imatrix: object | None = None,
                  device: str | torch.device | None = None, image_cache_bytes: int = 4 << 30,
                  token_batch: int = 1024) -> None:
-        from transformers import AutoModelForCausalLM
-
         from quantmix.calibration.imatrix_io import read_imatrix
         from quantmix.export.simulate import tensor_targets
+        from quantmix.model.checkpoint import load_float_model
 
         self.model_dir = Path(model_dir)
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.imatrix = read_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).to(self.device).eval()
+        self.model = load_float_model(self.model_dir, dtype=torch.float32, device=self.device)
         self.layers = _decoder_layers(self.model)
         self.chunks = chunks.to(self.device)
         self.token_batch = token_batch
         params = dict(self.model.named_parameters())
         self._targets = tensor_targets(self.model)
-        self._places = {n: _Place(params[t.param].data, t.part, t.n_head_perm) for n, t in self._targets.items()}
+        self._places = {n: _Place(params[t.param].data, t) for n, t in self._targets.items()}
         self._originals: dict[str, Tensor] = {}
         self._base: dict[str, Tensor] = {}  # tensor -> image held in the model between measurements
         self._images: OrderedDict[tuple[str, str], Tensor] = OrderedDict()
@@ -103,14 +101,15 @@ class KLDProbe:
     def _capture(self) -> None:
         """Run the float model once; keep every decoder layer's input and the reference log-probs."""
         inputs: list[Tensor | None] = [None] * len(self.layers)
-        kwargs_seen: dict = {}
+        # each layer's own arguments: sliding-window and full-attention layers get other masks and rotary
+        # tables (Gemma 2/3, gpt-oss), so one layer's cannot be replayed for another
+        kwargs_seen: list[dict] = [{} for _ in self.layers]
 
         def pre_hook(i: int):  # noqa: ANN202 - closure factory
             def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
                 inputs[i] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-                if i == 0:
-                    kwargs_seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-                    kwargs_seen["_args_rest"] = args[1:]
+                kwargs_seen[i].update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+                kwargs_seen[i]["_args_rest"] = args[1:]
             return hook
 
         final: list[Tensor] = []
@@ -129,6 +128,7 @@ class KLDProbe:
         if any(x is None for x in inputs):
             raise ProbeError(f"{self.model_dir}: not every decoder layer ran in the forward pass")
         self._layer_inputs = inputs + final  # [L] is the last layer's output: the head's input before the norm
+        self._find_embed_scale(inputs[0])
         self._layer_kwargs = kwargs_seen
         self.ref_logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
         self.n_tokens = int(self.ref_logp.shape[0] * self.ref_logp.shape[1])
@@ -140,31 +140,48 @@ class KLDProbe:
         self.forward_tokens = self.head_passes = 0
 
     def _embed(self) -> Tensor:
-        """The first decoder layer's input for the calibration chunks (embedding, scaled where the model does)."""
-        emb = self.model.get_input_embeddings()
-        h = emb(self.chunks)
-        scale = getattr(emb, "embed_scale", None)
-        return h * scale if scale is not None else h
+        """The first decoder layer's input for the calibration chunks (embedding, scaled where the model does:
+        Gemma's embedding module scales in its own forward; others leave the scale to the model's forward,
+        which :meth:`_capture` finds out by comparing with what the first layer received)."""
+        h = self.model.get_input_embeddings()(self.chunks)
+        return h * self._embed_scale if self._embed_scale is not None else h
+
+    def _find_embed_scale(self, first_input: Tensor) -> None:
+        self._embed_scale = None
+        h = self._embed()
+        if torch.allclose(h, first_input):
+            return
+        scale = getattr(self.model.get_input_embeddings(), "embed_scale", None)
+        if scale is not None and torch.allclose(h * scale, first_input):
+            self._embed_scale = scale
+            return
+        raise ProbeError(f"{self.model_dir}: the embedding does not give the first decoder layer's input; "
+                         f"unsupported architecture for layer replay")
 
     def _head(self, h: Tensor) -> Tensor:
         base = getattr(self.model, self.model.base_model_prefix, None)
         norm = getattr(base, "norm", None) or getattr(base, "final_layernorm", None)
         if norm is None:
             raise ProbeError(f"{type(self.model).__name__}: no final norm found")
-        return self.model.get_output_embeddings()(norm(h))
+        logits = self.model.get_output_embeddings()(norm(h))
+        cap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits  # Gemma 2's soft-capped logits
+
+    def _layer(self, i: int, h: Tensor) -> Tensor:
+        kw = dict(self._layer_kwargs[i])
+        rest = kw.pop("_args_rest", ())
+        o = self.layers[i](h, *rest, **kw)
+        return o[0] if isinstance(o, tuple) else o
 
     def _replay_from(self, first: int) -> Tensor:
         """Logits of the current weights, running decoder layers ``first``.. from the kept inputs."""
-        kw = dict(self._layer_kwargs)
-        rest = kw.pop("_args_rest", ())
         if first < 0:  # the embedding changed: recompute the first layer's input
             h = self._embed()
             first = 0
         else:
             h = self._layer_inputs[first]  # first == L: only the head changed
-        for layer in self.layers[first:]:
-            o = layer(h, *rest, **kw)
-            h = o[0] if isinstance(o, tuple) else o
+        for i in range(first, len(self.layers)):
+            h = self._layer(i, h)
         self.forward_tokens += int(self.chunks.numel() * (len(self.layers) - first) / len(self.layers))
         self.head_passes += 1
         return self._head(h)[:, :-1].float()
@@ -177,11 +194,10 @@ class KLDProbe:
 
     def original(self, name: str) -> Tensor:
         """The float weights of tensor ``name`` in GGUF row order (a copy)."""
-        from quantmix.export.simulate import permute_rows
-
         p = self._place(name)
-        w = self._originals.get(name, p.view())
-        return (permute_rows(w, p.n_head_perm) if p.n_head_perm else w).clone()
+        if name in self._originals:  # the float weights, while an image is held in the model
+            return p.target.read(self._with_original(p, name))
+        return p.target.read(p.param)
 
     def _place(self, name: str) -> _Place:
         try:
@@ -207,9 +223,13 @@ class KLDProbe:
             self._image_bytes -= old.numel() * old.element_size()
         return img
 
-    def _set(self, name: str, value_gguf_order: Tensor | None) -> None:
-        from quantmix.export.simulate import unpermute_rows
+    def _with_original(self, p: _Place, name: str) -> Tensor:
+        """A copy of the parameter's data holding tensor ``name``'s float weights (its other parts as they are)."""
+        data = p.param.clone()
+        p.target.view(data).copy_(self._originals[name])
+        return data
 
+    def _set(self, name: str, value_gguf_order: Tensor | None) -> None:
         p = self._place(name)
         v = p.view()
         if value_gguf_order is None:  # back to the base state (the base image, else the float weights)
@@ -222,8 +242,7 @@ class KLDProbe:
                 return
         if name not in self._originals:
             self._originals[name] = v.clone()
-        new = unpermute_rows(value_gguf_order, p.n_head_perm) if p.n_head_perm else value_gguf_order
-        v.copy_(new.to(v.device, v.dtype))
+        p.target.write(p.param, value_gguf_order)
 
     # -------------------------------------------------------------------------------------------- measuring
 
@@ -274,14 +293,11 @@ class KLDProbe:
 
     @torch.no_grad()
     def _record_inputs(self) -> None:
-        kw = dict(self._layer_kwargs)
-        rest = kw.pop("_args_rest", ())
         h = self._embed()
         inputs = []
-        for layer in self.layers:
+        for i in range(len(self.layers)):
             inputs.append(h)
-            o = layer(h, *rest, **kw)
-            h = o[0] if isinstance(o, tuple) else o
+            h = self._layer(i, h)
         self._layer_inputs = inputs + [h]
         self.forward_tokens += int(self.chunks.numel())
 

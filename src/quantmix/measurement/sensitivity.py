@@ -14,9 +14,11 @@ predicted vs measured). ``large`` probes every class at ``large_layers`` evenly 
 the coefficient over the layer index: for models whose per-tensor probes would cost too much; its cost is
 stated in forward-pass tokens.
 
-Calibration tokens come from the calibration text (never the evaluation text). Results are cached per tensor
-under ``cache_dir()/sensitivity/KEY`` (KEY hashes the model files, imatrix, tokens, probe type and numerics
-version), so an interrupted fit resumes and a changed input is never reused.
+Calibration tokens come from the calibration text (never the evaluation text; wiki-calib unless the user gives
+files). Results are cached per tensor under ``cache_dir()/sensitivity/KEY`` (KEY hashes the model files,
+imatrix, tokens, probe type and numerics version), so an interrupted fit resumes and a changed input is never
+reused: the key holds the probed token ids themselves, so a different text gets its own entries. The fit
+records which text it ran on (name, bytes, sha256 per file).
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from quantmix.measurement.kld_probe import KLDProbe, tensor_layer
+
+if TYPE_CHECKING:
+    from quantmix.evaluation.evaluate import TextSource
 
 __all__ = ["PROFILES", "Sensitivity", "SensitivityError", "fit_sensitivity", "spearman"]
 
@@ -64,6 +70,7 @@ class Sensitivity:
     n_tokens: int = 0
     forward_tokens: int = 0
     seconds: float = 0.0
+    text: list[dict] = field(default_factory=list)  # the calibration text: name, bytes, sha256 per file
 
     def predict(self, types: Mapping[str, str], costs: Mapping[str, Mapping[str, float]]) -> float:
         """Predicted mean KLD of a recipe (tensor -> type); tensors not in ``costs`` (float) add nothing."""
@@ -181,7 +188,7 @@ def fit_sensitivity(
     *,
     profile: str = "full",
     probe_type: str = DEFAULT_PROBE_TYPE,
-    text: str | None = None,
+    text: str | TextSource | None = None,
     n_ctx: int = 512,
     chunks: int | None = None,
     large_layers: int = 4,
@@ -194,14 +201,14 @@ def fit_sensitivity(
     """Fit per-tensor coefficients so that predicted KLD = sum_t c_t * cost_t(type).
 
     ``costs``: the error table's tensor -> type -> cost (:meth:`ErrorTable.to_costs`, same imatrix).
-    ``tensor_classes``: tensor -> class (from the catalog). ``text``: calibration text (default wiki-calib).
-    ``probe``: an existing :class:`KLDProbe` on the same tokens (refinement reuses it)."""
+    ``tensor_classes``: tensor -> class (from the catalog). ``text``: calibration text, the content itself or a
+    :class:`~quantmix.evaluation.evaluate.TextSource` (default wiki-calib). ``probe``: an existing
+    :class:`KLDProbe` on the same tokens (refinement reuses it; then ``text`` only labels the result)."""
     from transformers import AutoTokenizer
 
     from quantmix.calibration.imatrix import calibration_tokens
-    from quantmix.evaluation.evaluate import _file_sha256
+    from quantmix.evaluation.evaluate import TextSource, _file_sha256, load_texts
     from quantmix.evaluation.reference import model_fingerprint
-    from quantmix.fixtures.text import read_text
     from quantmix.paths import cache_dir
 
     if profile not in PROFILES:
@@ -211,12 +218,24 @@ def fit_sensitivity(
     prof = PROFILES[profile]
     n_chunks = chunks or prof["chunks"]
     n_checks = prof["checks"] if checks is None else checks
+    if isinstance(text, str):
+        src = TextSource(("(string)",), (text,), (hashlib.sha256(text.encode("utf-8")).hexdigest(),))
+    else:
+        src = None if text is None and probe is not None else load_texts(text, "wiki-calib")
     if probe is None:
         tok = AutoTokenizer.from_pretrained(model_dir)
-        ids = calibration_tokens(tok, [text if text is not None else read_text("wiki-calib")], n_ctx, n_chunks)
+        try:
+            ids = calibration_tokens(tok, list(src.parts), n_ctx, n_chunks)
+        except ValueError as e:  # too short for one chunk: say which text
+            raise SensitivityError(f"{src.label}: {e}") from None
         probe = KLDProbe(model_dir, ids, imatrix, device)
     names = [n for n in costs if n in probe.tensor_names]
-    missing = [n for n in costs if n not in probe.tensor_names]
+    n_main = len(probe.layers)
+    # NextN / MTP layers (GLM-4.5's blk.N.nextn.*, after the decoder layers): the GGUF keeps them for speculative
+    # decoding; the next-token forward never runs them, so no probe can measure them. They are priced below
+    # like the same class of the last decoder layer (a copy of which they are), never left free to collapse.
+    off_path = [n for n in costs if n not in probe.tensor_names and tensor_layer(n) >= n_main]
+    missing = [n for n in costs if n not in probe.tensor_names and n not in off_path]
     if missing:
         raise SensitivityError(f"tensor {missing[0]}: in the error table but not a weight of {model_dir}")
     key = _fit_key(model_fingerprint(model_dir), _file_sha256(Path(imatrix)) if imatrix else "none", probe.chunks.cpu(),
@@ -275,6 +294,13 @@ def fit_sensitivity(
         measured = sorted(v for v in coef.values() if v > 0)
         for n in single:
             coef[n] = measured[len(measured) // 2] if measured else 0.0
+    if off_path:
+        last = {tensor_classes.get(n, n): v for n, v in coef.items() if tensor_layer(n) == n_main - 1}
+        measured = sorted(v for v in coef.values() if v > 0)
+        median = measured[len(measured) // 2] if measured else 0.0
+        for n in off_path:
+            coef[n] = last.get(tensor_classes.get(n, n), median)
+        names = names + off_path
     if profile == "large":  # per class: interpolate the probed layers' coefficients
         per_class: dict[str, dict[int, float]] = {}
         for n, v in coef.items():
@@ -285,7 +311,7 @@ def fit_sensitivity(
                 probed = per_class.get(tensor_classes.get(n, n))
                 coef[n] = _interpolate(tensor_layer(n), probed) if probed else 0.0
     sens = Sensitivity(profile, probe_type, coef, probe_kld, {n: tensor_classes.get(n, n) for n in names},
-                       n_tokens=probe.n_tokens)
+                       n_tokens=probe.n_tokens, text=src.records() if src is not None else [])
     # checks: single tensors at other types, spread over classes and depths, most influential first
     ranked = sorted((n for n in probe_kld), key=lambda n: -probe_kld[n])
     chosen = ranked[:: max(1, len(ranked) // max(n_checks, 1))][:n_checks]

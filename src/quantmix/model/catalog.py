@@ -174,7 +174,14 @@ _ARCH_ALIASES = {
     "mixtral": "llama",
     "deepseek_v3": "deepseek2",
     "deepseek_v2": "deepseek2",
+    "gemma3_text": "gemma3",  # Gemma3ForCausalLM (conversion/gemma.py Gemma3Model)
 }
+
+
+# The Hugging Face model types every step is tested on (tests/test_architectures.py: conversion by llama.cpp's
+# converter, catalog, imatrix, sensitivity, quantize, eval); another model_type is refused by name.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "glm4_moe",
+                         "deepseek_v2", "deepseek_v3", "gemma2", "gemma3_text", "phi3", "gpt_oss")
 
 
 def _norm(s: str) -> str:
@@ -183,6 +190,9 @@ def _norm(s: str) -> str:
 
 def gguf_arch_for(model_type: str) -> gguf.MODEL_ARCH:
     """The llama.cpp architecture of a transformers model_type."""
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CatalogError(f"model_type {model_type!r} is not supported; supported: "
+                           f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     target = _ARCH_ALIASES.get(model_type, model_type)
     by_norm = {_norm(v): k for k, v in gguf.MODEL_ARCH_NAMES.items()}
     arch = by_norm.get(_norm(target))
@@ -269,6 +279,11 @@ def _add_converter_tensors(cfg: Any, arch: gguf.MODEL_ARCH, tensors: list[tuple[
             out.append((name.replace("kv_b_proj", "k_b_proj"), (h_kv, rank, nope), src))
             out.append((name.replace("kv_b_proj", "v_b_proj"), (h_kv, v_dim, rank), src))
             continue
+        if arch == gguf.MODEL_ARCH.GPT_OSS:
+            split = _gpt_oss_split(name, shape, src)
+            if split is not None:
+                out.extend(split)
+                continue
         out.append((name, shape, src))
     n_nextn = int(getattr(tc, "num_nextn_predict_layers", 0) or 0)
     if arch == gguf.MODEL_ARCH.GLM4_MOE and n_nextn:
@@ -280,6 +295,9 @@ def _add_converter_tensors(cfg: Any, arch: gguf.MODEL_ARCH, tensors: list[tuple[
                 if name.startswith(last):
                     out.append((pre + name[len(last):], shape, tuple(s.replace(last, pre, 1) for s in src)))
             out.append((pre + "eh_proj.weight", (h, 2 * h), (pre + "eh_proj.weight",)))
+            # the NextN layer's own embedding and output head: the release holds them, the converter keeps them
+            for extra in ("embed_tokens.weight", "shared_head.head.weight"):
+                out.append((pre + extra, (int(tc.vocab_size), h), (pre + extra,)))
             for norm in ("enorm", "hnorm", "shared_head.norm"):
                 out.append((pre + f"{norm}.weight", (h,), (pre + f"{norm}.weight",)))
         n_layer += n_nextn
@@ -288,6 +306,28 @@ def _add_converter_tensors(cfg: Any, arch: gguf.MODEL_ARCH, tensors: list[tuple[
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         out.append(("rope_freqs.weight", (head_dim // 2,), ()))
     return out, n_layer
+
+
+def _gpt_oss_split(name: str, shape: tuple[int, ...], src: tuple[str, ...]
+                   ) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]] | None:
+    """conversion/gpt_oss.py: the fused experts [E, H, 2I] (gate and up interleaved along the last axis) become
+    gate and up [E, I, H] (transposed); down [E, I, H] is transposed; sinks gain a ``.weight`` suffix."""
+    if name.endswith("mlp.experts.gate_up_proj"):
+        e, h, i2 = shape
+        base = name[: -len("gate_up_proj")]
+        return [(base + "gate_proj.weight", (e, i2 // 2, h), src), (base + "up_proj.weight", (e, i2 // 2, h), src)]
+    if name.endswith("mlp.experts.gate_up_proj_bias"):
+        e, i2 = shape
+        base = name[: -len("gate_up_proj_bias")]
+        return [(base + "gate_proj.bias", (e, i2 // 2), src), (base + "up_proj.bias", (e, i2 // 2), src)]
+    if name.endswith("mlp.experts.down_proj"):
+        e, i, h = shape
+        return [(name + ".weight", (e, h, i), src)]
+    if name.endswith("mlp.experts.down_proj_bias"):
+        return [(name.replace("down_proj_bias", "down_proj.bias"), shape, src)]
+    if name.endswith("self_attn.sinks"):
+        return [(name + ".weight", shape, src)]
+    return None
 
 
 def _map_name(tmap: gguf.TensorNameMap, name: str) -> str | None:

@@ -192,6 +192,10 @@ class Candidate:
     cost: float
 
 
+# Quantized source types a GGUF holds from the release itself, kept unless a rule pins another type.
+KEPT_SOURCE_TYPES = ("MXFP4",)
+
+
 def _requires_imatrix(t: TensorInfo, qtype: str) -> bool:
     return get_type(qtype).llama_quantize_requires_imatrix and t.name not in _EMBED_OUTPUT
 
@@ -219,6 +223,11 @@ def tensor_candidates(catalog: Catalog, costs: CostTable, constraints: Constrain
                                       f"{t.shape[0]} are not a multiple of the {get_type(pin.qtype).block_size}-block")
             cost = _row_cost(t, row, pin.qtype) if row and _has(row, pin.qtype) else 0.0
             out[t.name] = [Candidate(pin.qtype, cost * w)]
+            continue
+        if t.source_type in KEPT_SOURCE_TYPES:
+            # stored quantized by the release itself (gpt-oss's MXFP4 experts): kept as they are, as
+            # llama-quantize does (it refuses to requantize them without --allow-requantize)
+            out[t.name] = [Candidate(t.source_type, 0.0)]
             continue
         if row is None:
             raise ConstraintError(f"the cost table has no entry for tensor {t.name} (and no --pin names it)")

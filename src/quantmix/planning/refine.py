@@ -89,9 +89,14 @@ def refine(plan: Plan, costs: dict[str, dict[str, float]], probe: KLDProbe, cons
     tried: set[tuple] = set()
     n_tried = n_acc = 0
     order = [sorted(range(len(g.options)), key=lambda i: sum(g.options[i].usage)) for g in problem.groups]
+    # only tensors the probe can measure move: a NextN layer's change would measure as free and be taken
+    weights = set(probe.tensor_names)
+    movable = [all(n in weights for n in g.members) for g in problem.groups]
     while (n_tried == 0 or time.time() - t_search < time_limit) and (max_moves is None or n_tried < max_moves):
         ups, downs = [], []
         for gi, (g, k) in enumerate(zip(problem.groups, choice)):
+            if not movable[gi]:
+                continue
             pos = order[gi].index(k)
             cur = g.options[k]
             if pos + 1 < len(order[gi]):

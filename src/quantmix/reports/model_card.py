@@ -62,14 +62,23 @@ def _setup_lines(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
+def _text_lines(texts: Mapping[str, Sequence[dict]]) -> list[str]:
+    """One line per role (calibration, evaluation): each file's name, bytes and full sha256, so a reader can
+    check with sha256sum that they hold the same text."""
+    return [f"- {role}: " + " + ".join(f"`{t['name']}` ({t['bytes']:,} bytes, sha256 `{t['sha256']}`)" for t in recs)
+            for role, recs in texts.items() if recs]
+
+
 def render_model_card(model: str, rows: Sequence[dict], recipes: Mapping[str, str], plots: Sequence[str],
                       reproduce: str, notes: str = "", *, source_gguf: str | None = None,
-                      imatrix: str = "imatrix.gguf", base_model: str | None = None) -> str:
+                      imatrix: str = "imatrix.gguf", base_model: str | None = None,
+                      texts: Mapping[str, Sequence[dict]] | None = None) -> str:
     """The README.md text. ``rows``: evaluation rows (each needs ``quant``, ``size_bytes``, ``bpw``; ``family``
     as in :mod:`quantmix.reports.pareto`); ``recipes``: quant -> recipe file (every key must name a row);
     ``plots``: PNG paths relative to the README; ``reproduce``: the shell command that rebuilds the report;
     ``source_gguf`` / ``imatrix``: file names used in the commands (default ``<model>-BF16.gguf``);
-    ``base_model``: a Hugging Face id for the front matter, when there is one."""
+    ``base_model``: a Hugging Face id for the front matter, when there is one; ``texts``: role -> the texts used
+    (each {name, bytes, sha256}, e.g. :meth:`quantmix.evaluation.evaluate.TextSource.records`)."""
     rows = check_rows(rows, required=("size_bytes", "bpw"))
     if not rows:
         raise ValueError(f"no evaluation rows for the model card of {model}")
@@ -166,6 +175,9 @@ def render_model_card(model: str, rows: Sequence[dict], recipes: Mapping[str, st
             "llama-perplexity -m QUANT.gguf -f TEXT.txt --kl-divergence-base base.kld --kl-divergence",
             "```", ""]
 
+    text_lines = _text_lines(texts or {})
+    if text_lines:
+        out += ["## Texts", ""] + text_lines + [""]
     out += ["## Reproduce", "", "```bash", reproduce.strip(), "```", ""]
     if notes.strip():
         out += ["## Notes", "", notes.strip(), ""]
