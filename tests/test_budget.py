@@ -60,6 +60,9 @@ def test_bpw_budget_counts_all_elements() -> None:
     assert Budget.of_bpw(cat, "4").pools[0].capacity == n // 2
     with pytest.raises(BudgetError, match="positive"):
         bpw_bytes(cat, 0)
+    for bad in ("inf", float("inf"), "nan", float("nan"), "-Infinity"):
+        with pytest.raises(BudgetError, match="--target-bpw .*finite number"):
+            bpw_bytes(cat, bad)
 
 
 # --------------------------------------------------------------------------- KV cache vs llama.cpp

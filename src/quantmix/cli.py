@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,23 @@ def _resolve_model_path(model: str) -> Path:
     raise CliError(f"{model}: no such file or directory, and not a built-in fixture ({', '.join(fixture_names())})")
 
 
+def check_output(path: Path, option: str = "-o", directory: bool = False) -> Path:
+    """Refuse, before any long work, an output that cannot be written: a directory named as a file (or a file
+    named as the report folder), a path under a file, a folder not writable."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != directory:
+        raise CliError(f"{option} {p}: is a {'file' if directory else 'directory'}; give a "
+                       f"{'folder' if directory else 'file name'}")
+    for a in (p.parent, *p.parent.parents):
+        if a.exists():
+            if not a.is_dir():
+                raise CliError(f"{option} {p}: {a} is a file, not a folder")
+            if not os.access(a, os.W_OK | os.X_OK):
+                raise CliError(f"{option} {p}: {a} is not writable")
+            break
+    return p
+
+
 def fixture_names() -> list[str]:
     """Built-in fixtures: the real SmolLM2-derived models, and the tiny random models of each architecture."""
     from quantmix.fixtures.store import registered_fixtures
@@ -44,7 +62,7 @@ def fixture_model_dir(name: str, rebuild: bool = False) -> Path:
     from quantmix.fixtures.tiny import TINY_CONFIGS, get_tiny
 
     if name in TINY_CONFIGS:
-        return get_tiny(name)
+        return get_tiny(name, vocab=True)
     return get_fixture(name, rebuild=rebuild).hf_dir
 
 
@@ -119,6 +137,7 @@ def _cmd_imatrix(args: argparse.Namespace) -> int:
     from quantmix.calibration.imatrix_io import write_imatrix
     from quantmix.fixtures.text import text_path
 
+    check_output(args.out)
     model = _resolve_model_path(args.model)
     if not model.is_dir():
         raise CliError(f"{model}: imatrix runs the Hugging Face model; give its directory or a fixture name")
@@ -134,6 +153,7 @@ def _cmd_imatrix(args: argparse.Namespace) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from quantmix.export.gguf_writer import parse_split_size, quantize_gguf
 
+    check_output(args.out)
     src = Path(args.model)
     if not src.exists():
         from quantmix.fixtures.store import get_fixture, registered_fixtures
@@ -178,6 +198,10 @@ def _texts(files: Sequence[str] | None, default: str, flag: str) -> "TextSource"
 def _cmd_optimize(args: argparse.Namespace) -> int:
     from quantmix.evaluation.evaluate import TextSourceError
     from quantmix.job import CALIB_TEXT, check_text, measure, plan_recipe, resolve_model, write_plan
+
+    check_output(args.output)
+    if args.gguf_out:
+        check_output(Path(args.gguf_out), "--gguf-out")
     from quantmix.model.catalog import catalog_from_gguf
     from quantmix.planning.budget import budget_from_args
     from quantmix.planning.constraints import constraints_from_args
@@ -254,6 +278,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not targets or any(not 1.0 < t < 16.5 for t in targets):
         raise CliError(f"--targets {args.targets!r}: each target must be between 1 and 16.5 bits per weight")
     stock = tuple(x for x in args.stock.split(",") if x) if args.stock is not None else None
+    check_output(args.out, "-o", directory=True)
     calib = _texts(args.calib, CALIB_TEXT, "--calib")
     eval_text = _texts(args.eval_text, DEFAULT_TEXT, "--eval-text")
     try:
@@ -573,6 +598,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (CliError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"quantmix {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # permission denied, read-only file system, disk full: one line naming the file
+        where = e.filename2 or e.filename
+        print(f"quantmix {args.command}: error: {where + ': ' if where else ''}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

@@ -55,10 +55,14 @@ def resolve_model(model: str | Path, hf: str | Path | None = None) -> ModelInput
     (converted once with llama.cpp's convert_hf_to_gguf.py, cached)."""
     from quantmix.fixtures.store import get_fixture, registered_fixtures
 
+    from quantmix.fixtures.tiny import TINY_CONFIGS, get_tiny
+
     p = Path(model)
     if not p.exists() and str(model) in registered_fixtures():
         fx = get_fixture(str(model))
         return ModelInputs(str(model), fx.gguf_f32, fx.hf_dir)
+    if not p.exists() and str(model) in TINY_CONFIGS:  # a tiny model with its tokenizer: every step runs on it
+        p = get_tiny(str(model), vocab=True)
     if p.is_file() and p.suffix == ".gguf":
         hd = Path(hf) if hf else None
         if hd is not None and not (hd / "config.json").is_file():

@@ -94,11 +94,18 @@ class _Rows:
     kind: str | None
 
 
+_MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)  # `x @ w` arrives as Tensor.matmul
+
+
 class _Mode(TorchFunctionMode):
-    def __init__(self, table: dict[int, tuple[int, tuple[_Rows, ...]]], owners: dict[int, str]) -> None:
+    def __init__(self, table: dict[int, tuple[int, tuple[_Rows, ...]]], owners: dict[int, str],
+                 columns: dict[int, tuple[str | None, ...]] | None = None) -> None:
         super().__init__()
         self.table = table
         self.owners = owners  # storage address -> parameter name
+        # weights multiplied as ``x @ w`` (gpt-oss's experts, stored [in, out]): storage address -> activation
+        # type of each column phase (gate and up interleave: columns 0::2 and 1::2)
+        self.columns = columns or {}
         self.seen: set[str] = set()
 
     def unseen(self) -> list[str]:
@@ -107,6 +114,16 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
+        if func in _MATMUL and len(args) == 2 and not kwargs and args[1].dim() == 2:
+            kinds = self.columns.get(args[1].data_ptr())
+            if kinds is not None:
+                x, w = args
+                self.seen.add(self.owners[w.data_ptr()])
+                if len(set(kinds)) == 1:
+                    return func(quantize_activations(x, kinds[0]), w)
+                k = len(kinds)
+                outs = [func(quantize_activations(x, kind), w[:, i::k]) for i, kind in enumerate(kinds)]
+                return torch.stack(outs, dim=-1).flatten(-2)  # columns back in their interleaved order
         if func is F.linear:
             x, w = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -137,10 +154,14 @@ def llama_cpu_activations(model: nn.Module, types: Mapping[str, str]) -> Iterato
     lookup_only = emb.weight if emb is not None and emb.weight is not head_w else None
     per_param: dict[str, list[tuple[int, int, str | None]]] = {}
     skipped: set[str] = set()
+    phases: dict[str, dict[int, str | None]] = {}  # x @ w parameters: column phase -> activation type
     for name, tgt in tensor_targets(model).items():
         p = params[tgt.param]
         if name not in types or p.dim() < 2 or p is lookup_only or name.endswith(".bias"):
             continue  # an untied embedding is only a row lookup; biases (gpt-oss's are 2-D) are added, not multiplied
+        if tgt.split in ("T", "gate_il", "up_il"):  # gpt-oss: x @ w[e], gate and up interleaved in columns
+            phases.setdefault(tgt.param, {})[0 if tgt.split in ("T", "gate_il") else 1] = vec_dot_type(types[name])
+            continue
         if not tgt.is_row_slice:  # llama.cpp multiplies other activations by these (MLA's absorbed k_b / v_b)
             skipped.add(tgt.param)
             continue
@@ -170,6 +191,13 @@ def llama_cpu_activations(model: nn.Module, types: Mapping[str, str]) -> Iterato
         for ptr in ptrs:
             table[ptr] = (rows, tuple(merged))
             owners[ptr] = pname
-    with _Mode(table, owners) as mode:
+    columns: dict[int, tuple[str | None, ...]] = {}
+    for pname, by_phase in phases.items():
+        p = params[pname]
+        kinds = tuple(by_phase[i] for i in sorted(by_phase))
+        for e in range(p.shape[0]):
+            columns[p[e].data_ptr()] = kinds
+            owners[p[e].data_ptr()] = pname
+    with _Mode(table, owners, columns) as mode:
         yield mode
 

@@ -88,9 +88,12 @@ def format_bytes(n: int) -> str:
 def bpw_bytes(catalog: Catalog, bpw: float | str) -> int:
     """The byte budget of a bits-per-weight target: floor(bpw x all elements / 8), decimal-exact (``3.5``)."""
     try:
-        b = Fraction(Decimal(str(bpw)))
+        d = Decimal(str(bpw).strip())
     except InvalidOperation:
         raise BudgetError(f"--target-bpw {bpw!r}: not a number") from None
+    if not d.is_finite():
+        raise BudgetError(f"--target-bpw {bpw!r}: must be a finite number of bits per weight, e.g. 3.5")
+    b = Fraction(d)
     if b <= 0:
         raise BudgetError(f"--target-bpw {bpw!r}: must be positive")
     return int(b * catalog.n_elements / 8)
