@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -198,14 +199,13 @@ def _texts(files: Sequence[str] | None, default: str, flag: str) -> "TextSource"
 def _cmd_optimize(args: argparse.Namespace) -> int:
     from quantmix.evaluation.evaluate import TextSourceError
     from quantmix.job import CALIB_TEXT, check_text, measure, plan_recipe, resolve_model, write_plan
-
-    check_output(args.output)
-    if args.gguf_out:
-        check_output(Path(args.gguf_out), "--gguf-out")
     from quantmix.model.catalog import catalog_from_gguf
     from quantmix.planning.budget import budget_from_args
     from quantmix.planning.constraints import constraints_from_args
 
+    check_output(args.output)
+    if args.gguf_out:
+        check_output(Path(args.gguf_out), "--gguf-out")
     inputs = resolve_model(args.model, args.hf)
     if inputs.gguf.suffix != ".gguf":
         raise CliError(f"{inputs.gguf}: optimize reads the float GGUF that convert_hf_to_gguf.py writes")
@@ -223,8 +223,6 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     constraints = constraints_from_args(args, cat)
     notes: list[str] = []
     if args.imatrix is None and constraints.imatrix:
-        import dataclasses
-
         constraints = dataclasses.replace(constraints, imatrix=False)
         notes.append("no --imatrix: the types llama-quantize refuses without one (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, "
                      "IQ2_S, IQ3_XXS) are not candidates, except for token_embd and output")

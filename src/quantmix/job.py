@@ -54,7 +54,6 @@ def resolve_model(model: str | Path, hf: str | Path | None = None) -> ModelInput
     """A fixture name, a float GGUF (with ``hf`` its Hugging Face directory) or a Hugging Face directory
     (converted once with llama.cpp's convert_hf_to_gguf.py, cached)."""
     from quantmix.fixtures.store import get_fixture, registered_fixtures
-
     from quantmix.fixtures.tiny import TINY_CONFIGS, get_tiny
 
     p = Path(model)

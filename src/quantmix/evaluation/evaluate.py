@@ -44,7 +44,7 @@ from quantmix.evaluation.reference import (
 from quantmix.planning.recipe import RecipeSpec
 
 __all__ = ["DEFAULT_EVAL_TOKENS", "DEFAULT_TEXT", "QuantSource", "EvalResult", "TextSource", "TextSourceError",
-           "load_texts", "recipe_source", "gguf_source", "resolve_text", "model_label", "evaluate", "evaluate_tokens"]
+           "load_texts", "recipe_source", "gguf_source", "model_label", "evaluate", "evaluate_tokens"]
 
 DEFAULT_EVAL_TOKENS = 32768
 DEFAULT_TEXT = "wiki-eval"
@@ -161,12 +161,6 @@ def load_texts(texts: str | Path | TextSource | Sequence[str | Path] | None, def
         parts.append(content)
         shas.append(hashlib.sha256(data).hexdigest())
     return TextSource(tuple(names), tuple(parts), tuple(shas))
-
-
-def resolve_text(text: str | Path | None) -> tuple[str, str]:
-    """(label, content) of a named text (``wiki-eval``, ``jargon``, ...) or a UTF-8 file."""
-    src = load_texts(text, DEFAULT_TEXT)
-    return src.label, src.content
 
 
 def model_label(model_dir: Path) -> str:

@@ -67,16 +67,6 @@ def _main_layers(model: nn.Module) -> int:
     return int(getattr(tc, "num_hidden_layers", 0) or 0)
 
 
-def _off_main_path(name: str, n_main: int) -> bool:
-    """A tensor of a block past the decoder layers: GLM's NextN (multi-token prediction) layers, which the GGUF
-    holds for speculative decoding and transformers' model does not instantiate. They do not change the
-    model's next-token distribution, so evaluating without them is exact."""
-    from quantmix.model.catalog import classify
-
-    layer = classify(name)[1]
-    return layer is not None and n_main > 0 and layer >= n_main
-
-
 def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
     """A shape without trailing 1s (GGUF headers store ggml_n_dims dimensions: [256, 1] is written [256])."""
     s = list(shape)
@@ -92,6 +82,7 @@ def load_gguf_weights(model: nn.Module, gguf_path: str | Path) -> GGUFLoadReport
     The model must be the GGUF's own architecture and shapes (the float model it was quantized from), loaded
     in float32. Every parameter the converter writes must be in the GGUF."""
     from quantmix.export.simulate import tensor_targets
+    from quantmix.model.catalog import beyond_decoder_layers
 
     path = Path(gguf_path)
     header = read_gguf_header(path)
@@ -106,7 +97,8 @@ def load_gguf_weights(model: nn.Module, gguf_path: str | Path) -> GGUFLoadReport
     for name, t in tensors.items():
         report.types[name] = t.type_name
         if name not in targets:
-            if _off_main_path(name, n_main):  # a NextN / MTP layer: transformers does not run it
+            if beyond_decoder_layers(name, n_main):  # a NextN layer: not on the next-token path, so leaving it
+                # out of the evaluation is exact
                 report.off_main_path.append(name)
                 continue
             if len([d for d in t.shape if d > 1]) > 1:

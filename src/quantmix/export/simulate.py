@@ -133,8 +133,11 @@ class _Target:
         return self.split == ""
 
     def read(self, data: Tensor) -> Tensor:
-        w = self.view(data)
-        w = permute_rows(w, self.n_head_perm) if self.n_head_perm else w.clone()
+        return self.to_gguf(self.view(data))
+
+    def to_gguf(self, view: Tensor) -> Tensor:
+        """A copy of ``view`` (what :meth:`view` gives) in GGUF order and values: q/k permuted, shift added."""
+        w = permute_rows(view, self.n_head_perm) if self.n_head_perm else view.clone()
         return w + self.shift if self.shift else w
 
     def write(self, data: Tensor, value: Tensor) -> None:
@@ -202,18 +205,18 @@ def tensor_targets(model: nn.Module) -> dict[str, _Target]:
                 off += part_shape[1]
             for info in hits.values():
                 split = _split_of(info, len(hits), catalog.hparams.arch)
-                tgt = _Target(info, pname, part, 0, split, mla if split in ("k_b", "v_b") else ())
-                shape = tuple(tgt.view(torch.empty(p.shape, device="meta")).shape)
-                if tuple(reversed(shape)) != tuple(info.shape):
-                    raise SimulationError(f"parameter {pname} ({list(part_shape)}) does not match GGUF tensor "
-                                          f"{info.name} {list(info.shape)}")
                 perm = 0
                 if permute and info.tensor_class == "attn_q" and merged.endswith("q_proj.weight"):
                     perm = n_head
                 elif permute and info.tensor_class == "attn_k" and merged.endswith("k_proj.weight"):
                     perm = n_kv
                 shift = 1.0 if plus_one and info.name.endswith("norm.weight") else 0.0
-                out[info.name] = _Target(info, pname, part, perm, split, tgt.dims, shift)
+                tgt = _Target(info, pname, part, perm, split, mla if split in ("k_b", "v_b") else (), shift)
+                shape = tuple(tgt.view(torch.empty(p.shape, device="meta")).shape)
+                if tuple(reversed(shape)) != tuple(info.shape):
+                    raise SimulationError(f"parameter {pname} ({list(part_shape)}) does not match GGUF tensor "
+                                          f"{info.name} {list(info.shape)}")
+                out[info.name] = tgt
     return out
 
 
@@ -291,7 +294,6 @@ def simulate_quantization(
         if p.dtype != torch.float32:
             raise SimulationError(f"parameter {tgt.param} is {p.dtype}: load the model in float32 to simulate "
                                   f"quantization exactly")
-        w = tgt.view(p.data)
         wq = tgt.read(p.data)
         w_im = None
         if qtype != src_type and im is not None:
@@ -305,5 +307,5 @@ def simulate_quantization(
         part = (tgt.part.start, tgt.part.stop) if tgt.part is not None else None
         report.tensors.append(SimulatedTensor(name, qtype, tgt.param, float(err / ref) if ref > 0 else 0.0, part,
                                               tgt.n_head_perm))
-        report.n_weights += w.numel()
+        report.n_weights += wq.numel()
     return report

@@ -13,6 +13,10 @@ from typing import ClassVar
 
 QK_K = 256
 
+# Quantized types a source GGUF holds from the release itself (gpt-oss's MXFP4 experts, which llama.cpp's converter
+# keeps as they are): measured from their dequantized values, and kept in that type by the planner.
+RELEASE_QUANT_TYPES = ("MXFP4",)
+
 
 class UnknownTypeError(ValueError):
     """Raised for a type name that is not a GGML type quantmix knows."""

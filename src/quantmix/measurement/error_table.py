@@ -45,7 +45,7 @@ import torch
 from quantmix.calibration.imatrix_io import Imatrix, read_imatrix
 from quantmix.formats import api as _api
 from quantmix.formats.api import quant_error, supported_types
-from quantmix.formats.registry import get_type
+from quantmix.formats.registry import RELEASE_QUANT_TYPES, get_type
 from quantmix.model.catalog import catalog_from_gguf
 from quantmix.paths import cache_dir
 
@@ -54,9 +54,6 @@ __all__ = ["ErrorRow", "ErrorTable", "ErrorTableError", "error_table", "load_cos
 NUMERICS_VERSION: str = getattr(_api, "NUMERICS_VERSION", "1")
 TABLE_FORMAT = 1
 FLOAT_TYPES = ("F32", "F16", "BF16")
-# Quantized source types measured from their dequantized values: gpt-oss's MXFP4 experts are the release's own
-# weights (the converter keeps them MXFP4), so their float values are the truth every candidate is held to.
-QUANT_SOURCES = ("MXFP4",)
 # Weights per slab converted to float32 and handed to quant_error (bounded memory).
 SLAB_WEIGHTS = 1 << 22
 SLAB_WEIGHTS_GPU = 1 << 26
@@ -203,7 +200,7 @@ def _to_f32(raw: torch.Tensor, type_name: str) -> torch.Tensor:
         return raw.view(torch.float16).float()
     if type_name == "BF16":
         return (raw.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
-    if type_name in QUANT_SOURCES:  # whole blocks, each independent: dequantize them as one-block rows
+    if type_name in RELEASE_QUANT_TYPES:  # MXFP4 experts: independent blocks, dequantized as one-block rows
         t = get_type(type_name)
         return _api.dequantize(raw, t, t.block_size).reshape(-1)
     raise AssertionError(type_name)
@@ -446,7 +443,7 @@ def error_table(
             raise ErrorTableError(f"{gp}: tensor {unknown[0]} is not a quantizable tensor of this model")
         todo = [t for t in todo if t.name in set(tensors)]
     for t in todo:
-        if src[t.name].type_name not in FLOAT_TYPES + QUANT_SOURCES:
+        if src[t.name].type_name not in FLOAT_TYPES + RELEASE_QUANT_TYPES:
             raise ErrorTableError(f"{gp}: tensor {t.name} is {src[t.name].type_name}; the error table needs a "
                                   f"float (F32/F16/BF16) source GGUF (MXFP4 tensors are read dequantized)")
     table = ErrorTable(str(gp), str(imatrix_path) if imatrix_path is not None else None, has_in_sum, note,

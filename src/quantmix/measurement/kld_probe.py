@@ -196,7 +196,7 @@ class KLDProbe:
         """The float weights of tensor ``name`` in GGUF row order (a copy)."""
         p = self._place(name)
         if name in self._originals:  # the float weights, while an image is held in the model
-            return p.target.read(self._with_original(p, name))
+            return p.target.to_gguf(self._originals[name])
         return p.target.read(p.param)
 
     def _place(self, name: str) -> _Place:
@@ -222,12 +222,6 @@ class KLDProbe:
             _, old = self._images.popitem(last=False)
             self._image_bytes -= old.numel() * old.element_size()
         return img
-
-    def _with_original(self, p: _Place, name: str) -> Tensor:
-        """A copy of the parameter's data holding tensor ``name``'s float weights (its other parts as they are)."""
-        data = p.param.clone()
-        p.target.view(data).copy_(self._originals[name])
-        return data
 
     def _set(self, name: str, value_gguf_order: Tensor | None) -> None:
         p = self._place(name)

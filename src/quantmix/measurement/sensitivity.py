@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from quantmix.measurement.kld_probe import KLDProbe, tensor_layer
+from quantmix.model.catalog import beyond_decoder_layers
 
 if TYPE_CHECKING:
     from quantmix.evaluation.evaluate import TextSource
@@ -234,7 +235,7 @@ def fit_sensitivity(
     # NextN / MTP layers (GLM-4.5's blk.N.nextn.*, after the decoder layers): the GGUF keeps them for speculative
     # decoding; the next-token forward never runs them, so no probe can measure them. They are priced below
     # like the same class of the last decoder layer (a copy of which they are), never left free to collapse.
-    off_path = [n for n in costs if n not in probe.tensor_names and tensor_layer(n) >= n_main]
+    off_path = [n for n in costs if n not in probe.tensor_names and beyond_decoder_layers(n, n_main)]
     missing = [n for n in costs if n not in probe.tensor_names and n not in off_path]
     if missing:
         raise SensitivityError(f"tensor {missing[0]}: in the error table but not a weight of {model_dir}")

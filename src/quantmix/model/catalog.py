@@ -158,6 +158,13 @@ def classify(name: str) -> tuple[str, int | None]:
     return "other", layer
 
 
+def beyond_decoder_layers(name: str, n_decoder_layers: int) -> bool:
+    """A tensor of a block after the model's decoder layers: GLM's NextN (multi-token prediction) layers, which
+    the GGUF keeps for speculative decoding and the next-token forward (transformers') never runs."""
+    layer = classify(name)[1]
+    return layer is not None and n_decoder_layers > 0 and layer >= n_decoder_layers
+
+
 def _quantizable(name: str, shape: tuple[int, ...], arch: str) -> bool:
     from quantmix.planning.llama_rules import should_quantize
 

@@ -27,7 +27,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from quantmix.formats.registry import UnknownTypeError, all_types, get_type
+from quantmix.formats.registry import RELEASE_QUANT_TYPES, UnknownTypeError, all_types, get_type
 from quantmix.model.catalog import Catalog, TensorInfo
 
 CostTable = Mapping[str, Mapping[str, float]]  # tensor name -> type name -> predicted cost (e.g. KLD)
@@ -192,10 +192,6 @@ class Candidate:
     cost: float
 
 
-# Quantized source types a GGUF holds from the release itself, kept unless a rule pins another type.
-KEPT_SOURCE_TYPES = ("MXFP4",)
-
-
 def _requires_imatrix(t: TensorInfo, qtype: str) -> bool:
     return get_type(qtype).llama_quantize_requires_imatrix and t.name not in _EMBED_OUTPUT
 
@@ -224,7 +220,7 @@ def tensor_candidates(catalog: Catalog, costs: CostTable, constraints: Constrain
             cost = _row_cost(t, row, pin.qtype) if row and _has(row, pin.qtype) else 0.0
             out[t.name] = [Candidate(pin.qtype, cost * w)]
             continue
-        if t.source_type in KEPT_SOURCE_TYPES:
+        if t.source_type in RELEASE_QUANT_TYPES:  # kept unless a rule pins another type
             # stored quantized by the release itself (gpt-oss's MXFP4 experts): kept as they are, as
             # llama-quantize does (it refuses to requantize them without --allow-requantize)
             out[t.name] = [Candidate(t.source_type, 0.0)]
