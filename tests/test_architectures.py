@@ -29,6 +29,7 @@ pytestmark = pytest.mark.slow
 
 N_CTX = 128
 EVAL_CHUNKS = 6
+IMATRIX_CHUNKS = 4
 CANDIDATES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K")
 # refinement (measured-KLD moves) on one model of each attention family; the others stop at the knapsack
 REFINE = {"tiny-llama": 5.0, "tiny-deepseek-v3": 5.0, "tiny-gemma2": 5.0, "tiny-gpt-oss": 5.0}
@@ -120,13 +121,16 @@ def _pipeline(st: _Steps, name: str, empty_cache: Path, eval_text: Path, llamacp
 
     with st.step("imatrix"):
         im_path = tmp_path / "imatrix.gguf"
-        im = compute_imatrix(hf, [text_path("wiki-calib")], n_ctx=N_CTX, max_chunks=4, device="cpu",
+        im = compute_imatrix(hf, [text_path("wiki-calib")], n_ctx=N_CTX, max_chunks=IMATRIX_CHUNKS, device="cpu",
                              progress=False)
         write_imatrix(im, im_path)
         assert im.entries
+    with st.step("llama-imatrix"):
+        st.row["imatrix_corr"] = _imatrix_parity(name, im, inputs.gguf, text_path("wiki-calib"), llamacpp, tmp_path)
 
     with st.step("optimize"):
-        m = measure(inputs, im_path, CANDIDATES, profile="quick", device="cpu", progress=False)
+        m = measure(inputs, im_path, CANDIDATES, profile="quick", device="cpu", progress=False,
+                    sensitivity_chunks=1)  # one chunk of 512 tokens: the probes' cost is the 49k-token head
         assert m.sensitivity is not None and all(v >= 0 for v in m.sensitivity.probe_kld.values())
         oc = plan_recipe(m, Budget.of_bpw(m.catalog, 5.0), Constraints(imatrix=True),
                          refine_time=REFINE.get(name, 0.0), device="cpu", progress=False)
@@ -158,6 +162,35 @@ def _pipeline(st: _Steps, name: str, empty_cache: Path, eval_text: Path, llamacp
     with st.step("kld-parity"):
         assert q.stats.kld > 1e-4
         assert abs(q.stats.kld / ll.kld - 1) < 0.05, f"{name}: quantmix eval {q.stats.kld} vs llama {ll.kld}"
+
+
+def _imatrix_parity(name: str, ours, gguf: Path, text: Path, llamacpp, tmp_path: Path) -> float:  # noqa: ANN001
+    """llama-imatrix on the converter's GGUF, same text and chunks: the same entries (MLA's absorbed attn_k_b /
+    attn_v_b and gpt-oss's experts included), dense counts equal, expert counts within routing near-ties, and the
+    importance weights of every entry correlated >= 0.99. Returns the lowest correlation."""
+    import numpy as np
+
+    from quantmix.calibration.imatrix_io import read_imatrix
+
+    ref_path = tmp_path / "llama-imatrix.gguf"
+    llamacpp.run("llama-imatrix", "-m", gguf, "-f", text, "-c", str(N_CTX), "--chunks", str(IMATRIX_CHUNKS),
+                 "--no-ppl", "-t", "2", "-o", ref_path, stdin=subprocess.DEVNULL)
+    ref = read_imatrix(ref_path)
+    assert set(ours.entries) == set(ref.entries), (name, set(ours.entries) ^ set(ref.entries))
+    worst = (1.0, "")
+    for n, r in ref.entries.items():
+        o = ours.entries[n]
+        assert o.sums.shape == r.sums.shape, (name, n, o.sums.shape, r.sums.shape)
+        if "_exps." in n:
+            assert o.counts.sum() == r.counts.sum(), (name, n)
+            # tokens whose top-k experts are a near tie on a random model go either way: 1% of the routings
+            assert np.abs(o.counts - r.counts).max() <= 0.01 * r.counts.sum(), (name, n, o.counts, r.counts)
+        else:
+            assert o.counts.tolist() == r.counts.tolist() == [N_CTX * IMATRIX_CHUNKS], (name, n)
+        c = float(np.corrcoef(ours.weights(n).ravel().astype(np.float64), ref.weights(n).ravel().astype(np.float64))[0, 1])
+        worst = min(worst, (c, n))
+    assert worst[0] >= 0.99, f"{name}: lowest imatrix correlation with llama-imatrix {worst[0]:.5f} for {worst[1]}"
+    return worst[0]
 
 
 def test_cli_from_a_fresh_cache(llamacpp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001

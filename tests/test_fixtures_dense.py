@@ -184,8 +184,9 @@ def test_768_logits_equal_135m_on_real_text():
 
 
 def _llama_ppl(lc, model: Path, text: Path, chunks: int) -> tuple[float, list[float]]:
-    proc = lc.run("llama-perplexity", "-m", model, "-f", text, "-c", "512", "--chunks", str(chunks),
-                  "--no-repack", "-t", "2")
+    proc = lc.run_until("llama-perplexity", "-m", model, "-f", text, "-c", "512", "--chunks", str(chunks),
+                        "--no-repack", "-t", "2", done="Final estimate")
+    assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
     assert m, out[-2000:]

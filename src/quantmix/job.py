@@ -185,9 +185,10 @@ class Measured:
 
 def measure(inputs: ModelInputs, imatrix: Path | None, candidates: tuple[str, ...] | None, *,
             profile: str | None = "full", device: str | None = None, progress: bool = True,
-            calib: TextSource | None = None) -> Measured:
+            calib: TextSource | None = None, sensitivity_chunks: int | None = None) -> Measured:
     """Error table, then (with the Hugging Face model and a profile) the sensitivity fit on ``calib``
-    (default wiki-calib), which refinement's probes then use too."""
+    (default wiki-calib), which refinement's probes then use too. ``sensitivity_chunks``: calibration chunks of
+    512 tokens the probes run on (default: the profile's)."""
     import torch
 
     from quantmix.evaluation.evaluate import load_texts
@@ -217,7 +218,7 @@ def measure(inputs: ModelInputs, imatrix: Path | None, candidates: tuple[str, ..
         m.calib = load_texts(calib, CALIB_TEXT)  # only read (built, for wiki-calib) when a probe uses it
         classes = {t.name: t.tensor_class for t in cat}
         sens = fit_sensitivity(inputs.hf_dir, table.to_costs(), classes, imatrix, profile=profile, device=device,
-                               progress=progress, text=m.calib)
+                               progress=progress, text=m.calib, chunks=sensitivity_chunks)
         _log(f"sensitivity ({profile}): {len(sens.probe_kld)} probes on {sens.n_tokens} calibration tokens, "
              f"{sens.forward_tokens:,} forward-pass tokens, {sens.seconds:.0f} s; {sens.check_summary()}")
         m.sensitivity = sens

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -183,6 +183,14 @@ def _is_fused_experts(mod: nn.Module) -> bool:
             and hasattr(mod, "act_fn"))
 
 
+def _is_gpt_oss_experts(mod: nn.Module) -> bool:
+    """gpt-oss experts: ``gate_up_proj`` [E, H, 2I] (gate and up interleaved) with biases, ``down_proj`` [E, I, H],
+    the clamped GLU in ``_apply_gate``."""
+    gu = getattr(mod, "gate_up_proj", None)
+    return (isinstance(gu, torch.Tensor) and gu.dim() == 3 and hasattr(mod, "_apply_gate")
+            and isinstance(getattr(mod, "gate_up_proj_bias", None), torch.Tensor) and hasattr(mod, "limit"))
+
+
 def _collect_fused_experts(stats: ActivationStats, name: str, mod: nn.Module, args: tuple, kwargs: dict,
                            output: object) -> None:
     """Per-expert statistics: a token adds to an expert's row only when routed to it (every expert's row
@@ -192,10 +200,20 @@ def _collect_fused_experts(stats: ActivationStats, name: str, mod: nn.Module, ar
     depending on transformers' experts implementation), so it is recomputed here for each expert's tokens.
     """
     hidden = args[0] if len(args) > 0 else kwargs["hidden_states"]
-    top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+    top_k_index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
     gu_w: torch.Tensor = mod.gate_up_proj  # type: ignore[assignment]
-    dp_w: torch.Tensor = mod.down_proj  # type: ignore[assignment]
-    n_exp, two_i, hid = gu_w.shape
+    if _is_gpt_oss_experts(mod):  # x @ W + b, then the clamped GLU of interleaved gate / up
+        n_exp, hid, two_i = gu_w.shape
+        bias: torch.Tensor = mod.gate_up_proj_bias  # type: ignore[assignment]
+
+        def down_input(x: torch.Tensor, e: int) -> torch.Tensor:
+            return mod._apply_gate(x @ gu_w[e] + bias[e])  # type: ignore[operator]
+    else:
+        n_exp, two_i, hid = gu_w.shape
+
+        def down_input(x: torch.Tensor, e: int) -> torch.Tensor:
+            g, u = nn.functional.linear(x, gu_w[e]).chunk(2, dim=-1)
+            return mod.act_fn(g) * u  # type: ignore[operator]
     inter = two_i // 2
     if hidden.shape[-1] != hid:
         raise ValueError(f"{name}: expert input has {hidden.shape[-1]} channels, gate_up_proj {tuple(gu_w.shape)}")
@@ -206,8 +224,7 @@ def _collect_fused_experts(stats: ActivationStats, name: str, mod: nn.Module, ar
     if stats.all_experts:
         gu_st.add_all(hidden)
         for e in range(n_exp):
-            g, u = nn.functional.linear(hidden, gu_w[e]).chunk(2, dim=-1)
-            dp_st.add(mod.act_fn(g) * u, e)  # type: ignore[operator]
+            dp_st.add(down_input(hidden, e), e)
         return
     idx = top_k_index.reshape(hidden.shape[0], -1)
     flat = idx.flatten()
@@ -216,15 +233,103 @@ def _collect_fused_experts(stats: ActivationStats, name: str, mod: nn.Module, ar
         tok = (idx == e).any(-1).nonzero().flatten()
         x = hidden[tok]
         gu_st.add(x, e)
-        g, u = nn.functional.linear(x, gu_w[e]).chunk(2, dim=-1)
-        dp_st.add(mod.act_fn(g) * u, e)  # type: ignore[operator]
+        dp_st.add(down_input(x, e), e)
 
 
 COLLECTORS: list[tuple[Callable[[nn.Module], bool], Collector]] = [
     (lambda m: isinstance(m, nn.Linear), _collect_linear),
     (_is_fused_experts, _collect_fused_experts),
+    (_is_gpt_oss_experts, _collect_fused_experts),
     (_is_router, _collect_router),
 ]
+
+
+def _is_mla_attention(mod: nn.Module) -> bool:
+    """transformers' DeepSeek-V2/V3 attention (MLA): ``kv_b_proj`` expanded from the latent by ``expand_kv``."""
+    return all(hasattr(mod, a) for a in ("kv_b_proj", "expand_kv", "kv_lora_rank", "qk_nope_head_dim",
+                                         "num_heads"))
+
+
+class _AttentionTap:
+    """Stands in for a modeling module's ``ALL_ATTENTION_FUNCTIONS``: the interfaces it hands out call
+    ``after(module, query, key, mask, fn, kwargs)`` once the real attention has run."""
+
+    def __init__(self, inner: object, after: Callable) -> None:
+        self.inner, self.after = inner, after
+
+    def get_interface(self, name: str, default: Callable) -> Callable:
+        fn = self.inner.get_interface(name, default)  # type: ignore[attr-defined]
+
+        def tapped(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   mask: torch.Tensor | None, **kwargs: object) -> object:
+            out = fn(module, query, key, value, mask, **kwargs)
+            self.after(module, query, key, mask, fn, kwargs)
+            return out
+        return tapped
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+@contextmanager
+def _mla_taps(root: nn.Module, stats: ActivationStats, prefix: str,
+              modules: Sequence[str] | None) -> Iterator[None]:
+    """Statistics of MLA's absorbed matrices, which llama.cpp multiplies but transformers never does:
+    ``attn_k_b`` (per head, input q_nope) and ``attn_v_b`` (per head, input the attention-weighted latent
+    sum_j p_ij c_j, computed here by running the model's own attention once more with the latent c as the
+    values). Keyed ``<attention>.k_b_proj.weight`` / ``.v_b_proj.weight``, [n_head, n_in] each, as
+    llama-imatrix accumulates them (src/models/deepseek2.cpp: ``ggml_mul_mat(wk_b, q_nope)``;
+    llama-graph.cpp: ``ggml_mul_mat(v_mla, kqv)``)."""
+    import sys
+
+    mods = {}
+    for sub, mod in root.named_modules():
+        name = f"{prefix}.{sub}" if prefix and sub else (prefix or sub)
+        if _is_mla_attention(mod) and _matches(f"{name}.kv_b_proj", modules):
+            mods[id(mod)] = (name, mod)
+    if not mods:
+        yield
+        return
+    latent: dict[int, torch.Tensor] = {}
+
+    def after(module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+              fn: Callable, kwargs: dict) -> None:
+        c = latent.pop(id(module), None)
+        if id(module) not in mods or c is None:
+            return
+        name = mods[id(module)][0]
+        n_head, nope, rank = query.shape[1], int(module.qk_nope_head_dim), int(module.kv_lora_rank)
+        q_nope = query[..., :nope].transpose(0, 1).reshape(n_head, -1, nope)  # [H, b*T, nope]
+        values = c.expand(-1, n_head, -1, -1)  # [b, H, T, rank]: every head attends over the one latent
+        lat = fn(module, query, key, values, mask, **kwargs)[0]  # [b, T, H, rank]
+        lat = lat.transpose(0, 2).reshape(n_head, -1, rank)
+        k_b = stats.channel(f"{name}.k_b_proj.weight", n_head, nope, query.device)
+        v_b = stats.channel(f"{name}.v_b_proj.weight", n_head, rank, query.device)
+        for h in range(n_head):
+            k_b.add(q_nope[h], h)
+            v_b.add(lat[h], h)
+
+    def expand(mod: nn.Module) -> Callable:
+        orig = type(mod).expand_kv
+
+        def expand_kv(kv_nope: torch.Tensor, k_rot: torch.Tensor) -> object:
+            latent[id(mod)] = kv_nope.detach()
+            return orig(mod, kv_nope, k_rot)
+        return expand_kv
+
+    pymods = {type(m).__module__: sys.modules[type(m).__module__] for _, m in mods.values()}
+    saved = {k: pm.ALL_ATTENTION_FUNCTIONS for k, pm in pymods.items()}
+    try:
+        for _, m in mods.values():
+            m.expand_kv = expand(m)
+        for k, pm in pymods.items():
+            pm.ALL_ATTENTION_FUNCTIONS = _AttentionTap(saved[k], after)
+        yield
+    finally:
+        for _, m in mods.values():
+            m.__dict__.pop("expand_kv", None)
+        for k, pm in pymods.items():
+            pm.ALL_ATTENTION_FUNCTIONS = saved[k]
 
 
 def _collector_for(mod: nn.Module) -> Collector | None:
@@ -269,6 +374,7 @@ def hook_modules(
     its full name as ``prefix`` gives the same statistics keys as hooking the whole model.
     """
     handles = []
+    taps = ExitStack()
 
     def make_hook(name: str, fn: Collector | None, keep: bool):  # noqa: ANN202 - closure factory
         def hook(mod: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
@@ -280,6 +386,7 @@ def hook_modules(
         return hook
 
     try:
+        taps.enter_context(_mla_taps(root, stats, prefix, modules))
         for sub, mod in root.named_modules():
             name = f"{prefix}.{sub}" if prefix and sub else (prefix or sub)
             fn = _collector_for(mod) if _matches(name, modules) else None
@@ -291,6 +398,7 @@ def hook_modules(
     finally:
         for h in handles:
             h.remove()
+        taps.close()
 
 
 def _forward(model: nn.Module, ids: torch.Tensor) -> None:

@@ -335,6 +335,9 @@ def _stream(model_dir: Path, cfg: Any, chunks: torch.Tensor, all_experts: bool, 
 # ------------------------------------------------------------------------------------------------ GGUF names
 
 
+_MLA_PARTS = {"k_b_proj": "attn_k_b.weight", "v_b_proj": "attn_v_b.weight"}
+
+
 def imatrix_from_stats(stats: ActivationStats, model: nn.Module, model_dir: str | Path, chunk_count: int,
                        chunk_size: int, datasets: Sequence[str] = (), process_output: bool = False) -> Imatrix:
     """Statistics keyed by HF parameter name (``model``'s, any device, meta included) -> imatrix entries keyed
@@ -344,20 +347,33 @@ def imatrix_from_stats(stats: ActivationStats, model: nn.Module, model_dir: str 
     model_dir = Path(model_dir)
     cfg = model.config
     cat = catalog_from_config(model_dir)
-    by_source = {src: t for t in cat.tensors for src in t.hf_sources}
+    by_source: dict[str, list] = {}
+    for t in cat.tensors:
+        for src in t.hf_sources:
+            by_source.setdefault(src, []).append(t)
     im = Imatrix(model_dir, datasets=list(datasets), chunk_count=int(chunk_count), chunk_size=int(chunk_size))
     problems = []
     for key in sorted(stats.stats):
         st: ChannelStats = stats.stats[key].cpu()
-        try:
-            shape = tuple(model.get_parameter(key).shape)
-        except AttributeError:
-            problems.append(f"{key}: not a parameter of the model")
-            continue
-        for _, _, srcs in checkpoint_tensors(cfg, [(key, shape)]):
-            t = by_source.get(srcs[0])
-            if t is None:
-                continue  # tied lm_head, vision tower, ...: no GGUF tensor of its own
+        mla = next((part for part in _MLA_PARTS if key.endswith(f".{part}.weight")), None)
+        if mla is not None:  # MLA's absorbed halves of kv_b (activations._mla_taps)
+            src = key[: -len(f"{mla}.weight")] + "kv_b_proj.weight"
+            found = [t for t in by_source.get(src, []) if t.name.endswith(_MLA_PARTS[mla])]
+            targets = [(t, st) for t in found]
+            if not targets:
+                problems.append(f"{key}: no {_MLA_PARTS[mla]} tensor for {src} in the catalog")
+        elif any(t.name.endswith(_MLA_PARTS["k_b_proj"]) for t in by_source.get(key, [])):
+            continue  # kv_b itself is not in the GGUF: the converter splits it, its halves are counted above
+        else:
+            try:
+                shape = tuple(model.get_parameter(key).shape)
+            except AttributeError:
+                problems.append(f"{key}: not a parameter of the model")
+                continue
+            targets = [(t, st) for _, _, srcs in checkpoint_tensors(cfg, [(key, shape)])
+                       for t in by_source.get(srcs[0], [])]  # none: tied lm_head, vision tower, ...
+            # (two: gpt-oss's fused gate_up feeds both ffn_gate_exps and ffn_up_exps from one input)
+        for t, st in targets:
             if not (t.name.startswith("blk.") or (process_output and t.name == "output.weight")):
                 continue
             n_mat = math.prod(t.shape[2:])
@@ -365,10 +381,13 @@ def imatrix_from_stats(stats: ActivationStats, model: nn.Module, model_dir: str 
                 problems.append(f"{t.name}: statistics of {key} are {tuple(st.in_sum2.shape)}, "
                                 f"the tensor {list(t.shape)} needs ({n_mat}, {t.shape[0]})")
                 continue
-            counts = st.counts.numpy()
-            im.entries[t.name] = ImatrixEntry(st.in_sum2.numpy().astype(np.float32),
-                                              np.rint(counts).astype(np.int64),
-                                              st.in_sum.numpy().astype(np.float32))
+            counts = np.rint(st.counts.numpy()).astype(np.int64)
+            sums, sums1 = st.in_sum2.numpy().astype(np.float32), st.in_sum.numpy().astype(np.float32)
+            if n_mat > 1 and "_exps." not in t.name and np.all(counts == counts[0]):
+                # a dense 3-D tensor (MLA's per-head k_b / v_b): one count for all its matrices, as llama-imatrix
+                # keeps it ("use a single count per dense tensor"), so the files agree entry for entry
+                sums, sums1, counts = sums.reshape(1, -1), sums1.reshape(1, -1), counts[:1]
+            im.entries[t.name] = ImatrixEntry(sums, counts, sums1)
     if problems:
         print("quantmix imatrix: skipped: " + "; ".join(problems), file=sys.stderr)
     if not im.entries:

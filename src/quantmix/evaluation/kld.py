@@ -270,18 +270,12 @@ def run_llama_kld(base_gguf: Path, quant_ggufs: Sequence[Path], text_file: Path,
             raise LlamaCppError(f"llama-perplexity could not write base logits for {base_gguf}:\n"
                                 f"{(proc.stdout + proc.stderr)[-3000:]}")
         for q in quant_ggufs:
-            for attempt in range(2):
-                proc = lc.run("llama-perplexity", "-m", q, *common, "--kl-divergence-base", base, "--kl-divergence",
-                              check=False, stdin=subprocess.DEVNULL)
-                log = proc.stdout + proc.stderr
-                if proc.returncode != 0:
-                    raise LlamaCppError(f"llama-perplexity --kl-divergence on {q} failed ({proc.returncode}):\n"
-                                        f"{log[-3000:]}")
-                # seen on a loaded 2-core machine (tiny Gemma 2, 6 chunks): exit status 0 with its output cut
-                # off after the 4th chunk's line, no summary; the same run again printed it whole. Once more,
-                # then the parse error names what is missing.
-                if attempt == 0 and "====== KL divergence statistics" not in log:
-                    continue
-                out.append(parse_llama_kld(log))
-                break
+            proc = lc.run_until("llama-perplexity", "-m", q, *common, "--kl-divergence-base", base,
+                                "--kl-divergence", done="====== KL divergence statistics",
+                                stdin=subprocess.DEVNULL)
+            log = proc.stdout + proc.stderr
+            if proc.returncode != 0:
+                raise LlamaCppError(f"llama-perplexity --kl-divergence on {q} failed ({proc.returncode}):\n"
+                                    f"{log[-3000:]}")
+            out.append(parse_llama_kld(log))
     return out

@@ -210,7 +210,7 @@ def run_llama_perplexity(gguf: Path, text_file: Path, n_ctx: int = 512, max_chun
             "--no-warmup"]
     if max_chunks is not None:
         args += ["--chunks", str(max_chunks)]
-    proc = lc.run("llama-perplexity", *args, *extra_args, check=False, stdin=subprocess.DEVNULL)
+    proc = lc.run_until("llama-perplexity", *args, *extra_args, done="Final estimate", stdin=subprocess.DEVNULL)
     log = proc.stdout + proc.stderr
     m = _FINAL.search(log)
     c = _CHUNKS.search(log)

@@ -61,6 +61,18 @@ class LlamaCpp:
             raise LlamaCppError(f"{name} failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
         return proc
 
+    def run_until(self, name: str, *args: str | os.PathLike[str], done: str, attempts: int = 4,
+                  **kw: object) -> subprocess.CompletedProcess[str]:
+        """``run`` (not checked), again while the tool exits 0 without printing ``done``: llama.cpp's logger is
+        an asynchronous thread whose singleton is leaked on purpose at exit (common/log.cpp, llama.cpp issue
+        22142: "logs may be lost if not flushed before the program exits"), so on a loaded machine a tool's last
+        lines, its summary among them, can go unprinted. The caller checks the exit status and the output."""
+        for _ in range(max(1, attempts)):
+            proc = self.run(name, *args, check=False, **kw)
+            if proc.returncode != 0 or done in proc.stdout + proc.stderr:
+                break
+        return proc
+
     def convert(self, model_dir: Path, out: Path, outtype: str = "f32") -> Path:
         """Run convert_hf_to_gguf.py (the vendored one, with its own gguf-py) on an HF model directory."""
         tmp = out.with_name(out.name + ".tmp")
