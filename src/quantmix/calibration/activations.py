@@ -244,92 +244,32 @@ COLLECTORS: list[tuple[Callable[[nn.Module], bool], Collector]] = [
 ]
 
 
-def _is_mla_attention(mod: nn.Module) -> bool:
-    """transformers' DeepSeek-V2/V3 attention (MLA): ``kv_b_proj`` expanded from the latent by ``expand_kv``."""
-    return all(hasattr(mod, a) for a in ("kv_b_proj", "expand_kv", "kv_lora_rank", "qk_nope_head_dim",
-                                         "num_heads"))
-
-
-class _AttentionTap:
-    """Stands in for a modeling module's ``ALL_ATTENTION_FUNCTIONS``: the interfaces it hands out call
-    ``after(module, query, key, mask, fn, kwargs)`` once the real attention has run."""
-
-    def __init__(self, inner: object, after: Callable) -> None:
-        self.inner, self.after = inner, after
-
-    def get_interface(self, name: str, default: Callable) -> Callable:
-        fn = self.inner.get_interface(name, default)  # type: ignore[attr-defined]
-
-        def tapped(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   mask: torch.Tensor | None, **kwargs: object) -> object:
-            out = fn(module, query, key, value, mask, **kwargs)
-            self.after(module, query, key, mask, fn, kwargs)
-            return out
-        return tapped
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-
 @contextmanager
 def _mla_taps(root: nn.Module, stats: ActivationStats, prefix: str,
               modules: Sequence[str] | None) -> Iterator[None]:
-    """Statistics of MLA's absorbed matrices, which llama.cpp multiplies but transformers never does:
-    ``attn_k_b`` (per head, input q_nope) and ``attn_v_b`` (per head, input the attention-weighted latent
-    sum_j p_ij c_j, computed here by running the model's own attention once more with the latent c as the
-    values). Keyed ``<attention>.k_b_proj.weight`` / ``.v_b_proj.weight``, [n_head, n_in] each, as
-    llama-imatrix accumulates them (src/models/deepseek2.cpp: ``ggml_mul_mat(wk_b, q_nope)``;
-    llama-graph.cpp: ``ggml_mul_mat(v_mla, kqv)``)."""
-    import sys
+    """Statistics of MLA's absorbed matrices, which llama.cpp multiplies but transformers never does
+    (:mod:`quantmix.model.mla`): ``attn_k_b`` (per head, input q_nope) and ``attn_v_b`` (per head, input the
+    attention-weighted latent, from the model's own attention run once more with the latent as the values).
+    Keyed ``<attention>.k_b_proj.weight`` / ``.v_b_proj.weight``, [n_head, n_in] each, as llama-imatrix
+    accumulates them (deepseek2.cpp ``ggml_mul_mat(wk_b, q_nope)``, llama-graph.cpp ``ggml_mul_mat(v_mla, kqv)``)."""
+    from quantmix.model.mla import MLACall, mla_attention
 
-    mods = {}
-    for sub, mod in root.named_modules():
-        name = f"{prefix}.{sub}" if prefix and sub else (prefix or sub)
-        if _is_mla_attention(mod) and _matches(f"{name}.kv_b_proj", modules):
-            mods[id(mod)] = (name, mod)
-    if not mods:
-        yield
-        return
-    latent: dict[int, torch.Tensor] = {}
-
-    def after(module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-              fn: Callable, kwargs: dict) -> None:
-        c = latent.pop(id(module), None)
-        if id(module) not in mods or c is None:
-            return
-        name = mods[id(module)][0]
-        n_head, nope, rank = query.shape[1], int(module.qk_nope_head_dim), int(module.kv_lora_rank)
-        q_nope = query[..., :nope].transpose(0, 1).reshape(n_head, -1, nope)  # [H, b*T, nope]
-        values = c.expand(-1, n_head, -1, -1)  # [b, H, T, rank]: every head attends over the one latent
-        lat = fn(module, query, key, values, mask, **kwargs)[0]  # [b, T, H, rank]
+    def around(call: MLACall) -> tuple:
+        out = call.run()
+        n_head, nope = call.query.shape[1], int(call.module.qk_nope_head_dim)
+        rank = call.latent.shape[-1]
+        q_nope = call.query[..., :nope].transpose(0, 1).reshape(n_head, -1, nope)  # [H, b*T, nope]
+        lat = call.run(value=call.latent.expand(-1, n_head, -1, -1))  # [b, T, H, rank]
         lat = lat.transpose(0, 2).reshape(n_head, -1, rank)
-        k_b = stats.channel(f"{name}.k_b_proj.weight", n_head, nope, query.device)
-        v_b = stats.channel(f"{name}.v_b_proj.weight", n_head, rank, query.device)
+        k_b = stats.channel(f"{call.name}.k_b_proj.weight", n_head, nope, out.device)
+        v_b = stats.channel(f"{call.name}.v_b_proj.weight", n_head, rank, out.device)
         for h in range(n_head):
             k_b.add(q_nope[h], h)
             v_b.add(lat[h], h)
+        return out, None
 
-    def expand(mod: nn.Module) -> Callable:
-        orig = type(mod).expand_kv
-
-        def expand_kv(kv_nope: torch.Tensor, k_rot: torch.Tensor) -> object:
-            latent[id(mod)] = kv_nope.detach()
-            return orig(mod, kv_nope, k_rot)
-        return expand_kv
-
-    pymods = {type(m).__module__: sys.modules[type(m).__module__] for _, m in mods.values()}
-    saved = {k: pm.ALL_ATTENTION_FUNCTIONS for k, pm in pymods.items()}
-    try:
-        for _, m in mods.values():
-            m.expand_kv = expand(m)
-        for k, pm in pymods.items():
-            pm.ALL_ATTENTION_FUNCTIONS = _AttentionTap(saved[k], after)
+    with mla_attention(root, around, prefix, lambda name: _matches(f"{name}.kv_b_proj", modules)):
         yield
-    finally:
-        for _, m in mods.values():
-            m.__dict__.pop("expand_kv", None)
-        for k, pm in pymods.items():
-            pm.ALL_ATTENTION_FUNCTIONS = saved[k]
 
 
 def _collector_for(mod: nn.Module) -> Collector | None:

@@ -263,7 +263,7 @@ def evaluate_tokens(model_dir: str | Path, quant: QuantSource, text: EvalText, p
     et = text
     model = load_float_model(model_dir, dtype=torch.float32, device=dev)  # FP8 / MXFP4 checkpoints dequantized
     if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
-        with contextlib.suppress(ValueError):  # experts through F.linear, where llama_cpu intercepts them
+        with contextlib.suppress(ValueError):  # the reference with the same expert loop as the emulated run
             model.set_experts_implementation("eager")
     head = capture_head(model)
     _log(progress, f"reference: {et.n_chunks} chunks of {et.n_ctx} ({et.n_chunks * et.n_scored} scored tokens)")

@@ -15,8 +15,9 @@ Done as a torch function mode that intercepts ``F.linear`` on the model's own we
 storage address), so plain ``nn.Linear`` layers and fused expert parameters (``gate_up_proj[e]``, whose gate
 and up halves may have different types) are handled alike; ``F.embedding`` (token_embd: a row lookup in
 llama.cpp too) is untouched, and a tied head multiplies by token_embd with token_embd's type, as llama.cpp's
-does. Attention's own products (K and V in llama.cpp's F16 cache) are not emulated: they touch the base and the
-quantized model alike.
+does. MLA's attention runs absorbed, as llama.cpp's does (:mod:`quantmix.model.mla`): attn_k_b multiplies the
+rounded q_nope, attn_v_b the rounded attention-weighted latent. Attention's own products (K and V in llama.cpp's
+F16 cache) are not emulated: they touch the base and the quantized model alike.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def llama_cpu_activations(model: nn.Module, types: Mapping[str, str]) -> Iterato
     lookup_only = emb.weight if emb is not None and emb.weight is not head_w else None
     per_param: dict[str, list[tuple[int, int, str | None]]] = {}
     skipped: set[str] = set()
+    mla: dict[str, dict[str, str | None]] = {}  # attention module -> {"k_b": type, "v_b": type}
     phases: dict[str, dict[int, str | None]] = {}  # x @ w parameters: column phase -> activation type
     for name, tgt in tensor_targets(model).items():
         p = params[tgt.param]
@@ -162,9 +164,12 @@ def llama_cpu_activations(model: nn.Module, types: Mapping[str, str]) -> Iterato
         if tgt.split in ("T", "gate_il", "up_il"):  # gpt-oss: x @ w[e], gate and up interleaved in columns
             phases.setdefault(tgt.param, {})[0 if tgt.split in ("T", "gate_il") else 1] = vec_dot_type(types[name])
             continue
-        if not tgt.is_row_slice:  # llama.cpp multiplies other activations by these (MLA's absorbed k_b / v_b)
+        if tgt.split in ("k_b", "v_b"):  # MLA: llama.cpp multiplies other activations by these (absorbed)
+            mla.setdefault(tgt.param.rsplit(".kv_b_proj.", 1)[0], {})[tgt.split] = vec_dot_type(types[name])
             skipped.add(tgt.param)
             continue
+        if not tgt.is_row_slice:
+            raise ValueError(f"{name}: a part of {tgt.param} that llama.cpp's matmul emulation cannot intercept")
         rows = p.shape[-2] if p.dim() == 3 else p.shape[0]
         start, stop = (tgt.part.start, tgt.part.stop) if tgt.part is not None else (0, rows)
         per_param.setdefault(tgt.param, []).append((start, stop, vec_dot_type(types[name])))
@@ -198,6 +203,46 @@ def llama_cpu_activations(model: nn.Module, types: Mapping[str, str]) -> Iterato
         for e in range(p.shape[0]):
             columns[p[e].data_ptr()] = kinds
             owners[p[e].data_ptr()] = pname
-    with _Mode(table, owners, columns) as mode:
+    with _eager_experts(model), _absorbed_mla(model, mla), _Mode(table, owners, columns) as mode:
         yield mode
+
+
+@contextlib.contextmanager
+def _eager_experts(model: nn.Module) -> Iterator[None]:
+    """transformers' fused experts through their per-expert loop (``F.linear`` / ``@`` per expert, what the mode
+    intercepts) rather than a grouped matmul kernel, for the duration."""
+    before = getattr(model.config, "_experts_implementation", None)
+    if before in (None, "eager"):
+        yield
+        return
+    try:
+        model.set_experts_implementation("eager")  # type: ignore[operator]
+    except ValueError:  # a model without switchable experts
+        yield
+        return
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(before)  # type: ignore[operator]
+
+
+@contextlib.contextmanager
+def _absorbed_mla(model: nn.Module, kinds: Mapping[str, Mapping[str, str | None]]) -> Iterator[None]:
+    """MLA attention computed as llama.cpp's graph does (:func:`quantmix.model.mla.absorbed_attention`), with
+    q_nope rounded to attn_k_b's activation type and the attention-weighted latent to attn_v_b's."""
+    if not kinds:
+        yield
+        return
+    from quantmix.model.mla import MLACall, absorbed_attention, mla_attention
+
+    def around(call: MLACall) -> tuple:
+        k = kinds[call.name]
+        return absorbed_attention(call, lambda x: quantize_activations(x, k.get("k_b")),
+                                  lambda x: quantize_activations(x, k.get("v_b"))), None
+
+    with mla_attention(model, around, select=lambda name: name in kinds) as n:
+        if n != len(kinds):
+            raise ValueError(f"{len(kinds)} MLA attention modules have quantized attn_k_b / attn_v_b, "
+                             f"{n} were found in {type(model).__name__}")
+        yield
 
