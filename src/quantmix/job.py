@@ -201,12 +201,14 @@ def measure(inputs: ModelInputs, imatrix: Path | None, candidates: tuple[str, ..
         candidates = None  # every type with numerics
     elif candidates is None and on_cpu:
         candidates = CPU_CANDIDATES
-    if on_cpu and (candidates is None or SLOW_ON_CPU.intersection(c.upper() for c in candidates)):
-        from quantmix.tools.llamacpp import ensure_llamacpp
+    if on_cpu:
+        from quantmix.formats.ggml_backend import built
 
-        _log("codebook IQ types on a CPU are measured with ggml's own quantizer (same bytes, ~10x faster than "
-             "the torch numerics): using the llama.cpp build")
-        ensure_llamacpp()
+        if built():  # libggml-base, built once (~12 s) when missing
+            _log("on a CPU the k-quants, Q4_0-Q8_0 and the codebook IQ types are measured with ggml's own "
+                 "quantizer (same bytes, 4-10x faster than the torch numerics)")
+        elif candidates is None or SLOW_ON_CPU.intersection(c.upper() for c in candidates):
+            _log("warning: without ggml's quantizer the codebook IQ types take hours on a CPU (torch numerics)")
     t0 = time.time()
     table = error_table(inputs.gguf, imatrix, candidates=list(candidates) if candidates else None, device=device,
                         progress=progress)

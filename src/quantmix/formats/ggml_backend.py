@@ -25,15 +25,16 @@ FASTER_IN_GGML = SLOW_ON_CPU | {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", 
 
 
 def built() -> bool:
-    """Whether a llama.cpp build with libggml-base is already cached (checked without building anything)."""
-    from quantmix.tools.llamacpp import llamacpp_built
+    """Whether ggml's quantizers (libggml-base) are at hand, building that one library (~12 s, once) when they
+    are not and can be."""
+    from quantmix.tools.llamacpp import ensure_ggml_base
 
-    return llamacpp_built() is not None
+    return ensure_ggml_base() is not None
 
 
 def preferred_backend(qtype: str, device: torch.device) -> str:
-    """The fastest backend producing the bytes of ``qtype`` on ``device``, without triggering a build: ggml
-    on a CPU for the types its C quantizes faster when llama.cpp is built, else ``"auto"`` (CUDA or torch)."""
+    """The fastest backend producing the bytes of ``qtype`` on ``device``: ggml on a CPU for the types its C
+    quantizes faster (libggml-base built on first use), else ``"auto"`` (CUDA or torch)."""
     if device.type == "cpu" and qtype in FASTER_IN_GGML and built():
         return "ggml"
     return "auto"

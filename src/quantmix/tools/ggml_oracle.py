@@ -13,7 +13,7 @@ import functools
 import numpy as np
 
 from quantmix.formats.registry import GGMLType, get_type
-from quantmix.tools.llamacpp import ensure_llamacpp
+from quantmix.tools.llamacpp import ensure_ggml_base, ensure_llamacpp
 
 
 class _TypeTraits(ctypes.Structure):
@@ -34,7 +34,8 @@ _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_in
 
 @functools.lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(ensure_llamacpp().libggml_base))
+    lc = ensure_ggml_base()  # the one library is enough: no need for the 6-minute build of the tools
+    lib = ctypes.CDLL(str((lc or ensure_llamacpp()).libggml_base))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [
         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,

@@ -118,16 +118,37 @@ def llamacpp_source() -> LlamaCpp:
         return LlamaCpp(_fetch_source())
 
 
-def llamacpp_built() -> LlamaCpp | None:
-    """The cached build when it is complete, else None; never fetches or builds (a cheap check for callers
-    that only use the tools when they are already there)."""
+_GGML_BASE_FAILED: list[str] = []  # why building libggml-base failed in this process (not retried)
+
+
+def ensure_ggml_base() -> LlamaCpp | None:
+    """The cached build's libggml-base (ggml's own C quantizers), building that one library when it is missing:
+    about 12 s on 2 cores, where the whole set of tools takes 6 minutes. None, with one warning, when it cannot
+    be built here (no cmake or C compiler): callers then use the torch numerics, which give the same bytes."""
     lc = LlamaCpp(_source_root())
-    stamp = lc.root / "build" / "quantmix-build.stamp"
-    try:
-        ok = stamp.read_text() == " ".join(CMAKE_FLAGS + TARGETS)
-    except OSError:
+    if lc.libggml_base.exists():
+        return lc
+    if _GGML_BASE_FAILED:
         return None
-    return lc if ok and lc.libggml_base.exists() and all(lc.tool(t).exists() for t in TARGETS) else None
+    with file_lock("llamacpp"):
+        try:
+            root = _fetch_source()
+            lc = LlamaCpp(root)
+            if lc.libggml_base.exists():
+                return lc
+            print("quantmix: building ggml's quantizers (libggml-base, about 12 s, once)", file=sys.stderr)
+            for cmd in (["cmake", "-S", str(root), "-B", str(root / "build"), *CMAKE_FLAGS],
+                        ["cmake", "--build", str(root / "build"), "-j", str(os.cpu_count() or 2), "--target",
+                         "ggml-base"]):
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise LlamaCppError(f"{' '.join(cmd[:2])} failed:\n{proc.stderr[-1500:]}")
+        except (OSError, LlamaCppError) as e:  # OSError: no cmake on this machine
+            _GGML_BASE_FAILED.append(str(e))
+            print(f"quantmix: warning: cannot build ggml's quantizers ({str(e).splitlines()[0]}); using the "
+                  "torch numerics on the CPU instead (same bytes, slower)", file=sys.stderr)
+            return None
+    return lc if lc.libggml_base.exists() else None
 
 
 def ensure_llamacpp() -> LlamaCpp:
