@@ -335,6 +335,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(rows if len(rows) > 1 else rows[0], indent=1))
         return 0
     print(render_llama_table(rows) if args.table == "llama" else render_eval_table(rows))
+    for row in rows:  # GLM's NextN draft head: off the next-token path, so beside the table
+        if row.get("nextn"):
+            print(f"{row['quant']}: NextN (MTP) draft head, {row['nextn']} (against the float head, "
+                  f"predicting the token after next)")
     r = rows[-1]
     print(f"\n{r['n_tokens']} tokens scored ({r['text']}, {r['n_chunks']} chunks of {r['n_ctx']}, {r['scoring']}); "
           f"reference cached as {r['reference_precision']}; activations: {r['act_quant']}"
@@ -468,8 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--imatrix", type=Path, help="importance matrix (llama-imatrix or quantmix imatrix)")
     o.add_argument("-o", "--output", type=Path, required=True, help="recipe file to write")
     o.add_argument("--gguf-out", type=Path, help="also write the quantized GGUF")
-    o.add_argument("--sensitivity", choices=("full", "quick", "large", "none"), default="full",
-                   help="full: probe every tensor on 2,044 calibration tokens; quick: on 1,022; large: each "
+    o.add_argument("--sensitivity", choices=("full", "quick", "fast", "large", "none"), default="full",
+                   help="full: probe every tensor on 2,044 calibration tokens; quick: on 1,022; fast: on 511; large: each "
                         "tensor class at 4 layers, interpolated, no refinement (for big models); none: proxy only")
     o.add_argument("--refine-time", type=float, default=120.0, metavar="SECONDS",
                    help="time for refinement against measured KLD (0: none; default 120)")
@@ -547,8 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--targets", default="4.5", help="bits per weight, comma-separated (default 4.5)")
     r.add_argument("-o", "--out", type=Path, default=Path("out"), help="report folder (default ./out)")
     r.add_argument("--imatrix", type=Path, help="use this imatrix instead of computing one")
-    r.add_argument("--profile", choices=("full", "quick", "large"), default="quick",
-                   help="sensitivity profile (default quick)")
+    r.add_argument("--profile", choices=("full", "quick", "fast", "large"), default="fast",
+                   help="sensitivity profile: probes on 2,044 / 1,022 / 511 calibration tokens (default fast: the "
+                        "whole job in about a quarter of an hour on a 2-core CPU; quick or full for a published "
+                        "quantization)")
     r.add_argument("--refine-time", type=float, default=60.0, metavar="SECONDS",
                    help="refinement search time per target (default 60)")
     r.add_argument("--stock", default=None,

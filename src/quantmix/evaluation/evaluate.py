@@ -34,9 +34,11 @@ from pathlib import Path
 import torch
 
 from quantmix.evaluation.kld import KLDStats, MetricsAccumulator, token_metrics
+from quantmix.evaluation.nextn import NextNHead, load_nextn
 from quantmix.evaluation.perplexity import iter_scored_logits
 from quantmix.evaluation.reference import (
     EvalText,
+    HeadReplay,
     capture_head,
     prepare_text,
     reference_distributions,
@@ -89,10 +91,13 @@ class EvalResult:
 
     meta: dict
     stats: KLDStats
+    nextn: KLDStats | None = None  # GLM's NextN (MTP) draft head, quantized against float (evaluation.nextn)
 
     def row(self) -> dict:
-        """One flat record (a row of runs.jsonl / runs.csv): meta fields, then the statistics."""
-        return {**self.meta, **self.stats.as_dict()}
+        """One flat record (a row of runs.jsonl / runs.csv): meta fields, the statistics, the NextN head's
+        (prefixed ``nextn_``) where the model has one."""
+        extra = {f"nextn_{k}": v for k, v in self.nextn.as_dict().items()} if self.nextn is not None else {}
+        return {**self.meta, **self.stats.as_dict(), **extra}
 
 
 class TextSourceError(ValueError):
@@ -176,12 +181,16 @@ def _file_sha256(p: Path) -> str:
     return h.hexdigest()
 
 
-def _apply(model: torch.nn.Module, model_dir: Path, quant: QuantSource, device: torch.device) -> dict:
-    """Quantize ``model`` in place; returns the size fields and an identity hash of what was applied."""
+def _apply(model: torch.nn.Module, model_dir: Path, quant: QuantSource, device: torch.device,
+           nextn: NextNHead | None = None) -> dict:
+    """Quantize ``model`` (and its NextN layer) in place; returns the size fields and an identity hash of what
+    was applied."""
     if quant.gguf is not None:
         from quantmix.evaluation.gguf_model import load_gguf_weights
 
         rep = load_gguf_weights(model, quant.gguf)
+        if nextn is not None:
+            load_gguf_weights(nextn.root, quant.gguf, partial=True)
         types = sorted(set(rep.types.values()))
         return {"size_bytes": rep.n_bytes, "n_elements": rep.n_elements, "bpw": rep.bpw,
                 "types": ",".join(types), "quant_sha256": _file_sha256(quant.gguf), "type_map": rep.types}
@@ -192,6 +201,8 @@ def _apply(model: torch.nn.Module, model_dir: Path, quant: QuantSource, device: 
     assert quant.spec is not None
     res = resolve(catalog_from_config(model_dir), quant.spec, imatrix_present=quant.imatrix is not None)
     simulate_quantization(model, res, imatrix=quant.imatrix, device=device)
+    if nextn is not None:
+        simulate_quantization(nextn.root, res, imatrix=quant.imatrix, device=device)
     n_el = sum(a.tensor.n_elements for a in res.assignments)
     ident = json.dumps({"types": res.types(), "imatrix": _file_sha256(quant.imatrix) if quant.imatrix else None},
                        sort_keys=True)
@@ -243,7 +254,7 @@ def evaluate(model_dir: str | Path, quant: QuantSource,
     except ValueError as e:  # e.g. too short for llama-perplexity's two chunks: say which text
         raise TextSourceError(f"{src.label}: {e}") from None
     res = evaluate_tokens(model_dir, quant, et, precision, act_quant, device, progress, reference_cache)
-    return EvalResult({**res.meta, "text_bytes": sum(r["bytes"] for r in src.records())}, res.stats)
+    return EvalResult({**res.meta, "text_bytes": sum(r["bytes"] for r in src.records())}, res.stats, res.nextn)
 
 
 @torch.no_grad()
@@ -266,16 +277,29 @@ def evaluate_tokens(model_dir: str | Path, quant: QuantSource, text: EvalText, p
         with contextlib.suppress(ValueError):  # the reference with the same expert loop as the emulated run
             model.set_experts_implementation("eager")
     head = capture_head(model)
+    nextn = load_nextn(model, model_dir, dev)
+    nextn_ref = _nextn_reference(model, nextn, et) if nextn is not None else None
     _log(progress, f"reference: {et.n_chunks} chunks of {et.n_ctx} ({et.n_chunks * et.n_scored} scored tokens)")
     ref = reference_distributions(model, model_dir, et, precision, head, reference_cache,
                                   (lambda i, n: _log(progress, f"reference chunk {i}/{n}")) if progress else None)
     _log(progress, f"applying {quant.describe()}")
-    applied = _apply(model, model_dir, quant, dev)
+    applied = _apply(model, model_dir, quant, dev, nextn)
     type_map = applied.pop("type_map")
     acc = MetricsAccumulator()
+    acc_nextn = MetricsAccumulator()
     with contextlib.ExitStack() as stack:
         mode = stack.enter_context(llama_cpu_activations(model, type_map)) if act_quant == "llama-cpu" else None
+        if nextn is not None:
+            if act_quant == "llama-cpu":
+                stack.enter_context(llama_cpu_activations(nextn.root, type_map))
+            finals = stack.enter_context(_final_hidden(model))
         for sc in iter_scored_logits(model, et.chunks, first=et.first):
+            if nextn is not None and nextn_ref is not None:
+                ids = et.chunks[sc.index:sc.index + 1].to(dev)
+                q_h = nextn.hidden(finals.pop(), ids)[0, et.first:-1]
+                acc_nextn.add(token_metrics(nextn_ref.head(nextn_ref.hidden[sc.index]),
+                                            nextn.layer.shared_head.head(q_h).float().cpu(),
+                                            et.chunks[sc.index, et.first + 2:]))
             if mode is not None and sc.index == 0 and mode.unseen():
                 raise RuntimeError(f"llama.cpp activation emulation never saw the matmul of {mode.unseen()[0]} "
                                    f"({type(model).__name__} multiplies it without F.linear); use act_quant='none'")
@@ -305,5 +329,42 @@ def evaluate_tokens(model_dir: str | Path, quant: QuantSource, text: EvalText, p
         "act_quant": act_quant,
         "device": dev.type,
     }
+    stats_nextn = acc_nextn.summary() if nextn is not None else None
+    if stats_nextn is not None:
+        meta["nextn"] = f"layer {nextn.layer_index}: KLD {stats_nextn.kld:.6f}, same top {stats_nextn.same_top_p:.3f}"
     _log(progress, f"done in {time.time() - t0:.0f} s")
-    return EvalResult(meta, stats)
+    return EvalResult(meta, stats, stats_nextn)
+
+
+@dataclass
+class _NextNReference:
+    """The float NextN head's inputs at every chunk's scored positions, and the float head to read them."""
+
+    hidden: list[torch.Tensor]  # per chunk [n_scored - 1, hidden]
+    head: HeadReplay
+
+
+@contextlib.contextmanager
+def _final_hidden(model: torch.nn.Module):  # noqa: ANN202 - a generator context
+    """Collect the main model's final normalized hidden states [1, T, hidden] (all positions: the NextN
+    layer's attention reads them all), one per forward pass."""
+    seen: list[torch.Tensor] = []
+    norm = model.get_decoder().norm  # type: ignore[operator]
+    h = norm.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
+    try:
+        yield seen
+    finally:
+        h.remove()
+
+
+def _nextn_reference(model: torch.nn.Module, nextn: NextNHead, et: EvalText) -> _NextNReference:
+    """Run the float model and its float NextN layer over every chunk (before quantization)."""
+    dev = next(model.parameters()).device
+    out = []
+    with _final_hidden(model) as finals:
+        for i in range(et.n_chunks):
+            ids = et.chunks[i:i + 1].to(dev)
+            model.get_decoder()(input_ids=ids, use_cache=False)  # type: ignore[operator]
+            out.append(nextn.hidden(finals.pop(), ids)[0, et.first:-1].float().cpu())
+    w = nextn.head_weight()
+    return _NextNReference(out, HeadReplay(w.detach().clone(), None))

@@ -76,11 +76,12 @@ def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def load_gguf_weights(model: nn.Module, gguf_path: str | Path) -> GGUFLoadReport:
+def load_gguf_weights(model: nn.Module, gguf_path: str | Path, partial: bool = False) -> GGUFLoadReport:
     """Replace, in place, every weight of ``model`` that the GGUF holds by the GGUF's (dequantized) values.
 
     The model must be the GGUF's own architecture and shapes (the float model it was quantized from), loaded
-    in float32. Every parameter the converter writes must be in the GGUF."""
+    in float32. Every parameter the converter writes must be in the GGUF. ``partial``: ``model`` holds only
+    some of the GGUF's tensors (a NextN layer on its own); the others are not checked."""
     from quantmix.export.simulate import tensor_targets
     from quantmix.model.catalog import beyond_decoder_layers
 
@@ -96,7 +97,7 @@ def load_gguf_weights(model: nn.Module, gguf_path: str | Path) -> GGUFLoadReport
     n_main = _main_layers(model)
     for name, t in tensors.items():
         report.types[name] = t.type_name
-        if name not in targets:
+        if name not in targets and not partial:
             if beyond_decoder_layers(name, n_main):  # a NextN layer: not on the next-token path, so leaving it
                 # out of the evaluation is exact
                 report.off_main_path.append(name)

@@ -149,17 +149,17 @@ def llama_cpu_activations(model: nn.Module, types: Mapping[str, str]) -> Iterato
     from quantmix.export.simulate import tensor_targets
 
     params = dict(model.named_parameters())
-    head = model.get_output_embeddings()  # type: ignore[operator]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_w = head.weight if head is not None else None
-    emb = model.get_input_embeddings()  # type: ignore[operator]
-    lookup_only = emb.weight if emb is not None and emb.weight is not head_w else None
+    # embeddings are row lookups (F.embedding, as llama.cpp's get_rows), unless tied to the head
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not head_w}
     per_param: dict[str, list[tuple[int, int, str | None]]] = {}
     skipped: set[str] = set()
     mla: dict[str, dict[str, str | None]] = {}  # attention module -> {"k_b": type, "v_b": type}
     phases: dict[str, dict[int, str | None]] = {}  # x @ w parameters: column phase -> activation type
     for name, tgt in tensor_targets(model).items():
         p = params[tgt.param]
-        if name not in types or p.dim() < 2 or p is lookup_only or name.endswith(".bias"):
+        if name not in types or p.dim() < 2 or id(p) in lookups or name.endswith(".bias"):
             continue  # an untied embedding is only a row lookup; biases (gpt-oss's are 2-D) are added, not multiplied
         if tgt.split in ("T", "gate_il", "up_il"):  # gpt-oss: x @ w[e], gate and up interleaved in columns
             phases.setdefault(tgt.param, {})[0 if tgt.split in ("T", "gate_il") else 1] = vec_dot_type(types[name])

@@ -43,10 +43,15 @@ if TYPE_CHECKING:
 
 __all__ = ["PROFILES", "Sensitivity", "SensitivityError", "fit_sensitivity", "spearman"]
 
+# How much a nat of the NextN draft head's KLD (the token after next, speculative decoding's acceptance) counts
+# against a nat of the output's KLD in the plan's objective.
+NEXTN_WEIGHT = 1.0
+
 PROFILES = {
     # chunks of 512 calibration tokens, single-type checks
     "full": {"chunks": 4, "checks": 8},
     "quick": {"chunks": 2, "checks": 4},
+    "fast": {"chunks": 1, "checks": 4},  # quantmix run's default: the whole job in minutes on a 2-core CPU
     "large": {"chunks": 2, "checks": 4},
 }
 DEFAULT_PROBE_TYPE = "Q3_K"
@@ -233,9 +238,15 @@ def fit_sensitivity(
     names = [n for n in costs if n in probe.tensor_names]
     n_main = len(probe.layers)
     # NextN / MTP layers (GLM-4.5's blk.N.nextn.*, after the decoder layers): the GGUF keeps them for speculative
-    # decoding; the next-token forward never runs them, so no probe can measure them. They are priced below
-    # like the same class of the last decoder layer (a copy of which they are), never left free to collapse.
+    # decoding; the next-token forward never runs them, so the main probe cannot see them. Their probes measure
+    # the NextN draft head's own KLD (measurement.nextn_probe), counted with weight NEXTN_WEIGHT; any the
+    # draft-head probe cannot place are priced like the same class of the last decoder layer.
     off_path = [n for n in costs if n not in probe.tensor_names and beyond_decoder_layers(n, n_main)]
+    nextn_probe = None
+    if off_path:
+        from quantmix.measurement.nextn_probe import NextNProbe
+
+        nextn_probe = NextNProbe(probe)
     missing = [n for n in costs if n not in probe.tensor_names and n not in off_path]
     if missing:
         raise SensitivityError(f"tensor {missing[0]}: in the error table but not a weight of {model_dir}")
@@ -247,7 +258,9 @@ def fit_sensitivity(
         pick = sorted({round(i * (n_layers - 1) / max(large_layers - 1, 1)) for i in range(large_layers)})
         todo = [n for n in names if tensor_layer(n) < 0 or tensor_layer(n) in pick]
     else:
-        todo = names
+        todo = list(names)
+    on_nextn = [n for n in off_path if nextn_probe is not None and n in nextn_probe.tensor_names]
+    todo += on_nextn
     probe_kld: dict[str, float] = {}
     coef: dict[str, float] = {}
     single: list[str] = []
@@ -278,14 +291,17 @@ def fit_sensitivity(
                 except ValueError:
                     entry = None
             if entry is None:
-                entry = {"type": q, "kld": probe.kld({n: q})}
-                probe.release_images([n])
+                if n in on_nextn:  # the draft head's KLD, weighted
+                    entry = {"type": q, "kld": nextn_probe.kld(n, q), "head": "nextn"}
+                else:
+                    entry = {"type": q, "kld": probe.kld({n: q})}
+                    probe.release_images([n])
                 if cache:
                     from quantmix.planning.recipe import atomic_write_text
 
                     atomic_write_text(f, json.dumps(entry))
             probe_kld[n] = float(entry["kld"])
-            coef[n] = float(entry["kld"]) / c
+            coef[n] = float(entry["kld"]) / c * (NEXTN_WEIGHT if n in on_nextn else 1.0)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -300,7 +316,8 @@ def fit_sensitivity(
         measured = sorted(v for v in coef.values() if v > 0)
         median = measured[len(measured) // 2] if measured else 0.0
         for n in off_path:
-            coef[n] = last.get(tensor_classes.get(n, n), median)
+            if n not in coef:
+                coef[n] = last.get(tensor_classes.get(n, n), median)
         names = names + off_path
     if profile == "large":  # per class: interpolate the probed layers' coefficients
         per_class: dict[str, dict[int, float]] = {}
@@ -314,7 +331,7 @@ def fit_sensitivity(
     sens = Sensitivity(profile, probe_type, coef, probe_kld, {n: tensor_classes.get(n, n) for n in names},
                        n_tokens=probe.n_tokens, text=src.records() if src is not None else [])
     # checks: single tensors at other types, spread over classes and depths, most influential first
-    ranked = sorted((n for n in probe_kld), key=lambda n: -probe_kld[n])
+    ranked = sorted((n for n in probe_kld if n not in on_nextn), key=lambda n: -probe_kld[n])
     chosen = ranked[:: max(1, len(ranked) // max(n_checks, 1))][:n_checks]
     for i, n in enumerate(chosen):
         q = next((t for t in (CHECK_TYPES[i % len(CHECK_TYPES)], *CHECK_TYPES) if t in costs[n]), None)
