@@ -129,3 +129,21 @@ def test_public_large_moe_configs(tmp_path: Path, config: str, n_params: int, n_
     assert len(cat) == n_tensors
     exps = [t for t in cat if t.tensor_class == "ffn_down_exps"]
     assert exps and all(t.shape[2] == cat.hparams.n_expert for t in exps)
+
+
+def test_header_that_disagrees_with_the_data_layout_is_refused(llamacpp, tmp_path: Path) -> None:
+    """A tensor's shape edited in the header (its data size changes, the next offsets no longer line up) is refused
+    as gguf.cpp refuses it, naming the tensor whose offset is off."""
+    import struct
+
+    src = _converted_tiny(llamacpp, "tiny-llama")
+    data = bytearray(src.read_bytes())
+    name = b"blk.0.attn_norm.weight"
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims, ne0 = struct.unpack_from("<IQ", data, at)
+    assert n_dims == 1
+    struct.pack_into("<Q", data, at + 4, ne0 * 2)  # twice as long: the tensors after it start too early
+    bad = tmp_path / "edited.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(GGUFHeaderError, match=r"edited.gguf: tensor \S+ has offset \d+, expected \d+"):
+        load_catalog(bad)

@@ -388,3 +388,33 @@ def test_cli_eval_accumulates_runs(text_file: Path, tmp_path: Path, quantized, c
     assert "missing.gguf: no such GGUF file" in capsys.readouterr().err
     assert main(["eval", str(fx.hf_dir), "--gguf", str(q4), "--ftype", "Q4_K_M", "--quiet"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_eval_refuses_another_models_gguf(tmp_path: Path) -> None:
+    """A GGUF of the same architecture and shapes but with other weights is not scored as a quantization of this
+    model: the loader compares each tensor with the float weights first and names the first that is not close."""
+    import numpy as np
+
+    from quantmix.evaluation.evaluate import evaluate, gguf_source
+    from quantmix.evaluation.gguf_model import GGUFLoadError
+    from quantmix.fixtures.text import read_text
+    from quantmix.fixtures.tiny import get_tiny
+    from quantmix.job import resolve_model
+    from quantmix.model.gguf_header import read_gguf_header
+
+    hf = get_tiny("tiny-llama", vocab=True)
+    src = resolve_model(hf).gguf
+    other = tmp_path / "other.gguf"
+    data = bytearray(src.read_bytes())
+    head = read_gguf_header(src)
+    t = next(t for t in head.tensors if t.name == "blk.1.ffn_down.weight")
+    start = head.data_offset + t.offset
+    w = np.frombuffer(bytes(data[start:start + t.n_bytes]), dtype="<f4")
+    fresh = np.random.default_rng(0).normal(0.0, float(w.std()), w.size).astype("<f4")  # another model's draw
+    data[start:start + t.n_bytes] = fresh.tobytes()
+    other.write_bytes(bytes(data))
+    text = tmp_path / "t.txt"
+    text.write_text(read_text("wiki-eval")[:20_000])
+    with pytest.raises(GGUFLoadError, match=r"blk\.1\.ffn_down\.weight is not a quantization of .* of this model"):
+        evaluate(hf, gguf_source(other), text, 128, 2, device="cpu")
+    assert evaluate(hf, gguf_source(src), text, 128, 2, device="cpu").stats.kld == 0.0  # its own GGUF loads

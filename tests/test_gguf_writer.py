@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import filecmp
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
@@ -386,3 +387,69 @@ def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ImatrixError, match="bad.dat"):
         read_imatrix(dat)
     assert _entries(tmp_path) == {"junk.gguf", "bad.dat"}
+
+
+def _patched(src: Path, dst: Path, tensor: str, index: int, value: float) -> Path:
+    """A copy of the F32 GGUF ``src`` with one float of ``tensor`` replaced."""
+    shutil.copy(src, dst)
+    t = next(t for t in open_source(dst).tensors if t.name == tensor)
+    with open(dst, "r+b") as fh:
+        fh.seek(t.file_offset + 4 * index)
+        fh.write(np.array([value], dtype="<f4").tobytes())
+    return dst
+
+
+@pytest.mark.parametrize("tensor,value,qtype,why", [
+    ("blk.0.ffn_down.weight", 1e7, "Q8_0", r"cannot be stored as Q8_0: its largest magnitude 1e\+07 overflows"),
+    ("blk.1.attn_q.weight", 1e38, "Q4_K", r"cannot be stored as Q4_K: its largest magnitude 1e\+38 overflows"),
+    ("blk.0.attn_v.weight", 1e6, "F16", r"cannot be stored as F16: .* overflows F16's range"),
+    ("blk.0.attn_norm.weight", float("nan"), "Q8_0", r"has invalid data \(inf or NaN\) in its source"),
+])
+def test_non_finite_output_is_refused(lc, tmp_path: Path, tensor: str, value: float, qtype: str, why: str) -> None:
+    """What llama-quantize refuses ("quantized data validation failed", "has invalid data") is refused too, naming
+    the tensor, and nothing is left at the output path: a finite weight whose block scale overflows f16, and a
+    NaN in a tensor that is copied (a norm), not quantized."""
+    src = _patched(_converted_tiny(lc, "tiny-llama"), tmp_path / "bad.gguf", tensor, 3, value)
+    res = resolve(catalog_from_gguf(src), RecipeSpec(ftype=None, rules=[Rule(".*", qtype)]))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(GGUFWriteError, match=rf"tensor {re.escape(tensor)} {why}"):
+        quantize_gguf(src, res, out_dir / "m.gguf", progress=False, device="cpu")
+    assert _entries(out_dir) == set()
+
+
+def test_overflowing_weight_named_by_the_error_table(lc, tmp_path: Path) -> None:
+    """optimize's error table refuses a (tensor, type) that cannot hold the weights with one sentence naming both
+    and what to do, not an internal record."""
+    from quantmix.measurement.error_table import ErrorTableError, error_table
+
+    src = _patched(_converted_tiny(lc, "tiny-llama"), tmp_path / "bad.gguf", "blk.1.attn_q.weight", 3, 1e38)
+    with pytest.raises(ErrorTableError) as e:
+        error_table(src, None, candidates=["Q4_K"], device="cpu", progress=False)
+    msg = str(e.value)
+    assert "tensor blk.1.attn_q.weight cannot be stored as Q4_K" in msg and "--pin 'blk.1.attn_q.weight=BF16'" in msg
+    assert "{" not in msg
+
+
+def test_partial_imatrix_and_unknown_architecture_are_warned(lc, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """As llama-quantize names each tensor its imatrix has no data for, the writer lists them; a GGUF whose
+    architecture llama.cpp does not know is written with a warning."""
+    from quantmix.calibration.imatrix_io import Imatrix, ImatrixEntry, write_imatrix
+
+    src = _converted_tiny(lc, "tiny-llama")
+    im = Imatrix(tmp_path / "part.gguf", chunk_count=1, chunk_size=128)
+    im.entries["blk.0.attn_q.weight"] = ImatrixEntry(np.ones((1, 256), np.float32), np.array([128]))
+    write_imatrix(im, tmp_path / "part.gguf")
+    res = resolve(catalog_from_gguf(src), RecipeSpec(ftype=None, rules=[Rule(".*", "Q4_K")]))
+    quantize_gguf(src, res, tmp_path / "m.gguf", imatrix=tmp_path / "part.gguf", progress=False, device="cpu")
+    err = capsys.readouterr().err
+    assert "part.gguf has no data for" in err and "blk.0.attn_k.weight" in err and "blk.0.attn_q.weight," not in err
+
+    data = bytearray(src.read_bytes())
+    at = data.index(b"general.architecture")
+    arch_at = data.index(b"llama", at + len(b"general.architecture"))
+    data[arch_at:arch_at + 5] = b"llamx"
+    odd = tmp_path / "odd.gguf"
+    odd.write_bytes(bytes(data))
+    quantize_gguf(odd, res, tmp_path / "o.gguf", progress=False, device="cpu")
+    assert "general.architecture 'llamx' is not one llama.cpp" in capsys.readouterr().err

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from quantmix.paths import temp_beside
 
 __all__ = ["ImatrixError", "ImatrixEntry", "Imatrix", "read_imatrix", "write_imatrix", "imatrix_bytes"]
 
@@ -273,7 +274,7 @@ def write_imatrix(im: Imatrix, path: str | Path) -> Path:
     p = Path(path)
     data = imatrix_bytes(im)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    fd, tmp = temp_beside(p)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -20,6 +20,12 @@ from quantmix.model.gguf_header import GGUFTensor, read_gguf_header
 __all__ = ["GGUFLoadError", "GGUFLoadReport", "load_gguf_weights", "dequantize_gguf_tensor"]
 
 
+# A GGUF tensor whose dequantized values differ from the float weights by more than the weights themselves
+# (relative squared error above 1: worse than storing zeros) is not a quantization of them. For scale, on Gaussian
+# 256 x 512 weights: IQ1_S, the coarsest type, 0.24; IQ2_XXS 0.12; Q2_K 0.07; another draw of the same shape 1.99.
+MAX_REL_ERROR = 1.0
+
+
 class GGUFLoadError(ValueError):
     """The GGUF does not fit the model; the message names the file and tensor."""
 
@@ -122,5 +128,12 @@ def load_gguf_weights(model: nn.Module, gguf_path: str | Path, partial: bool = F
         if dst.numel() != w.numel():
             raise GGUFLoadError(f"{path}: tensor {name} ({w.numel()} values) does not fill {tgt.param} "
                                 f"{list(dst.shape)}")
+        ref = tgt.read(p.data).reshape(w.shape).double()
+        den = float(ref.square().sum())
+        rel = float((w.double() - ref).square().sum()) / den if den > 0 else 0.0
+        if rel > MAX_REL_ERROR:  # worse than all zeros: not this model's weights quantized
+            raise GGUFLoadError(f"{path}: tensor {name} is not a quantization of {tgt.param} of this model "
+                                f"(relative squared error {rel:.3g} against the float weights; any quantization "
+                                f"of them is below {MAX_REL_ERROR:g}): the GGUF is of another model")
         tgt.write(p.data, w)
     return report

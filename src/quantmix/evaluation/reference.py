@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from quantmix.evaluation.perplexity import (
     token_nll,
     tokenize_like_llamacpp,
 )
-from quantmix.paths import cache_dir, file_lock
+from quantmix.paths import cache_dir, file_lock, temp_beside
 
 __all__ = ["ReferenceError", "EvalText", "HeadReplay", "ReferenceCache", "PRECISIONS", "prepare_text",
            "model_fingerprint", "capture_head", "reference_key", "reference_distributions"]
@@ -247,7 +246,7 @@ def _build(model: nn.Module, text: EvalText, head: HeadReplay, precision: str, m
     base = len(header)
     total = base + max(a["offset"] + np.dtype(a["dtype"]).itemsize * math.prod(a["shape"]) for a in layout.values())
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    fd, tmp = temp_beside(out)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(header)

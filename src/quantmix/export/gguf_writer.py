@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from quantmix.calibration.imatrix_io import Imatrix, read_imatrix
 from quantmix.formats.ggml_backend import preferred_backend
 from quantmix.formats.registry import get_type
 from quantmix.model.gguf_header import GGUFHeaderError, read_gguf_header
+from quantmix.paths import temp_beside
 from quantmix.planning.llama_rules import llama_tensor_order
 from quantmix.planning.recipe import NOMINAL_FTYPE, RecipeSpec, Resolution, resolve
 
@@ -100,6 +100,16 @@ class GGUFSource:
         if vtype != _U32:
             return None
         return int(struct.unpack_from("<I", raw, 12 + klen)[0])
+
+    def kv_str(self, key: str) -> str | None:
+        raw = self.kv.get(key)
+        if raw is None:
+            return None
+        klen = struct.unpack_from("<Q", raw, 0)[0]
+        if struct.unpack_from("<I", raw, 8 + klen)[0] != _STR:
+            return None
+        n = struct.unpack_from("<Q", raw, 12 + klen)[0]
+        return raw[20 + klen:20 + klen + n].decode("utf-8", "replace")
 
 
 def open_source(src: Path) -> GGUFSource:
@@ -163,6 +173,7 @@ def _plan(source: GGUFSource, resolution: Resolution, imatrix: Imatrix | None, f
         raise GGUFWriteError(f"{source.paths[0]}: the resolved recipe has no type for tensor {missing[0]}"
                              f" ({len(missing)} such tensors): resolve it against this GGUF's catalog")
     plan = []
+    no_data: list[str] = []
     for name in llama_tensor_order(list(by_src)):
         st, a = by_src[name], by_res[name]
         if tuple(a.tensor.shape) != st.shape:
@@ -189,13 +200,31 @@ def _plan(source: GGUFSource, resolution: Resolution, imatrix: Imatrix | None, f
                     w = imatrix.weights_for(name, st.shape)
                 except ValueError as e:
                     raise GGUFWriteError(str(e)) from None
+            if w is None and imatrix is not None and name != "token_embd.weight":
+                no_data.append(name)
             if w is None and needs_imatrix(name, qtype, ftype):
                 why = "no imatrix was given" if imatrix is None else f"{imatrix.path} has no entry for it"
                 raise GGUFWriteError(f"tensor {name}: type {qtype} needs an importance matrix (imatrix) and {why}; "
                                      f"llama-quantize refuses this too (pass --imatrix, or pick another type)")
             numerics(qtype)  # UnsupportedTypeError now, before anything is written
         plan.append(_Planned(st, qtype, w))
+    if no_data:  # llama-quantize names each: "did not find weights for ..."
+        shown = ", ".join(no_data[:12]) + (f" and {len(no_data) - 12} more" if len(no_data) > 12 else "")
+        _warn(f"the imatrix {imatrix.path} has no data for {len(no_data)} of the tensors being quantized, which "
+              f"are quantized without one: {shown}")
     return plan
+
+
+def _known_arches() -> set[str]:
+    import gguf
+
+    return set(gguf.MODEL_ARCH_NAMES.values())
+
+
+def _warn(msg: str) -> None:
+    import sys
+
+    print(f"quantmix quantize: warning: {msg}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -337,9 +366,12 @@ def _write_tensor(fh, p: _Planned, device: torch.device, on_weights: Callable[[i
 
     st = p.src
     if p.copy:
-        step = 1 << 26
+        tb = get_type(st.type_name).type_size
+        step = max(1, (1 << 26) // tb) * tb  # whole blocks, so each part can be validated on its own
         for o in range(0, st.data.size, step):
-            fh.write(memoryview(st.data[o:o + step]))
+            part = st.data[o:o + step]
+            _check_finite(st.name, st.type_name, part, "has invalid data (inf or NaN) in its source")
+            fh.write(memoryview(part))
         on_weights(st.n_elements)
         return int(st.data.size)
     ne0 = st.shape[0]
@@ -360,11 +392,37 @@ def _write_tensor(fh, p: _Planned, device: torch.device, on_weights: Callable[[i
             g0, g1 = e * rows_per_mat + r0, e * rows_per_mat + r1
             x = _to_f32(st.data[g0 * src_rb:g1 * src_rb], st.type_name).reshape(r1 - r0, ne0)
             q = quantize(torch.from_numpy(x).to(device), p.qtype, im, name=st.name, backend=backend)
-            b = q.cpu().numpy().tobytes()
+            qb = q.cpu().numpy()  # (a non-finite source is refused by quantize itself)
+            _check_finite(st.name, p.qtype, qb, _overflow_hint(p.qtype, x))
+            b = qb.tobytes()
             fh.write(b)
             written += len(b)
             on_weights((r1 - r0) * ne0)
     return written
+
+
+def _overflow_hint(qtype: str, x: np.ndarray) -> str:
+    big = float(np.abs(x).max()) if x.size else 0.0
+    what = "F16's range" if qtype == "F16" else "the type's f16 block scale"
+    return (f"cannot be stored as {qtype}: its largest magnitude {big:.3g} overflows {what}, so it would "
+            f"dequantize to inf / NaN (llama-quantize: 'quantized data validation failed'); keep it in F32 or "
+            f"BF16 (--pin 'NAME=BF16')")
+
+
+def _check_finite(name: str, type_name: str, data: np.ndarray, why: str) -> None:
+    """Refuse what llama.cpp would refuse to load: blocks whose values or scales are inf / NaN (ggml's own
+    ``ggml_validate_row_data`` where ggml's library is built, else a dequantize-and-look, same verdict)."""
+    from quantmix.formats.ggml_backend import built
+
+    t = get_type(type_name)
+    if built() and t.type_id is not None and not t.ik_only:
+        from quantmix.tools.ggml_oracle import oracle_validate
+
+        ok = oracle_validate(data, t)
+    else:
+        ok = bool(np.isfinite(_to_f32(np.asarray(data).view(np.uint8).reshape(-1), type_name)).all())
+    if not ok:
+        raise GGUFWriteError(f"tensor {name} {why}")
 
 
 def _umask() -> int:
@@ -423,6 +481,10 @@ def quantize_gguf(
     else:
         raise TypeError(f"recipe: expected a RecipeSpec or Resolution, got {type(recipe).__name__}")
     ftype = resolution.spec.ftype
+    arch = source.kv_str("general.architecture")
+    if arch is not None and arch not in _known_arches():
+        _warn(f"{source.paths[0]}: general.architecture {arch!r} is not one llama.cpp's gguf-py knows: the file "
+              f"is written, but llama.cpp may not load it")
     plan = _plan(source, resolution, im, ftype, allow_requantize)
     kv = _output_kv(source, resolution, im, imatrix_label)
     align = source.kv_u32("general.alignment") or DEFAULT_ALIGNMENT
@@ -455,8 +517,8 @@ def quantize_gguf(
     try:
         i_tensor = 0
         for path, head, sh in zip(paths, headers, shards):
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            temps.append(Path(tmp))
+            fd, tmp = temp_beside(path)
+            temps.append(tmp)
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual mode
             with os.fdopen(fd, "wb") as fh:
                 fh.write(head)

@@ -503,7 +503,11 @@ def error_table(
             for q in types:
                 entry = entries[q]
                 if not (math.isfinite(entry["rel_err"]) and math.isfinite(entry["bias_term"])):
-                    raise ErrorTableError(f"{gp}: tensor {t.name}, type {q}: non-finite error {entry}")
+                    raise ErrorTableError(
+                        f"{gp}: tensor {t.name} cannot be stored as {q}: its quantization error is not finite "
+                        f"(relative error {entry['rel_err']}), so some block's f16 scale overflows (a weight too "
+                        f"large for {q}) or the source holds inf / NaN; keep it in F32 or BF16 "
+                        f"(--pin '{t.name}=BF16') or leave {q} out of --types")
                 table.rows.append(ErrorRow(t.name, q, get_type(q).tensor_bytes(shape), float(entry["rel_err"]),
                                            float(entry["bias_term"]), entry["backend"], entry["experts"]))
             if bar is not None:

@@ -234,6 +234,15 @@ def read_gguf_header(path: str | Path, *, all_shards: bool = True) -> GGUFHeader
             except ValueError as e:
                 raise GGUFHeaderError(f"{shard}: tensor {name}: {e}") from None
             header.tensors.append(GGUFTensor(name, shape, qtype.name, n_bytes, shard, offset))
+        # as gguf.cpp checks on load: tensors are laid out in header order, each at the previous one's end
+        # padded to the alignment (a shape edited in the header no longer lines up with the data)
+        align = int(kv.get("general.alignment") or 32)
+        expected = 0
+        for t in header.tensors[len(header.tensors) - len(tensors):]:
+            if t.offset != expected:
+                raise GGUFHeaderError(f"{shard}: tensor {t.name} has offset {t.offset}, expected {expected}: the "
+                                      f"header does not match the data layout (corrupt or edited file)")
+            expected += -(-t.n_bytes // align) * align
         size = shard.stat().st_size
         last = max((data_offset + t[3] + header.tensors[-len(tensors) + i].n_bytes
                     for i, t in enumerate(tensors)), default=0)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantmix.formats.registry import UnknownTypeError, get_type
 from quantmix.model.catalog import Catalog, TensorInfo
+from quantmix.paths import temp_beside
 from quantmix.planning import llama_rules
 from quantmix.planning.llama_rules import LlamaRulesError, MixHParams, TensorDecision
 
@@ -336,7 +336,7 @@ def _most_common_type(resolution: Resolution) -> str:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file through a temporary file and a rename, so no half-written file is ever seen."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)

@@ -49,6 +49,8 @@ def _lib() -> ctypes.CDLL:
     lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
     lib.ggml_row_size.restype = ctypes.c_size_t
     lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_validate_row_data.restype = ctypes.c_bool
+    lib.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
     return lib
 
 
@@ -68,6 +70,15 @@ def oracle_row_bytes(qtype: str | type[GGMLType], n_per_row: int) -> int:
 def oracle_requires_imatrix(qtype: str | type[GGMLType]) -> bool:
     """``ggml_quantize_requires_imatrix`` for the type."""
     return bool(_lib().ggml_quantize_requires_imatrix(_type(qtype).type_id))
+
+
+def oracle_validate(data: np.ndarray, qtype: str | type[GGMLType]) -> bool:
+    """``ggml_validate_row_data``: whether whole blocks of ``qtype`` hold no inf / NaN (a float tensor's values,
+    a quantized one's block scales), the check llama-quantize and llama.cpp's loader apply. It prints what it
+    finds wrong on stderr."""
+    t = _type(qtype)
+    buf = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    return bool(_lib().ggml_validate_row_data(t.type_id, buf.ctypes.data, buf.size))
 
 
 def oracle_quantize(x: np.ndarray, qtype: str | type[GGMLType], imatrix: np.ndarray | None = None) -> np.ndarray:

@@ -1,0 +1,74 @@
+"""Interrupts leave nothing behind: SIGTERM / SIGHUP unwind like Ctrl-C (no temporary file beside the output,
+the exit status says which signal), and the temporary file of a writer killed outright (kill -9) is removed by
+the next run that writes the same output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from quantmix.paths import remove_stale_temps, temp_beside
+
+
+def _quantize_cmd(src: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "quantmix.cli", "quantize", str(src), "-o", str(out), "--ftype", "Q4_K_M", "--device",
+            "cpu"]
+
+
+def _tiny_gguf() -> Path:
+    from quantmix.fixtures.tiny import get_tiny
+    from quantmix.job import resolve_model
+
+    return resolve_model(get_tiny("tiny-llama", vocab=True)).gguf
+
+
+def test_stale_temp_of_a_dead_writer_is_removed(tmp_path: Path) -> None:
+    out = tmp_path / "m.gguf"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".m.gguf.{dead.pid}.abc123.tmp"
+    stale.write_bytes(b"x" * 100)
+    mine = tmp_path / f".m.gguf.{os.getpid()}.def456.tmp"  # a live writer's (this process): kept
+    mine.write_bytes(b"y")
+    other = tmp_path / ".n.gguf.1.abc.tmp"  # another output's: not ours to judge
+    other.write_bytes(b"z")
+    fd, tmp = temp_beside(out)
+    os.close(fd)
+    assert not stale.exists() and mine.exists() and other.exists() and tmp.name.startswith(f".m.gguf.{os.getpid()}.")
+    tmp.unlink()
+    assert remove_stale_temps(out) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
+def test_signal_mid_write_leaves_nothing(tmp_path: Path, sig: int) -> None:
+    """The writer is stopped by ``sig`` once its temporary file exists; after SIGTERM / SIGHUP nothing is left
+    and the exit status is 128 + signal; after SIGKILL the stale file is removed by the next run, which writes
+    the same bytes as an uninterrupted one."""
+    src = _tiny_gguf()
+    out = tmp_path / "m.gguf"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(_quantize_cmd(src, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".m.gguf.*.tmp")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        pytest.fail(f"the writer finished before it could be interrupted: {proc.stderr.read().decode()[-500:]}")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert not out.exists()
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL and len(list(tmp_path.glob(".m.gguf.*.tmp"))) == 1
+        subprocess.run(_quantize_cmd(src, out), check=True, capture_output=True, env=env)
+        again = tmp_path / "again.gguf"
+        subprocess.run(_quantize_cmd(src, again), check=True, capture_output=True, env=env)
+        assert out.read_bytes() == again.read_bytes()
+    else:
+        assert proc.returncode == 128 + sig, err.decode()[-500:]
+        assert b"terminated" in err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
