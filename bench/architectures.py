@@ -16,13 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-STEPS = ("build", "convert", "catalog", "imatrix", "optimize", "quantize", "llama-quantize", "eval",
+STEPS = ("build", "convert", "catalog", "imatrix", "llama-imatrix", "optimize", "quantize", "llama-quantize", "eval",
          "llama-perplexity", "kld-parity")
 
 
 def render(rows: list[dict]) -> str:
-    head = "| architecture | " + " | ".join(STEPS) + " | KLD quantmix | KLD llama-perplexity | ratio |"
-    lines = [head, "|" + "---|" * (len(STEPS) + 4)]
+    head = ("| architecture | " + " | ".join(STEPS) + " | imatrix corr. (lowest) | KLD quantmix | KLD llama-perplexity"
+            " | ratio |")
+    lines = [head, "|" + "---|" * (len(STEPS) + 5)]
     for r in rows:
         cells = []
         for s in STEPS:
@@ -32,8 +33,9 @@ def render(rows: list[dict]) -> str:
                 cells.append(f"FAIL {r['steps'][s]:.0f} s")
             else:
                 cells.append(f"{r['steps'][s]:.0f} s")
-        k, kl = r.get("kld"), r.get("kld_llama")
-        tail = f" | {k:.4f} | {kl:.4f} | {k / kl:.3f} |" if k is not None and kl else " | | | |"
+        k, kl, c = r.get("kld"), r.get("kld_llama"), r.get("imatrix_corr")
+        corr = f" | {c:.5f}" if c is not None else " | "
+        tail = corr + (f" | {k:.4f} | {kl:.4f} | {k / kl:.3f} |" if k is not None and kl else " | | | |")
         lines.append(f"| {r['arch']} | " + " | ".join(cells) + tail)
     return "\n".join(lines)
 
