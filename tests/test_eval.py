@@ -169,6 +169,10 @@ def test_recipe_and_its_gguf_evaluate_identically(tiny_moe, tmp_path: Path) -> N
     assert by_recipe.meta["key"] != by_gguf.meta["key"] != weights_only.meta["key"]
     assert by_gguf.stats.n_tokens == 2 * 31 and by_gguf.stats.kld > 0
     assert weights_only.stats.kld != by_gguf.stats.kld
+    # the streaming engine reading every layer on every pass gives the same numbers as resident layers
+    streamed = evaluate_tokens(hf, gguf_source(q), et, resident_bytes=0, batch_tokens=64, **kw)
+    assert streamed.stats.kld == pytest.approx(by_gguf.stats.kld, rel=1e-6)
+    assert streamed.stats.same_top_p == by_gguf.stats.same_top_p
 
 
 def test_llama_cpu_activation_numerics(tiny_moe) -> None:

@@ -16,11 +16,9 @@ We also keep the sum of activations (``in_sum``, for mean-activation aware error
 accumulating. ``all_experts`` (ExLlamaV3's approach) sends every token through every expert for the statistics
 only (the hidden states passed on keep the real routing), so no expert is left uncalibrated.
 
-Memory stays bounded whatever the model's size (ExLlamaV3-style streaming): the model is built on the meta
-device; the embeddings are loaded, every calibration row is embedded, and the inputs of each decoder layer
-(masks, rotary embeddings) are recorded; then layer by layer its weights are read from the safetensors
-checkpoint, all rows run through it and its outputs kept as the next layer's inputs, and the weights are
-dropped. Only one layer's weights are resident at a time. HF parameter names map onto GGUF tensor names through
+Memory stays bounded whatever the model's size: the forward pass is quantmix's one streaming engine
+(:mod:`quantmix.model.engine`), which reads one decoder layer at a time from the safetensors checkpoint (the
+next one read in the background), runs every row through it and drops it. HF parameter names map onto GGUF tensor names through
 the tensor catalog (:mod:`quantmix.model.catalog`), the same mapping llama.cpp's converter applies.
 """
 
@@ -39,7 +37,7 @@ from torch import nn
 
 from quantmix.calibration.activations import ActivationStats, ChannelStats, hook_modules
 from quantmix.calibration.imatrix_io import Imatrix, ImatrixEntry, ImatrixError
-from quantmix.model.checkpoint import Checkpoint, CheckpointError
+from quantmix.model.weights import module_name
 
 __all__ = [
     "compute_imatrix",
@@ -126,209 +124,54 @@ def calibration_tokens(tokenizer: Any, texts: Sequence[str], n_ctx: int = 512,
     return chunks
 
 
-# ------------------------------------------------------------------------------------------------ weights
-
-
-class _Checkpoint(Checkpoint):
-    """The checkpoint reader (:class:`quantmix.model.checkpoint.Checkpoint`: FP8, compressed-tensors and MXFP4
-    weights dequantized), its errors raised as ImatrixError like the rest of the imatrix API."""
-
-    def __init__(self, model_dir: Path) -> None:
-        try:
-            super().__init__(model_dir)
-        except CheckpointError as e:
-            raise ImatrixError(str(e)) from None
-
-    def get(self, key: str) -> torch.Tensor:
-        try:
-            return super().get(key)
-        except CheckpointError as e:
-            raise ImatrixError(str(e)) from None
-
-
-class _Weights:
-    """Reads the tensor of an in-memory (transformers) parameter from the checkpoint, undoing the fusions
-    transformers applies on load (per-expert tensors stacked and concatenated), as the catalog describes them."""
-
-    def __init__(self, model_dir: Path, cfg: Any) -> None:
-        self.ckpt = _Checkpoint(model_dir)
-        self.cfg = cfg
-        self.dir = model_dir
-
-    def sources(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
-        from quantmix.model.catalog import checkpoint_tensors
-
-        return checkpoint_tensors(self.cfg, [(name, shape)])
-
-    def load(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if name in self.ckpt:
-            t = self.ckpt.get(name)
-        else:
-            parts = self.sources(name, shape)
-            if len(parts) == 1 and len(parts[0][2]) == 1:
-                t = self.ckpt.get(parts[0][2][0])
-            else:
-                try:
-                    t = torch.cat([torch.stack([self.ckpt.get(s) for s in srcs]) for _, _, srcs in parts], dim=1)
-                except ImatrixError as e:
-                    raise ImatrixError(f"{self.dir}: {name}: {e}") from None
-        if tuple(t.shape) != tuple(shape):
-            raise ImatrixError(f"{self.dir}: {name} is {tuple(t.shape)} in the checkpoint, the model expects {shape}")
-        return t
-
-
-def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
-    mod_name, _, leaf = name.rpartition(".")
-    mod = root.get_submodule(mod_name) if mod_name else root
-    if is_param:
-        mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-    else:
-        mod._buffers[leaf] = value
-
-
-def _materialize(module: nn.Module, prefix: str, weights: _Weights, device: torch.device,
-                 dtype: torch.dtype) -> None:
-    """Load ``module``'s parameters (full names ``prefix.*``) onto ``device``; move its buffers there."""
-    for pname, p in list(module.named_parameters()):
-        t = weights.load(f"{prefix}.{pname}" if prefix else pname, tuple(p.shape))
-        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-        _set_tensor(module, pname, t, True)
-    for bname, b in list(module.named_buffers()):
-        full = f"{prefix}.{bname}" if prefix else bname
-        if full in weights.ckpt:
-            b = weights.ckpt.get(full)
-        if b.device.type == "meta":
-            raise ImatrixError(f"{full}: buffer is neither computed by the model nor in the checkpoint")
-        _set_tensor(module, bname, b.to(device), False)
-    weights.ckpt.close()
-
-
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc keeps large freed blocks otherwise: without this the
-    resident size grows by about one layer per layer streamed)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def _release(module: nn.Module) -> None:
-    """Drop ``module``'s parameters (back to the meta device), freeing their memory."""
-    for pname, p in list(module.named_parameters()):
-        _set_tensor(module, pname, torch.empty_like(p, device="meta"), True)
-    _trim_heap()
-
-
-def _module_name(model: nn.Module, target: nn.Module) -> str:
-    for name, mod in model.named_modules():
-        if mod is target:
-            return name
-    raise ImatrixError(f"{type(target).__name__} is not part of {type(model).__name__}")
-
-
-class _LayerInputs(Exception):
-    """Raised by the last layer's recorder: the decoder's inputs are all recorded, stop the forward."""
-
-
 # ------------------------------------------------------------------------------------------------ streaming
 
 
 @torch.no_grad()
-def _stream(model_dir: Path, cfg: Any, chunks: torch.Tensor, all_experts: bool, device: torch.device,
+def _stream(model_dir: Path, chunks: torch.Tensor, all_experts: bool, device: torch.device,
             dtype: torch.dtype, process_output: bool, batch_tokens: int,
             progress: bool) -> tuple[ActivationStats, nn.Module]:
-    """Run ``chunks`` through the model layer by layer; the statistics and the (meta) model skeleton."""
-    from accelerate import init_empty_weights
+    """Run ``chunks`` through the model layer by layer (:class:`~quantmix.model.engine.LayerEngine`, nothing
+    kept resident: one pass); the statistics and the (meta) model skeleton."""
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model.eval()
-    weights = _Weights(model_dir, cfg)
-    decoder = model.get_decoder()
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ImatrixError(f"{model_dir}: {type(decoder).__name__} has no decoder layer list to stream through")
-    layers_name = _module_name(model, layers)
-    embed = model.get_input_embeddings()
-    _materialize(embed, _module_name(model, embed), weights, device, dtype)
-    for mod in decoder.modules():  # rotary embeddings etc.: buffers computed at construction, on the host
-        if any(mod is l for l in layers):
-            continue
-        for bname, b in list(mod._buffers.items()):
-            if b is not None and b.device.type != "meta":
-                mod._buffers[bname] = b.to(device)
+    from quantmix.model.engine import EngineError, LayerEngine
 
-    rows = max(1, batch_tokens // chunks.shape[1])
-    batches = [chunks[i:i + rows] for i in range(0, chunks.shape[0], rows)]
-    n_layer = len(layers)
-    tokens = chunks.numel()
-    hidden_bytes = tokens * int(cfg.get_text_config().hidden_size) * torch.finfo(dtype).bits // 8
-    store = device if device.type == "cpu" or hidden_bytes <= (2 << 30) else torch.device("cpu")
-
-    # 1. embed every row; record what the decoder passes each layer (masks, rotary embeddings, ...)
-    calls: list[list[tuple[tuple, dict]]] = [[] for _ in range(n_layer)]
-    hidden: list[torch.Tensor] = []
-
-    def recorder(i: int):  # noqa: ANN202 - closure factory
-        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-            h = args[0] if args else kwargs.pop("hidden_states")
-            calls[i].append((tuple(args[1:]), kwargs))
-            if i == 0:
-                hidden.append(h.to(store))
-            if i == n_layer - 1:
-                raise _LayerInputs
-            return h
-        return forward
-
-    for i, layer in enumerate(layers):
-        layer.forward = recorder(i)
     try:
-        for b in batches:
+        engine = LayerEngine(model_dir, device, dtype, resident_bytes=0)
+    except EngineError as e:
+        raise ImatrixError(str(e)) from None
+    with engine:
+        batches = engine.batches(chunks, batch_tokens)
+        store = engine.store(on_device=engine.hidden_fits_device(batches))
+        for j, h in enumerate(engine.embed(batches)):
+            store[j] = h
+        stats = ActivationStats(all_experts=all_experts)
+        bar = tqdm(total=engine.n_layer, desc="imatrix", unit="layer", disable=not progress, file=sys.stderr)
+        for i, layer in enumerate(engine.layers):
             try:
-                decoder(input_ids=b.to(device), use_cache=False)
-            except _LayerInputs:
-                pass
-            else:
-                raise ImatrixError(f"{type(decoder).__name__} did not call its last layer")
-    finally:
-        for layer in layers:
-            del layer.forward
-    _release(embed)
-
-    # 2. layer by layer: load, run every row, keep the outputs, drop the weights
-    stats = ActivationStats(all_experts=all_experts)
-    bar = tqdm(total=n_layer, desc="imatrix", unit="layer", disable=not progress, file=sys.stderr)
-    for i, layer in enumerate(layers):
-        prefix = f"{layers_name}.{i}"
-        _materialize(layer, prefix, weights, device, dtype)
-        with hook_modules(layer, stats, prefix):
-            for j, h in enumerate(hidden):
-                args, kwargs = calls[i][j]
-                out = layer(h.to(device), *args, **kwargs)
-                out = out[0] if isinstance(out, tuple) else out
-                hidden[j] = out.to(store)
-        _release(layer)
-        calls[i] = []
-        bar.update(1)
-    bar.close()
-
-    # 3. the output projection's input: the final norm of the last hidden states (no logits needed)
-    head = model.get_output_embeddings()
-    tied = bool(getattr(cfg.get_text_config(), "tie_word_embeddings", False))
-    if process_output and head is not None and not tied:
-        norm = getattr(decoder, "norm", None)
-        if not isinstance(norm, nn.Module):
-            raise ImatrixError(f"{type(decoder).__name__} has no final norm; cannot collect output.weight")
-        _materialize(norm, _module_name(model, norm), weights, device, dtype)
-        st = stats.channel(f"{_module_name(model, head)}.weight", 1, int(head.weight.shape[1]), device)
-        for h in hidden:
-            st.add(norm(h.to(device)))
-        _release(norm)
-    stats.n_tokens = tokens
+                with engine.layer(i), hook_modules(layer, stats, f"{engine.layers_name}.{i}"):
+                    for j in range(len(batches)):
+                        store[j] = engine.run(i, store[j], batches, j)
+            except EngineError as e:
+                raise ImatrixError(str(e)) from None
+            batches.calls[i] = []
+            bar.update(1)
+        bar.close()
+        # the output projection's input: the final norm of the last hidden states (no logits needed)
+        model = engine.model
+        head = model.get_output_embeddings()
+        tied = bool(getattr(engine.config.get_text_config(), "tie_word_embeddings", False))
+        if process_output and head is not None and not tied:
+            try:
+                norm = engine.final_norm
+            except EngineError as e:
+                raise ImatrixError(f"{e}; cannot collect output.weight") from None
+            st = stats.channel(f"{module_name(model, head)}.weight", 1, int(head.weight.shape[1]), device)
+            for j in range(len(batches)):
+                st.add(norm(store[j].to(device)))
+        store.clear()
+    stats.n_tokens = int(chunks.numel())
     return stats, model
 
 
@@ -438,7 +281,7 @@ def compute_imatrix_tokens(
     vocab = int(getattr(cfg.get_text_config(), "vocab_size", 0) or 0)
     if vocab and (int(chunks.min()) < 0 or int(chunks.max()) >= vocab):
         raise ImatrixError(f"{model_dir}: token ids outside the vocabulary of {vocab}")
-    stats, model = _stream(model_dir, cfg, chunks, all_experts, _device(device), dtype, process_output,
+    stats, model = _stream(model_dir, chunks, all_experts, _device(device), dtype, process_output,
                            batch_tokens, progress)
     return imatrix_from_stats(stats, model, model_dir, chunks.shape[0], chunks.shape[1], datasets, process_output)
 

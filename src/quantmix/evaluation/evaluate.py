@@ -1,10 +1,12 @@
 """``quantmix eval``: a quantized model against its float reference, on real text, every standard metric.
 
-One call: load the float model (float32), get the cached reference distributions (computed on first use,
-:mod:`quantmix.evaluation.reference`), keep the reference output head aside, quantize the model in place
-(a recipe through :func:`quantmix.export.simulate.simulate_quantization`, or a GGUF file's dequantized
-weights through :func:`quantmix.evaluation.gguf_model.load_gguf_weights`), then score every chunk and compare
-the two distributions token by token (:mod:`quantmix.evaluation.kld`).
+One call, on the streaming engine (:mod:`quantmix.model.engine`: one decoder layer loaded at a time, so any
+model that fits the disk can be evaluated): get the cached reference distributions (a float32 pass on first
+use, :mod:`quantmix.evaluation.reference`), keep the reference output head aside, then run the quantized
+model, each layer quantized as it is loaded (a recipe through
+:func:`quantmix.export.simulate.simulate_quantization`, or a GGUF file's dequantized weights through
+:class:`quantmix.evaluation.gguf_model.GGUFWeights`), and compare the two distributions token by token
+(:mod:`quantmix.evaluation.kld`).
 
 ``act_quant="llama-cpu"`` (the default) runs the quantized model with llama.cpp's CPU matmul numerics
 (activations quantized to Q8_K / Q8_0 before each quantized dot product, :mod:`quantmix.evaluation.llama_cpu`),
@@ -27,7 +29,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +37,7 @@ import torch
 
 from quantmix.evaluation.kld import KLDStats, MetricsAccumulator, token_metrics
 from quantmix.evaluation.nextn import NextNHead, load_nextn
-from quantmix.evaluation.perplexity import iter_scored_logits
+from quantmix.evaluation.perplexity import ScoredChunk
 from quantmix.evaluation.reference import (
     EvalText,
     HeadReplay,
@@ -43,6 +45,8 @@ from quantmix.evaluation.reference import (
     prepare_text,
     reference_distributions,
 )
+from quantmix.measurement.kld_probe import tensor_layer
+from quantmix.model.engine import Batches, LayerEngine, chunk_rows
 from quantmix.planning.recipe import RecipeSpec
 
 __all__ = ["DEFAULT_EVAL_TOKENS", "DEFAULT_TEXT", "QuantSource", "EvalResult", "TextSource", "TextSourceError",
@@ -181,34 +185,65 @@ def _file_sha256(p: Path) -> str:
     return h.hexdigest()
 
 
-def _apply(model: torch.nn.Module, model_dir: Path, quant: QuantSource, device: torch.device,
-           nextn: NextNHead | None = None) -> dict:
-    """Quantize ``model`` (and its NextN layer) in place; returns the size fields and an identity hash of what
-    was applied."""
-    if quant.gguf is not None:
-        from quantmix.evaluation.gguf_model import load_gguf_weights
+class _Quantizer:
+    """Writes ``quant`` into the engine's model a part at a time (the tensors outside the layers, then each
+    layer as it is loaded) and into the NextN layer; knows the size fields and the tensor types."""
 
-        rep = load_gguf_weights(model, quant.gguf)
+    def __init__(self, engine: LayerEngine, model_dir: Path, quant: QuantSource, device: torch.device,
+                 nextn: NextNHead | None) -> None:
+        self.engine = engine
+        self.device = device
+        self.quant = quant
+        self._gguf = None
+        self._res = None
+        if quant.gguf is not None:
+            from quantmix.evaluation.gguf_model import GGUFWeights, load_gguf_weights
+
+            self._gguf = GGUFWeights(engine.model, quant.gguf, targets=engine.targets)
+            rep = self._gguf.report
+            if nextn is not None:
+                load_gguf_weights(nextn.root, quant.gguf, partial=True)
+            self.type_map = dict(rep.types)
+            self.applied = {"size_bytes": rep.n_bytes, "n_elements": rep.n_elements, "bpw": rep.bpw,
+                            "types": ",".join(sorted(set(rep.types.values()))),
+                            "quant_sha256": _file_sha256(quant.gguf)}
+            return
+        from quantmix.export.simulate import simulate_quantization
+        from quantmix.model.catalog import catalog_from_config
+        from quantmix.planning.recipe import resolve
+
+        assert quant.spec is not None
+        self._res = res = resolve(catalog_from_config(model_dir), quant.spec, imatrix_present=quant.imatrix is not None)
+        self._imatrix = None
+        if quant.imatrix is not None:
+            from quantmix.calibration.imatrix_io import read_imatrix
+
+            self._imatrix = read_imatrix(quant.imatrix)
         if nextn is not None:
-            load_gguf_weights(nextn.root, quant.gguf, partial=True)
-        types = sorted(set(rep.types.values()))
-        return {"size_bytes": rep.n_bytes, "n_elements": rep.n_elements, "bpw": rep.bpw,
-                "types": ",".join(types), "quant_sha256": _file_sha256(quant.gguf), "type_map": rep.types}
-    from quantmix.export.simulate import simulate_quantization
-    from quantmix.model.catalog import catalog_from_config
-    from quantmix.planning.recipe import resolve
+            simulate_quantization(nextn.root, res, imatrix=self._imatrix, device=device)
+        n_el = sum(a.tensor.n_elements for a in res.assignments)
+        ident = json.dumps({"types": res.types(), "imatrix": _file_sha256(quant.imatrix) if quant.imatrix else None},
+                           sort_keys=True)
+        self.type_map = res.types()
+        self.applied = {"size_bytes": res.n_bytes, "n_elements": n_el, "bpw": 8.0 * res.n_bytes / n_el,
+                        "types": ",".join(sorted({a.qtype for a in res.assignments})),
+                        "quant_sha256": hashlib.sha256(ident.encode()).hexdigest()}
 
-    assert quant.spec is not None
-    res = resolve(catalog_from_config(model_dir), quant.spec, imatrix_present=quant.imatrix is not None)
-    simulate_quantization(model, res, imatrix=quant.imatrix, device=device)
-    if nextn is not None:
-        simulate_quantization(nextn.root, res, imatrix=quant.imatrix, device=device)
-    n_el = sum(a.tensor.n_elements for a in res.assignments)
-    ident = json.dumps({"types": res.types(), "imatrix": _file_sha256(quant.imatrix) if quant.imatrix else None},
-                       sort_keys=True)
-    return {"size_bytes": res.n_bytes, "n_elements": n_el, "bpw": 8.0 * res.n_bytes / n_el,
-            "types": ",".join(sorted({a.qtype for a in res.assignments})),
-            "quant_sha256": hashlib.sha256(ident.encode()).hexdigest(), "type_map": res.types()}
+    def names(self, layer: int) -> list[str]:
+        """The model's GGUF tensors of decoder layer ``layer`` (-1: those outside the layers)."""
+        return [n for n in self.engine.targets if tensor_layer(n) == layer]
+
+    def apply(self, names: list[str]) -> None:
+        if self._gguf is not None:
+            self._gguf.apply(self.engine.model, names)
+        else:
+            from quantmix.export.simulate import simulate_quantization
+
+            simulate_quantization(self.engine.model, self._res, imatrix=self._imatrix, device=self.device,
+                                  only=set(names), targets=self.engine.targets)
+
+    def types_of(self, names: list[str]) -> dict[str, str]:
+        return {n: self.type_map[n] for n in names if n in self.type_map}
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -260,11 +295,17 @@ def evaluate(model_dir: str | Path, quant: QuantSource,
 @torch.no_grad()
 def evaluate_tokens(model_dir: str | Path, quant: QuantSource, text: EvalText, precision: str = "float32",
                     act_quant: str = "llama-cpu", device: str | torch.device | None = None, progress: bool = False,
-                    reference_cache: Path | None = None) -> EvalResult:
-    """:func:`evaluate` on an already chunked text (any token ids the model's vocabulary holds)."""
-    from quantmix.evaluation.llama_cpu import ACT_QUANT_MODES, llama_cpu_activations
+                    reference_cache: Path | None = None, *, resident_bytes: int | None = None,
+                    batch_tokens: int = 2048) -> EvalResult:
+    """:func:`evaluate` on an already chunked text (any token ids the model's vocabulary holds).
+
+    Both passes run on the streaming engine (:class:`~quantmix.model.engine.LayerEngine`): the float pass only
+    when the reference is not cached yet (or the model has a NextN layer), the quantized pass with each layer's
+    tensors quantized as the layer is loaded. ``resident_bytes``: the engine's budget for keeping layers
+    loaded (0: read every layer on every pass)."""
+    from quantmix.evaluation.llama_cpu import ACT_QUANT_MODES
     from quantmix.model.catalog import catalog_from_config
-    from quantmix.model.checkpoint import load_float_model
+    from quantmix.model.engine import LayerEngine
 
     if act_quant not in ACT_QUANT_MODES:
         raise ValueError(f"act_quant {act_quant!r}: choose one of {', '.join(ACT_QUANT_MODES)}")
@@ -272,40 +313,59 @@ def evaluate_tokens(model_dir: str | Path, quant: QuantSource, text: EvalText, p
     model_dir = _check_model_dir(model_dir)
     dev = _device(device)
     et = text
-    model = load_float_model(model_dir, dtype=torch.float32, device=dev)  # FP8 / MXFP4 checkpoints dequantized
-    if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
-        with contextlib.suppress(ValueError):  # the reference with the same expert loop as the emulated run
-            model.set_experts_implementation("eager")
-    head = capture_head(model)
-    nextn = load_nextn(model, model_dir, dev)
-    nextn_ref = _nextn_reference(model, nextn, et) if nextn is not None else None
-    _log(progress, f"reference: {et.n_chunks} chunks of {et.n_ctx} ({et.n_chunks * et.n_scored} scored tokens)")
-    ref = reference_distributions(model, model_dir, et, precision, head, reference_cache,
-                                  (lambda i, n: _log(progress, f"reference chunk {i}/{n}")) if progress else None)
-    _log(progress, f"applying {quant.describe()}")
-    applied = _apply(model, model_dir, quant, dev, nextn)
-    type_map = applied.pop("type_map")
-    acc = MetricsAccumulator()
-    acc_nextn = MetricsAccumulator()
-    with contextlib.ExitStack() as stack:
-        mode = stack.enter_context(llama_cpu_activations(model, type_map)) if act_quant == "llama-cpu" else None
+    with LayerEngine(model_dir, dev, torch.float32, resident_bytes=resident_bytes) as engine:
+        model = engine.model
+        if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+            with contextlib.suppress(ValueError):  # the reference with the same expert loop as the emulated run
+                model.set_experts_implementation("eager")
+        head = capture_head(model)
+        batches = engine.batches(et.chunks, batch_tokens)
+        rows = chunk_rows(batches)
+        float_final: list[torch.Tensor] = []
+
+        def float_pass() -> list[torch.Tensor]:
+            if not float_final:
+                float_final.extend(engine.forward_hidden(batches, progress, "reference"))
+            return float_final
+
+        def scored() -> Iterator[ScoredChunk]:
+            final = float_pass()
+            for c, (j, r) in enumerate(rows):
+                normed = engine.final_norm(final[j][r, et.first:-1])
+                logits = engine.logits(final[j][r, et.first:-1]).cpu()
+                yield ScoredChunk(c, logits, et.chunks[c, et.first + 1:].clone(), normed.float().cpu())
+
+        nextn = load_nextn(model, model_dir, dev)
+        _log(progress, f"reference: {et.n_chunks} chunks of {et.n_ctx} ({et.n_chunks * et.n_scored} scored tokens)")
+        ref = reference_distributions(model, model_dir, et, precision, head, reference_cache,
+                                      (lambda i, n: _log(progress, f"reference chunk {i}/{n}")) if progress else None,
+                                      scored=scored)
+        nextn_ref = None
         if nextn is not None:
-            if act_quant == "llama-cpu":
-                stack.enter_context(llama_cpu_activations(nextn.root, type_map))
-            finals = stack.enter_context(_final_hidden(model))
-        for sc in iter_scored_logits(model, et.chunks, first=et.first):
-            if nextn is not None and nextn_ref is not None:
-                ids = et.chunks[sc.index:sc.index + 1].to(dev)
-                q_h = nextn.hidden(finals.pop(), ids)[0, et.first:-1]
-                acc_nextn.add(token_metrics(nextn_ref.head(nextn_ref.hidden[sc.index]),
-                                            nextn.layer.shared_head.head(q_h).float().cpu(),
-                                            et.chunks[sc.index, et.first + 2:]))
-            if mode is not None and sc.index == 0 and mode.unseen():
-                raise RuntimeError(f"llama.cpp activation emulation never saw the matmul of {mode.unseen()[0]} "
-                                   f"({type(model).__name__} multiplies it without F.linear); use act_quant='none'")
-            ref_logits = ref.logits(sc.index, head).cpu()
-            acc.add(token_metrics(ref_logits, sc.logits, sc.targets))
-            _log(progress, f"chunk {sc.index + 1}/{et.n_chunks}")
+            nextn_ref = _nextn_reference(engine, nextn, et, float_pass(), rows)
+        float_final.clear()
+        _log(progress, f"applying {quant.describe()}")
+        qz = _Quantizer(engine, model_dir, quant, dev, nextn)
+        final = _quantized_pass(engine, batches, qz, act_quant, progress)
+        acc = MetricsAccumulator()
+        acc_nextn = MetricsAccumulator()
+        with _head_numerics(engine, qz, act_quant):
+            for c, (j, r) in enumerate(rows):
+                q_logits = engine.logits(final[j][r, et.first:-1]).cpu()
+                acc.add(token_metrics(ref.logits(c, head).cpu(), q_logits, et.chunks[c, et.first + 1:]))
+        if nextn is not None and nextn_ref is not None:
+            with contextlib.ExitStack() as stack:
+                if act_quant == "llama-cpu":
+                    from quantmix.evaluation.llama_cpu import llama_cpu_activations
+
+                    stack.enter_context(llama_cpu_activations(nextn.root, qz.type_map))
+                for c, (j, r) in enumerate(rows):
+                    ids = et.chunks[c:c + 1].to(dev)
+                    q_h = nextn.hidden(engine.final_norm(final[j][r:r + 1]), ids)[0, et.first:-1]
+                    acc_nextn.add(token_metrics(nextn_ref.head(nextn_ref.hidden[c]),
+                                                nextn.layer.shared_head.head(q_h).float().cpu(),
+                                                et.chunks[c, et.first + 2:]))
+        applied = qz.applied
     stats = acc.summary()
     ref_el = catalog_from_config(model_dir).n_elements
     fp = ref.meta["model_sha256"]
@@ -336,6 +396,51 @@ def evaluate_tokens(model_dir: str | Path, quant: QuantSource, text: EvalText, p
     return EvalResult(meta, stats, stats_nextn)
 
 
+def _layer_numerics(engine: LayerEngine, qz: _Quantizer, names: list[str], act_quant: str):  # noqa: ANN202
+    """llama.cpp's activation rounding for ``names``' matmuls (a no-op context with act_quant 'none')."""
+    if act_quant != "llama-cpu":
+        return contextlib.nullcontext(None)
+    from quantmix.evaluation.llama_cpu import llama_cpu_activations
+
+    return llama_cpu_activations(engine.model, qz.types_of(names), engine.targets)
+
+
+def _head_numerics(engine: LayerEngine, qz: _Quantizer, act_quant: str):  # noqa: ANN202
+    """The numerics of the output head's matmul (output.weight, or the tied token_embd)."""
+    head_w = engine.model.get_output_embeddings().weight
+    names = [n for n in qz.names(-1) if engine.parameter(engine.targets[n].param) is head_w]
+    return _layer_numerics(engine, qz, names, act_quant)
+
+
+@torch.no_grad()
+def _quantized_pass(engine: LayerEngine, batches: Batches, qz: _Quantizer, act_quant: str,
+                    progress: bool) -> list[torch.Tensor]:
+    """The last layer's output of every batch with the quantization applied: outside tensors first (the
+    embedding), then each layer's as it is loaded, each layer run under llama.cpp's activation numerics."""
+    from tqdm import tqdm
+
+    qz.apply(qz.names(-1))
+    store = engine.store(on_device=engine.hidden_fits_device(batches))
+    for j, h in enumerate(engine.embed(batches, recompute=True)):
+        store[j] = h
+    for i in tqdm(range(engine.n_layer), desc="eval", unit="layer", disable=not progress, file=sys.stderr):
+        names = qz.names(i)
+        with engine.layer(i):
+            qz.apply(names)
+            with _layer_numerics(engine, qz, names, act_quant) as mode:
+                for j in range(len(batches)):
+                    store[j] = engine.run(i, store[j], batches, j)
+                    if mode is not None and j == 0 and mode.unseen():
+                        raise RuntimeError(f"llama.cpp activation emulation never saw the matmul of "
+                                           f"{mode.unseen()[0]} ({type(engine.model).__name__} multiplies it "
+                                           f"without F.linear); use act_quant='none'")
+            if engine.is_resident(i):  # the resident copy holds quantized weights now: read it again next time
+                engine.evict(i)
+    out = [store[j] for j in range(len(batches))]
+    store.clear()
+    return out
+
+
 @dataclass
 class _NextNReference:
     """The float NextN head's inputs at every chunk's scored positions, and the float head to read them."""
@@ -344,27 +449,13 @@ class _NextNReference:
     head: HeadReplay
 
 
-@contextlib.contextmanager
-def _final_hidden(model: torch.nn.Module):  # noqa: ANN202 - a generator context
-    """Collect the main model's final normalized hidden states [1, T, hidden] (all positions: the NextN
-    layer's attention reads them all), one per forward pass."""
-    seen: list[torch.Tensor] = []
-    norm = model.get_decoder().norm  # type: ignore[operator]
-    h = norm.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
-    try:
-        yield seen
-    finally:
-        h.remove()
-
-
-def _nextn_reference(model: torch.nn.Module, nextn: NextNHead, et: EvalText) -> _NextNReference:
-    """Run the float model and its float NextN layer over every chunk (before quantization)."""
-    dev = next(model.parameters()).device
+def _nextn_reference(engine: LayerEngine, nextn: NextNHead, et: EvalText, final: list[torch.Tensor],
+                     rows: list[tuple[int, int]]) -> _NextNReference:
+    """The float NextN layer over every chunk, from the float model's last-layer outputs ``final``."""
+    dev = engine.device
     out = []
-    with _final_hidden(model) as finals:
-        for i in range(et.n_chunks):
-            ids = et.chunks[i:i + 1].to(dev)
-            model.get_decoder()(input_ids=ids, use_cache=False)  # type: ignore[operator]
-            out.append(nextn.hidden(finals.pop(), ids)[0, et.first:-1].float().cpu())
+    for c, (j, r) in enumerate(rows):
+        ids = et.chunks[c:c + 1].to(dev)
+        out.append(nextn.hidden(engine.final_norm(final[j][r:r + 1]), ids)[0, et.first:-1].float().cpu())
     w = nextn.head_weight()
     return _NextNReference(out, HeadReplay(w.detach().clone(), None))

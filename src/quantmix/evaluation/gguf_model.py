@@ -8,6 +8,7 @@ mapping (plain linears, llama's q/k row permutation, slices of fused expert para
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,77 @@ def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(s)
 
 
+class GGUFWeights:
+    """A GGUF's tensors checked against a model (names, shapes), written into it on demand: all at once
+    (:func:`load_gguf_weights`) or a decoder layer at a time as the streaming engine loads it.
+
+    ``partial``: ``model`` holds only some of the GGUF's tensors (a NextN layer on its own); the others are
+    not checked. ``targets``: the model's tensor targets, when already known."""
+
+    def __init__(self, model: nn.Module, gguf_path: str | Path, partial: bool = False,
+                 targets: dict | None = None) -> None:
+        from quantmix.export.simulate import tensor_targets
+        from quantmix.model.catalog import beyond_decoder_layers
+
+        self.path = path = Path(gguf_path)
+        header = read_gguf_header(path)
+        self.header = header
+        self.tensors = tensors = {t.name: t for t in header.tensors}
+        self.targets = targets = tensor_targets(model) if targets is None else targets
+        missing = sorted(set(targets) - set(tensors))
+        if missing:
+            raise GGUFLoadError(f"{path}: has no tensor {missing[0]} ({len(missing)} of the model's tensors "
+                                f"missing): not a quantization of this model")
+        report = GGUFLoadReport(path, n_bytes=header.tensor_bytes,
+                                n_elements=sum(t.n_elements for t in header.tensors))
+        n_main = _main_layers(model)
+        for name, t in tensors.items():
+            report.types[name] = t.type_name
+            if name not in targets and not partial:
+                if beyond_decoder_layers(name, n_main):  # a NextN layer: not on the next-token path, so leaving
+                    # it out of the evaluation is exact
+                    report.off_main_path.append(name)
+                    continue
+                if len([d for d in t.shape if d > 1]) > 1:
+                    raise GGUFLoadError(f"{path}: tensor {name} {list(t.shape)} has no parameter in "
+                                        f"{type(model).__name__}: not a quantization of this model")
+                report.not_in_model.append(name)
+        for name, tgt in targets.items():
+            t = tensors[name]
+            if _squeeze(t.shape) != _squeeze(tgt.info.shape):
+                raise GGUFLoadError(f"{path}: tensor {name} has shape {list(t.shape)}, the model's is "
+                                    f"{list(tgt.info.shape)}: not a quantization of this model")
+        self.report = report
+        self._maps = {p: np.memmap(p, dtype=np.uint8, mode="r") for p in header.paths}
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, names: Iterable[str] | None = None) -> None:
+        """Write the GGUF's dequantized values into ``model`` (every target, or ``names``; their parameters
+        must be present, in float32, and hold the float weights)."""
+        params = dict(model.named_parameters())
+        for name in (self.targets if names is None else names):
+            tgt = self.targets[name]
+            t = self.tensors[name]
+            p = params[tgt.param]
+            if p.dtype != torch.float32:
+                raise GGUFLoadError(f"parameter {tgt.param} is {p.dtype}: load the model in float32 to hold the "
+                                    f"GGUF's dequantized weights exactly")
+            w = dequantize_gguf_tensor(t, self._maps[t.shard], self.header.data_offsets[t.shard])
+            dst = tgt.view(p.data)
+            if dst.numel() != w.numel():
+                raise GGUFLoadError(f"{self.path}: tensor {name} ({w.numel()} values) does not fill {tgt.param} "
+                                    f"{list(dst.shape)}")
+            ref = tgt.read(p.data).reshape(w.shape).double()
+            den = float(ref.square().sum())
+            rel = float((w.double() - ref).square().sum()) / den if den > 0 else 0.0
+            if rel > MAX_REL_ERROR:  # worse than all zeros: not this model's weights quantized
+                raise GGUFLoadError(f"{self.path}: tensor {name} is not a quantization of {tgt.param} of this "
+                                    f"model (relative squared error {rel:.3g} against the float weights; any "
+                                    f"quantization of them is below {MAX_REL_ERROR:g}): the GGUF is of another "
+                                    f"model")
+            tgt.write(p.data, w)
+
+
 @torch.no_grad()
 def load_gguf_weights(model: nn.Module, gguf_path: str | Path, partial: bool = False) -> GGUFLoadReport:
     """Replace, in place, every weight of ``model`` that the GGUF holds by the GGUF's (dequantized) values.
@@ -88,52 +160,6 @@ def load_gguf_weights(model: nn.Module, gguf_path: str | Path, partial: bool = F
     The model must be the GGUF's own architecture and shapes (the float model it was quantized from), loaded
     in float32. Every parameter the converter writes must be in the GGUF. ``partial``: ``model`` holds only
     some of the GGUF's tensors (a NextN layer on its own); the others are not checked."""
-    from quantmix.export.simulate import tensor_targets
-    from quantmix.model.catalog import beyond_decoder_layers
-
-    path = Path(gguf_path)
-    header = read_gguf_header(path)
-    tensors = {t.name: t for t in header.tensors}
-    targets = tensor_targets(model)
-    missing = sorted(set(targets) - set(tensors))
-    if missing:
-        raise GGUFLoadError(f"{path}: has no tensor {missing[0]} ({len(missing)} of the model's tensors missing): "
-                            f"not a quantization of this model")
-    report = GGUFLoadReport(path, n_bytes=header.tensor_bytes, n_elements=sum(t.n_elements for t in header.tensors))
-    n_main = _main_layers(model)
-    for name, t in tensors.items():
-        report.types[name] = t.type_name
-        if name not in targets and not partial:
-            if beyond_decoder_layers(name, n_main):  # a NextN layer: not on the next-token path, so leaving it
-                # out of the evaluation is exact
-                report.off_main_path.append(name)
-                continue
-            if len([d for d in t.shape if d > 1]) > 1:
-                raise GGUFLoadError(f"{path}: tensor {name} {list(t.shape)} has no parameter in "
-                                    f"{type(model).__name__}: not a quantization of this model")
-            report.not_in_model.append(name)
-    params = dict(model.named_parameters())
-    maps = {p: np.memmap(p, dtype=np.uint8, mode="r") for p in header.paths}
-    for name, tgt in targets.items():
-        t = tensors[name]
-        if _squeeze(t.shape) != _squeeze(tgt.info.shape):
-            raise GGUFLoadError(f"{path}: tensor {name} has shape {list(t.shape)}, the model's is "
-                                f"{list(tgt.info.shape)}: not a quantization of this model")
-        p = params[tgt.param]
-        if p.dtype != torch.float32:
-            raise GGUFLoadError(f"parameter {tgt.param} is {p.dtype}: load the model in float32 to hold the "
-                                f"GGUF's dequantized weights exactly")
-        w = dequantize_gguf_tensor(t, maps[t.shard], header.data_offsets[t.shard])
-        dst = tgt.view(p.data)
-        if dst.numel() != w.numel():
-            raise GGUFLoadError(f"{path}: tensor {name} ({w.numel()} values) does not fill {tgt.param} "
-                                f"{list(dst.shape)}")
-        ref = tgt.read(p.data).reshape(w.shape).double()
-        den = float(ref.square().sum())
-        rel = float((w.double() - ref).square().sum()) / den if den > 0 else 0.0
-        if rel > MAX_REL_ERROR:  # worse than all zeros: not this model's weights quantized
-            raise GGUFLoadError(f"{path}: tensor {name} is not a quantization of {tgt.param} of this model "
-                                f"(relative squared error {rel:.3g} against the float weights; any quantization "
-                                f"of them is below {MAX_REL_ERROR:g}): the GGUF is of another model")
-        tgt.write(p.data, w)
-    return report
+    g = GGUFWeights(model, gguf_path, partial)
+    g.apply(model)
+    return g.report

@@ -141,11 +141,13 @@ class _Mode(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def llama_cpu_activations(model: nn.Module, types: Mapping[str, str]) -> Iterator[_Mode]:
+def llama_cpu_activations(model: nn.Module, types: Mapping[str, str], targets: dict | None = None) -> Iterator[_Mode]:
     """Within this context, ``model``'s matmuls quantize their activations as llama.cpp's CPU backend does.
 
     ``types``: GGUF tensor name -> its type (a GGUF's stored types, or a resolved recipe's). After a forward
-    pass, ``mode.unseen()`` names the weights whose matmul was not intercepted (should be none)."""
+    pass, ``mode.unseen()`` names the weights whose matmul was not intercepted (should be none). Only the
+    tensors named in ``types`` are intercepted (the streaming engine names its present layer's); ``targets``:
+    the model's tensor targets, when already known."""
     from quantmix.export.simulate import tensor_targets
 
     params = dict(model.named_parameters())
@@ -157,7 +159,9 @@ def llama_cpu_activations(model: nn.Module, types: Mapping[str, str]) -> Iterato
     skipped: set[str] = set()
     mla: dict[str, dict[str, str | None]] = {}  # attention module -> {"k_b": type, "v_b": type}
     phases: dict[str, dict[int, str | None]] = {}  # x @ w parameters: column phase -> activation type
-    for name, tgt in tensor_targets(model).items():
+    for name, tgt in (tensor_targets(model) if targets is None else targets).items():
+        if name not in types:
+            continue
         p = params[tgt.param]
         if name not in types or p.dim() < 2 or id(p) in lookups or name.endswith(".bias"):
             continue  # an untied embedding is only a row lookup; biases (gpt-oss's are 2-D) are added, not multiplied

@@ -70,7 +70,7 @@ def load_nextn(model: nn.Module, model_dir: str | Path, device: torch.device) ->
     shared_head and the layer's own embed_tokens, and loaded from the checkpoint as stored (FP8 dequantized)."""
     from accelerate import init_empty_weights
 
-    from quantmix.calibration.imatrix import _materialize, _Weights
+    from quantmix.model.weights import ModelWeights, materialize
 
     cfg = model.config  # type: ignore[attr-defined]
     if not nextn_layers(cfg):
@@ -94,6 +94,6 @@ def load_nextn(model: nn.Module, model_dir: str | Path, device: torch.device) ->
     root.config = cfg  # type: ignore[assignment]
     root.model = nn.Module()
     root.model.layers = nn.ModuleDict({str(n): layer})
-    _materialize(layer, f"model.layers.{n}", _Weights(Path(model_dir), cfg), device, torch.float32)
+    materialize(layer, f"model.layers.{n}", ModelWeights(Path(model_dir), cfg), device, torch.float32)
     layer.eval()
     return NextNHead(root, layer, decoder.rotary_emb, tc, n)

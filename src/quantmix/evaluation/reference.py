@@ -26,7 +26,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from quantmix.evaluation.perplexity import (
+    ScoredChunk,
     iter_scored_logits,
     make_chunks,
     scored_first,
@@ -46,7 +47,7 @@ from quantmix.paths import cache_dir, file_lock, temp_beside
 __all__ = ["ReferenceError", "EvalText", "HeadReplay", "ReferenceCache", "PRECISIONS", "prepare_text",
            "model_fingerprint", "capture_head", "reference_key", "reference_distributions"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: computed by the streaming engine (batches of chunks)
 MAGIC = b"QMREF01\n"
 PRECISIONS = {"float32": np.float32, "float16": np.float16}
 _ALIGN = 64
@@ -238,7 +239,8 @@ def reference_key(model_fp: str, text: EvalText, precision: str, model_dtype: st
 
 
 def _build(model: nn.Module, text: EvalText, head: HeadReplay, precision: str, meta: dict, out: Path,
-           progress: Callable[[int, int], None] | None) -> None:
+           progress: Callable[[int, int], None] | None,
+           scored: Callable[[], Iterable[ScoredChunk]] | None = None) -> None:
     n_hidden = int(head.weight.shape[1])
     layout = _layout(text.n_chunks, text.n_ctx, text.n_scored, n_hidden, precision)
     meta = dict(meta, arrays=layout)
@@ -255,7 +257,9 @@ def _build(model: nn.Module, text: EvalText, head: HeadReplay, precision: str, m
                            shape=tuple(a["shape"])) for k, a in layout.items()}
         mm["tokens"][:] = text.chunks.numpy().astype(np.int32)
         worst = 0.0
-        for sc in iter_scored_logits(model, text.chunks, first=text.first, with_hidden=True):
+        chunks = scored() if scored is not None else iter_scored_logits(model, text.chunks, first=text.first,
+                                                                        with_hidden=True)
+        for sc in chunks:
             assert sc.hidden is not None
             replay = head(sc.hidden.to(head.weight.device)).cpu()
             err = float((replay - sc.logits).abs().max())
@@ -284,9 +288,12 @@ def _build(model: nn.Module, text: EvalText, head: HeadReplay, precision: str, m
 @torch.no_grad()
 def reference_distributions(model: nn.Module, model_dir: str | Path, text: EvalText, precision: str = "float32",
                             head: HeadReplay | None = None, cache: Path | None = None,
-                            progress: Callable[[int, int], None] | None = None) -> ReferenceCache:
+                            progress: Callable[[int, int], None] | None = None,
+                            scored: Callable[[], Iterable[ScoredChunk]] | None = None) -> ReferenceCache:
     """The cached reference of ``model`` (loaded from ``model_dir``, not yet quantized) on ``text``; computed
-    and written on first use. ``cache``: the directory (default ``cache_dir()/reference``)."""
+    and written on first use. ``cache``: the directory (default ``cache_dir()/reference``). ``scored``: makes
+    the chunks' logits and head inputs (the streaming engine's pass; default a forward of ``model`` per chunk),
+    called only when the cache is built."""
     if precision not in PRECISIONS:
         raise ReferenceError(f"reference precision {precision!r}: choose one of {sorted(PRECISIONS)}")
     head = head if head is not None else capture_head(model)
@@ -311,7 +318,7 @@ def reference_distributions(model: nn.Module, model_dir: str | Path, text: EvalT
         was_training = model.training
         model.eval()
         try:
-            _build(model, text, head, precision, meta, path, progress)
+            _build(model, text, head, precision, meta, path, progress, scored)
         finally:
             model.train(was_training)
     ref = read_reference(path)

@@ -24,6 +24,7 @@ tensors behind each GGUF tensor) and the catalog's own undoing of transformers' 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -261,23 +262,30 @@ def simulate_quantization(
     resolution: Resolution,
     imatrix: str | Path | Imatrix | None = None,
     device: str | torch.device | None = None,
+    *,
+    only: Collection[str] | None = None,
+    targets: dict[str, _Target] | None = None,
 ) -> SimulationReport:
     """Replace, in place, every weight of ``model`` by what llama.cpp would load from the GGUF that
     :func:`quantmix.export.gguf_writer.quantize_gguf` writes for ``resolution`` (and ``imatrix``).
 
     One GGUF tensor at a time (bounded extra memory). ``device``: where quantization runs (default: CUDA when
     present); results are written back to each parameter's own device. Parameters should be float32: a
-    lower-precision model cannot hold the dequantized values exactly (a SimulationError says so)."""
+    lower-precision model cannot hold the dequantized values exactly (a SimulationError says so). ``only``: just
+    these tensors (the streaming engine's present layer; the rest of the model may be on the meta device);
+    ``targets``: the model's tensor targets, when already known."""
     from quantmix.export.gguf_writer import needs_imatrix
 
     im = read_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    targets = tensor_targets(model)
+    targets = tensor_targets(model) if targets is None else targets
     params = dict(model.named_parameters())
     report = SimulationReport()
     ftype = resolution.spec.ftype
     for a in resolution.assignments:
         name = a.tensor.name
+        if only is not None and name not in only:
+            continue
         src_type = a.tensor.source_type or "F32"
         qtype = src_type if a.reason.startswith("not quantized") else get_type(a.qtype).name
         tgt = targets.get(name)

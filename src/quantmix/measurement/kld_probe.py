@@ -1,15 +1,22 @@
 """Measured output KLD on calibration tokens, fast enough to call hundreds of times: the instrument that the
 sensitivity fit and the refinement search share.
 
-The float model runs once over the calibration chunks; the input of every decoder layer and the reference
-log-probabilities are kept. Measuring a change to some tensors (a quantize-dequantize image, or injected
-noise) then replays only the layers from the first changed one onward, and compares the new distribution
-with the kept one token by token: ``KL(P_ref || P_changed)``, the direction llama-perplexity reports.
+The float model runs once over the calibration chunks (:class:`~quantmix.model.engine.LayerEngine`, layer by
+layer from the checkpoint); the input of every decoder layer and the reference log-probabilities are kept.
+Measuring a change to some tensors (a quantize-dequantize image, or injected noise) then replays only the layers
+from the first changed one onward, and compares the new distribution with the kept one token by token:
+``KL(P_ref || P_changed)``, the direction llama-perplexity reports.
+
+Breadth first: :meth:`KLDProbe.kld_many` advances a whole set of probes together, layer by layer. A probe's
+state starts from the kept clean input of its first changed layer; its substituted tensors are quantized when
+their layer is present; its KLD is taken at the output head in token batches (all logits are never held). So a
+model bigger than memory is read once per set of probes, not once per probe. Layers that fit the engine's
+resident budget stay loaded, and then a probe costs only its own layers' compute.
 
 Why not :func:`quantmix.evaluation.evaluate.evaluate`: that is the judge (held-out text, llama.cpp's activation
 numerics, a reference cache on disk); this is the optimizer's inner loop (calibration text, weights only,
-everything in memory, partial replays). Scores every position after the first of each chunk: more signal per
-forward pass than llama-perplexity's second half, and the optimizer never reports these numbers as evaluation.
+partial replays). Scores every position after the first of each chunk: more signal per forward pass than
+llama-perplexity's second half, and the optimizer never reports these numbers as evaluation.
 
 Tensors are named as in the GGUF (``blk.3.ffn_down.weight``); images are in GGUF row order, the mapping onto
 the Hugging Face parameters (q/k row permutation, fused gate/up experts) is the simulator's
@@ -18,14 +25,15 @@ the Hugging Face parameters (q/k row permutation, fused gate/up experts) is the 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = ["KLDProbe", "ProbeError", "tensor_layer"]
 
@@ -42,23 +50,19 @@ def tensor_layer(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+def _first_layer(name: str, n_layer: int) -> int:
+    """The first layer a change to ``name`` affects: -1 the embedding, n_layer the head only."""
+    if name.startswith("token_embd"):
+        return -1
+    i = tensor_layer(name)
+    return i if i >= 0 else n_layer
+
+
 @dataclass
-class _Place:
-    param: Tensor  # the live parameter's data (a view into the model)
-    target: object  # quantmix.export.simulate._Target: how the GGUF tensor maps onto the parameter
-
-    def view(self) -> Tensor:
-        return self.target.view(self.param)
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    cfg = getattr(model, "config", None)
-    tc = getattr(cfg, "text_config", None) or cfg
-    n = int(getattr(tc, "num_hidden_layers", 0) or 0)
-    for _, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n and n > 0:
-            return mod
-    raise ProbeError(f"{type(model).__name__}: cannot find its {n} decoder layers")
+class _Probe:
+    values: dict[str, Tensor | str]  # tensor -> image (GGUF order) or type name
+    first: int
+    by_layer: dict[int, list[str]]  # layer (-1 embedding, n_layer head) -> its changed tensors
 
 
 class KLDProbe:
@@ -66,28 +70,39 @@ class KLDProbe:
 
     ``chunks``: [n_chunks, n_ctx] token ids (calibration text, never the evaluation text). ``imatrix``: the
     importance matrix quantize-dequantize images are made with. ``image_cache_bytes``: how many bytes of
-    images :meth:`image` keeps (least recently used dropped first)."""
+    images :meth:`image` keeps (least recently used dropped first). ``resident_bytes``: layer weights the engine
+    keeps loaded (default: what fits a third of the memory; 0 streams every pass). ``state_bytes``: memory for
+    the hidden states of probes advancing together (more probes than fit run in several groups; default the
+    engine's in-memory budget ``hidden_bytes``, beyond which states spill to files)."""
 
     def __init__(self, model_dir: str | Path, chunks: Tensor, imatrix: object | None = None,
                  device: str | torch.device | None = None, image_cache_bytes: int = 4 << 30,
-                 token_batch: int = 1024) -> None:
+                 token_batch: int = 1024, *, dtype: torch.dtype = torch.float32, resident_bytes: int | None = None,
+                 state_bytes: int | None = None, batch_tokens: int = 2048, hidden_bytes: int | None = None) -> None:
         from quantmix.calibration.imatrix_io import read_imatrix
-        from quantmix.export.simulate import tensor_targets
-        from quantmix.model.checkpoint import load_float_model
+        from quantmix.model.engine import EngineError, LayerEngine
 
         self.model_dir = Path(model_dir)
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
         self.imatrix = read_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
-        self.model = load_float_model(self.model_dir, dtype=torch.float32, device=self.device)
-        self.layers = _decoder_layers(self.model)
-        self.chunks = chunks.to(self.device)
+        try:
+            self.engine = LayerEngine(self.model_dir, device, dtype, resident_bytes=resident_bytes,
+                                      hidden_bytes=hidden_bytes)
+        except EngineError as e:
+            raise ProbeError(str(e)) from None
+        self.device = self.engine.device
+        self.model = self.engine.model
+        self.layers = self.engine.layers
+        self.n_layer = self.engine.n_layer
+        self.chunks = torch.as_tensor(chunks, dtype=torch.long).to(self.device)
+        self.batches = self.engine.batches(self.chunks.cpu(), batch_tokens)
         self.token_batch = token_batch
-        params = dict(self.model.named_parameters())
-        self._targets = tensor_targets(self.model)
-        self._places = {n: _Place(params[t.param].data, t) for n, t in self._targets.items()}
-        self._originals: dict[str, Tensor] = {}
-        self._base: dict[str, Tensor] = {}  # tensor -> image held in the model between measurements
+        self._targets = self.engine.targets
+        self._params_of = {n: t.param for n, t in self._targets.items()}
+        width = int(self.engine.config.get_text_config().hidden_size)
+        self._state_size = self.chunks.numel() * width * torch.finfo(dtype).bits // 8
+        self.state_bytes = self.engine.hidden_pool.budget if state_bytes is None else state_bytes
+        self._originals: dict[str, Tensor] = {}  # float weights of present tensors that hold an image now
+        self._base: dict[str, str] = {}  # tensor -> type held in the model between measurements
         self._images: OrderedDict[tuple[str, str], Tensor] = OrderedDict()
         self._image_bytes = 0
         self.image_cache_bytes = image_cache_bytes
@@ -100,110 +115,83 @@ class KLDProbe:
     @torch.no_grad()
     def _capture(self) -> None:
         """Run the float model once; keep every decoder layer's input and the reference log-probs."""
-        inputs: list[Tensor | None] = [None] * len(self.layers)
-        # each layer's own arguments: sliding-window and full-attention layers get other masks and rotary
-        # tables (Gemma 2/3, gpt-oss), so one layer's cannot be replayed for another
-        kwargs_seen: list[dict] = [{} for _ in self.layers]
-
-        def pre_hook(i: int):  # noqa: ANN202 - closure factory
-            def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-                inputs[i] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-                kwargs_seen[i].update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-                kwargs_seen[i]["_args_rest"] = args[1:]
-            return hook
-
-        final: list[Tensor] = []
-
-        def last_hook(mod: nn.Module, args: tuple, output: object) -> None:
-            final.append((output[0] if isinstance(output, tuple) else output).detach().clone())
-
-        handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
-                   for i, layer in enumerate(self.layers)]
-        handles.append(self.layers[-1].register_forward_hook(last_hook))
-        try:
-            out = self.model(input_ids=self.chunks, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        if any(x is None for x in inputs):
-            raise ProbeError(f"{self.model_dir}: not every decoder layer ran in the forward pass")
-        self._layer_inputs = inputs + final  # [L] is the last layer's output: the head's input before the norm
-        self._find_embed_scale(inputs[0])
-        self._layer_kwargs = kwargs_seen
-        self.ref_logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
+        self._record_inputs()
+        parts = [torch.log_softmax(lg, dim=-1) for lg in self._head_logits(self._inputs[self.n_layer])]
+        self.ref_logp = torch.cat(parts).reshape(self.chunks.shape[0], self.chunks.shape[1] - 1, -1)
         self.n_tokens = int(self.ref_logp.shape[0] * self.ref_logp.shape[1])
-        replay = self._replay_from(0)
-        if not torch.allclose(replay, out.logits[:, :-1].float(), atol=1e-4, rtol=1e-4):
-            raise ProbeError(f"{self.model_dir}: replaying the decoder layers does not reproduce the model's "
-                             f"logits (max diff {(replay - out.logits[:, :-1]).abs().max():.2e}); unsupported "
-                             f"architecture for layer replay")
         self.forward_tokens = self.head_passes = 0
 
-    def _embed(self) -> Tensor:
-        """The first decoder layer's input for the calibration chunks (embedding, scaled where the model does:
-        Gemma's embedding module scales in its own forward; others leave the scale to the model's forward,
-        which :meth:`_capture` finds out by comparing with what the first layer received)."""
-        h = self.model.get_input_embeddings()(self.chunks)
-        return h * self._embed_scale if self._embed_scale is not None else h
+    @torch.no_grad()
+    def _record_inputs(self) -> None:
+        """Every layer's input (and the last layer's output) under the current base state."""
+        for st in getattr(self, "_inputs", []):
+            st.clear()
+        eng = self.engine
+        self._inputs = [eng.store(on_device=eng.hidden_fits_device(self.batches, self.n_layer + 1))
+                        for _ in range(self.n_layer + 1)]
+        for j, h in enumerate(self._embedded()):
+            self._inputs[0][j] = h
+        for i in range(self.n_layer):
+            with self._present(i):
+                for j in range(len(self.batches)):
+                    self._inputs[i + 1][j] = eng.run(i, self._inputs[i][j], self.batches, j)
+        self.forward_tokens += int(self.chunks.numel())
 
-    def _find_embed_scale(self, first_input: Tensor) -> None:
-        self._embed_scale = None
-        h = self._embed()
-        if torch.allclose(h, first_input):
-            return
-        scale = getattr(self.model.get_input_embeddings(), "embed_scale", None)
-        if scale is not None and torch.allclose(h * scale, first_input):
-            self._embed_scale = scale
-            return
-        raise ProbeError(f"{self.model_dir}: the embedding does not give the first decoder layer's input; "
-                         f"unsupported architecture for layer replay")
+    def _embedded(self) -> list[Tensor]:
+        return self.engine.embed(self.batches)
 
-    def _head(self, h: Tensor) -> Tensor:
-        base = getattr(self.model, self.model.base_model_prefix, None)
-        norm = getattr(base, "norm", None) or getattr(base, "final_layernorm", None)
-        if norm is None:
-            raise ProbeError(f"{type(self.model).__name__}: no final norm found")
-        logits = self.model.get_output_embeddings()(norm(h))
-        cap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
-        return torch.tanh(logits / cap) * cap if cap else logits  # Gemma 2's soft-capped logits
+    def final_hidden(self) -> Tensor:
+        """The last decoder layer's output for every chunk under the base state, [n_chunks, n_ctx, hidden]."""
+        return torch.cat([self._inputs[self.n_layer][j].to(self.device) for j in range(len(self.batches))])
 
-    def _layer(self, i: int, h: Tensor) -> Tensor:
-        kw = dict(self._layer_kwargs[i])
-        rest = kw.pop("_args_rest", ())
-        o = self.layers[i](h, *rest, **kw)
-        return o[0] if isinstance(o, tuple) else o
+    def _head_logits(self, hidden: object) -> Iterator[Tensor]:
+        """Logits of every scored token (all positions but each chunk's last), ``token_batch`` at a time, in
+        chunk order; ``hidden``: a store (or list) of last-layer outputs per batch."""
+        for j in range(len(self.batches)):
+            h = hidden[j]
+            flat = h[:, :-1].reshape(-1, h.shape[-1])
+            for k in range(0, flat.shape[0], self.token_batch):
+                yield self.engine.logits(flat[k:k + self.token_batch])
 
-    def _replay_from(self, first: int) -> Tensor:
-        """Logits of the current weights, running decoder layers ``first``.. from the kept inputs."""
-        if first < 0:  # the embedding changed: recompute the first layer's input
-            h = self._embed()
-            first = 0
-        else:
-            h = self._layer_inputs[first]  # first == L: only the head changed
-        for i in range(first, len(self.layers)):
-            h = self._layer(i, h)
-        self.forward_tokens += int(self.chunks.numel() * (len(self.layers) - first) / len(self.layers))
-        self.head_passes += 1
-        return self._head(h)[:, :-1].float()
+    @contextlib.contextmanager
+    def _present(self, i: int) -> Iterator[None]:
+        """Layer ``i`` loaded, holding the base state's images."""
+        with self.engine.layer(i) as fresh:
+            if fresh:  # just read: float weights, whatever images the last load held are gone
+                for n in [n for n in self._originals if tensor_layer(n) == i]:
+                    del self._originals[n]
+                for n, q in self._base.items():
+                    if tensor_layer(n) == i:
+                        self._set(n, self.image(n, q))
+            yield
 
     # -------------------------------------------------------------------------------------------- tensors
 
     @property
     def tensor_names(self) -> list[str]:
-        return list(self._places)
+        return list(self._targets)
 
-    def original(self, name: str) -> Tensor:
-        """The float weights of tensor ``name`` in GGUF row order (a copy)."""
-        p = self._place(name)
-        if name in self._originals:  # the float weights, while an image is held in the model
-            return p.target.to_gguf(self._originals[name])
-        return p.target.read(p.param)
-
-    def _place(self, name: str) -> _Place:
+    def _target(self, name: str) -> object:
         try:
-            return self._places[name]
+            return self._targets[name]
         except KeyError:
             raise ProbeError(f"tensor {name}: not a weight of {self.model_dir.name}") from None
+
+    def _data(self, name: str) -> Tensor:
+        return self.engine.parameter(self._target(name).param).data
+
+    def original(self, name: str) -> Tensor:
+        """The float weights of tensor ``name`` in GGUF row order (a copy; read from the checkpoint when its
+        layer is not loaded)."""
+        tgt = self._target(name)
+        if name in self._originals:  # the float weights, while an image is held in the model
+            return tgt.to_gguf(self._originals[name])
+        data = self._data(name)
+        if data.device.type == "meta":
+            w = self.engine.weights.load(tgt.param, tuple(data.shape))
+            data = w.to(self.engine.dtype if w.is_floating_point() else w.dtype)
+            self.engine.weights.ckpt.close()
+        return tgt.read(data)
 
     def image(self, name: str, qtype: str, src_type: str = "F32") -> Tensor:
         """quantize -> dequantize image of tensor ``name`` at ``qtype`` (GGUF row order), cached."""
@@ -215,7 +203,7 @@ class KLDProbe:
             return self._images[key]
         w = self.original(name)
         im = self.imatrix.weights_for(name, tuple(reversed(w.shape))) if self.imatrix is not None else None
-        img = quantized_image(w, qtype, src_type, im, name, self.device).to(w.device)
+        img = quantized_image(w, qtype, src_type, im, name, self.device).to(self.device)
         self._images[key] = img
         self._image_bytes += img.numel() * img.element_size()
         while self._image_bytes > self.image_cache_bytes and len(self._images) > 1:
@@ -224,11 +212,13 @@ class KLDProbe:
         return img
 
     def _set(self, name: str, value_gguf_order: Tensor | None) -> None:
-        p = self._place(name)
-        v = p.view()
-        if value_gguf_order is None:  # back to the base state (the base image, else the float weights)
+        """Write an image into a present tensor (None: back to the base state's image, else the float)."""
+        tgt = self._target(name)
+        data = self._data(name)
+        v = tgt.view(data)
+        if value_gguf_order is None:
             if name in self._base:
-                value_gguf_order = self._base[name]
+                value_gguf_order = self.image(name, self._base[name])
             elif name in self._originals:
                 v.copy_(self._originals.pop(name))
                 return
@@ -236,7 +226,19 @@ class KLDProbe:
                 return
         if name not in self._originals:
             self._originals[name] = v.clone()
-        p.target.write(p.param, value_gguf_order)
+        tgt.write(data, value_gguf_order)
+
+    @contextlib.contextmanager
+    def _changed(self, values: Mapping[str, Tensor | str], names: Iterable[str]) -> Iterator[None]:
+        names = list(names)
+        try:
+            for n in names:
+                v = values[n]
+                self._set(n, self.image(n, v) if isinstance(v, str) else v.to(self.device))
+            yield
+        finally:
+            for n in names:
+                self._set(n, None)
 
     # -------------------------------------------------------------------------------------------- measuring
 
@@ -249,23 +251,117 @@ class KLDProbe:
     @torch.no_grad()
     def kld_tokens(self, changes: Mapping[str, Tensor | str]) -> Tensor:
         """Per-token KL(P_ref || P_changed), [n_chunks * (n_ctx - 1)] float64."""
-        if not changes:  # the base state itself: only the head is replayed
-            return _kl(self.ref_logp, self._replay_from(len(self.layers)), self.token_batch)
-        values = {n: (self.image(n, v) if isinstance(v, str) else v) for n, v in changes.items()}
+        return self.kld_many([changes])[0]
+
+    def _plan(self, changes: Mapping[str, Tensor | str]) -> _Probe:
+        by_layer: dict[int, list[str]] = {}
+        for n in changes:
+            self._target(n)
+            by_layer.setdefault(_first_layer(n, self.n_layer), []).append(n)
+        if "token_embd.weight" in changes and self._tied():  # the head reads the same weights
+            by_layer.setdefault(self.n_layer, []).append("token_embd.weight")
+        first = min(by_layer) if by_layer else self.n_layer
+        return _Probe(dict(changes), first, by_layer)
+
+    def _tied(self) -> bool:
+        head = self.model.get_output_embeddings()
+        return head is not None and head.weight is self.model.get_input_embeddings().weight
+
+    def group_size(self) -> int:
+        """How many probes advance together within ``state_bytes``."""
+        return max(1, int(self.state_bytes // max(self._state_size, 1)))
+
+    def _groups(self, plans: list[_Probe]) -> list[list[int]]:
+        order = sorted(range(len(plans)), key=lambda k: plans[k].first)
+        g = self.group_size()
+        return [order[s:s + g] for s in range(0, len(order), g)]
+
+    def cost(self, changes_list: Sequence[Mapping[str, Tensor | str]]) -> dict[str, int]:
+        """What :meth:`kld_many` will spend on ``changes_list``: probe-layer steps (a probe through one layer or
+        the head), layers read from the checkpoint, forward-pass tokens, and the number of probe groups."""
+        plans = [self._plan(c) for c in changes_list]
+        n = self.n_layer
+        groups = self._groups(plans)
+        reads = 0
+        for grp in groups:
+            start = max(0, min(plans[k].first for k in grp))
+            reads += sum(1 for i in range(start, n) if not self.engine.is_resident(i))
+        return {"steps": sum(n - max(p.first, 0) + 1 for p in plans), "layer_reads": reads,
+                "forward_tokens": sum(int(self.chunks.numel() * (n - max(p.first, 0)) / n) for p in plans),
+                "groups": len(groups)}
+
+    @torch.no_grad()
+    def kld_many(self, changes_list: Sequence[Mapping[str, Tensor | str]],
+                 progress: Callable[[int], None] | None = None,
+                 done: Callable[[int, Tensor], None] | None = None) -> list[Tensor]:
+        """Per-token KL(P_ref || P_changed) of every probe in ``changes_list`` (each a set of changed
+        tensors), all advancing together layer by layer (in groups of :meth:`group_size`, earliest first
+        layer first). ``progress``: called with each batch of probe-layer steps taken (see :meth:`cost`);
+        ``done``: called with (index, per-token KL) as each group finishes (to save results as they come)."""
+        plans = [self._plan(c) for c in changes_list]
+        out: list[Tensor | None] = [None] * len(plans)
+        for group in self._groups(plans):
+            for k, kl in zip(group, self._run_group([plans[k] for k in group], progress)):
+                out[k] = kl
+                if done is not None:
+                    done(k, kl)
+        return out  # type: ignore[return-value]
+
+    def _run_group(self, plans: list[_Probe], progress: Callable[[int], None] | None) -> list[Tensor]:
+        eng = self.engine
+        n = self.n_layer
+        states: dict[int, object] = {}
         try:
-            for n, v in values.items():
-                self._set(n, v)
-            first = min(-1 if n.startswith("token_embd") else tensor_layer(n) if tensor_layer(n) >= 0
-                        else len(self.layers) for n in values)
-            logits = self._replay_from(first)
+            for k, p in enumerate(plans):
+                if p.first < 0:  # the embedding changed: the first layer's input is recomputed
+                    with self._changed(p.values, p.by_layer[-1]):
+                        st = states[k] = eng.store(on_device=eng.hidden_fits_device(self.batches, len(plans)))
+                        for j, h in enumerate(eng.embed(self.batches, recompute=True)):
+                            st[j] = h
+            start = max(0, min((p.first for p in plans), default=n))
+            for i in range(start, n):
+                active = [k for k, p in enumerate(plans) if p.first <= i]
+                with self._present(i):
+                    for k in active:
+                        p = plans[k]
+                        src = states.get(k, self._inputs[i])
+                        if k not in states:
+                            states[k] = eng.store(on_device=eng.hidden_fits_device(self.batches, len(plans)))
+                        dst = states[k]
+                        with self._changed(p.values, p.by_layer.get(i, [])):
+                            for j in range(len(self.batches)):
+                                dst[j] = eng.run(i, src[j], self.batches, j)
+                if progress is not None:
+                    progress(len(active))
+            results = []
+            for k, p in enumerate(plans):
+                h = states.get(k, self._inputs[n])
+                with self._changed(p.values, p.by_layer.get(n, [])):  # output, output_norm, a tied token_embd
+                    results.append(self._kl(h))
+                if progress is not None:
+                    progress(1)
+                self.forward_tokens += int(self.chunks.numel() * (n - max(p.first, 0)) / n) if p.first < n else 0
+                self.head_passes += 1
+            return results
         finally:
-            for n in values:
-                self._set(n, None)
-        return _kl(self.ref_logp, logits, self.token_batch)
+            for st in states.values():
+                st.clear()
+
+    def _kl(self, hidden: object) -> Tensor:
+        """Per-token KL(ref || q) of last-layer outputs ``hidden`` (per batch), in token batches."""
+        ref = self.ref_logp.reshape(-1, self.ref_logp.shape[-1])
+        out = torch.empty(ref.shape[0], dtype=torch.float64)
+        pos = 0
+        for lg in self._head_logits(hidden):
+            lr = ref[pos:pos + lg.shape[0]].to(lg.device)
+            lq = torch.log_softmax(lg, dim=-1)
+            out[pos:pos + lg.shape[0]] = (lr.exp() * (lr - lq)).sum(-1).double().cpu()
+            pos += lg.shape[0]
+        return out.clamp_min_(0.0)
 
     def quantized_changes(self, types: Mapping[str, str]) -> dict[str, str]:
         """The part of a recipe (tensor -> type) that changes this model: quantized types of its tensors."""
-        return {n: t for n, t in types.items() if t not in ("F32", "F16", "BF16") and n in self._places}
+        return {n: t for n, t in types.items() if t not in ("F32", "F16", "BF16") and n in self._targets}
 
     def kld_of_types(self, types: Mapping[str, str]) -> float:
         """Mean KLD of a whole recipe (tensor -> type; float types and unnamed tensors stay as they are),
@@ -276,24 +372,16 @@ class KLDProbe:
     def set_base(self, types: Mapping[str, str]) -> None:
         """Hold a recipe in the model and re-record every layer's input under it, so that measuring a few
         changes on top of it replays only from the first changed layer (refinement's moves)."""
-        for n in list(self._base):
-            self._base.pop(n)
-            self._set(n, None)
-        for n, q in self.quantized_changes(types).items():
-            img = self.image(n, q)
-            self._base[n] = img
-            self._set(n, img)
+        old = list(self._base)
+        self._base = {}
+        for n in old:  # present tensors back to float; absent ones are float when next read
+            if self._data(n).device.type != "meta":
+                self._set(n, None)
+        self._base = self.quantized_changes(types)
+        for n, q in self._base.items():
+            if self._data(n).device.type != "meta":
+                self._set(n, self.image(n, q))
         self._record_inputs()
-
-    @torch.no_grad()
-    def _record_inputs(self) -> None:
-        h = self._embed()
-        inputs = []
-        for i in range(len(self.layers)):
-            inputs.append(h)
-            h = self._layer(i, h)
-        self._layer_inputs = inputs + [h]
-        self.forward_tokens += int(self.chunks.numel())
 
     def release_images(self, names: Iterable[str] | None = None) -> None:
         """Drop cached images (all, or those of the named tensors)."""
@@ -302,6 +390,12 @@ class KLDProbe:
             if keep is None or key[0] in keep:
                 old = self._images.pop(key)
                 self._image_bytes -= old.numel() * old.element_size()
+
+    def close(self) -> None:
+        """Free the kept hidden states and the engine's reader."""
+        for st in getattr(self, "_inputs", []):
+            st.clear()
+        self.engine.close()
 
 
 def _kl(ref_logp: Tensor, logits: Tensor, batch: int) -> Tensor:

@@ -31,9 +31,8 @@ class NextNProbe:
             raise ValueError(f"{probe.model_dir}: the model has no NextN layer")
         self.head = head
         self.probe = probe
-        base = getattr(probe.model, probe.model.base_model_prefix)
-        with torch.no_grad():
-            self.h_final = base.norm(probe._layer_inputs[-1])  # llama.cpp's t_h_nextn: after output_norm
+        with torch.no_grad():  # llama.cpp's t_h_nextn: the final hidden state after output_norm
+            self.h_final = probe.engine.final_norm(probe.final_hidden())
         self._targets = tensor_targets(head.root)
         self._params = dict(head.root.named_parameters())
         self.ref_logp = torch.log_softmax(self._logits(), dim=-1)

@@ -264,49 +264,63 @@ def fit_sensitivity(
     probe_kld: dict[str, float] = {}
     coef: dict[str, float] = {}
     single: list[str] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    entries: dict[str, dict] = {}
+    to_measure: list[tuple[str, str, float]] = []  # tensor, probe type, its proxy cost
+    for n in todo:
+        pc = _probe_cost(costs[n], probe_type)
+        if pc is None:
+            coef[n] = 0.0
+            continue
+        if len(costs[n]) == 1:
+            # a single candidate: every plan gives this tensor the same type, so its coefficient cannot
+            # change a decision; it still counts in the prediction, with the median coefficient (below)
+            single.append(n)
+            continue
+        q, c = pc
+        f = root / f"{n}.{q}.json"
+        if cache and f.is_file():
+            try:
+                entries[n] = json.loads(f.read_text())
+            except ValueError:
+                pass
+        if n not in entries:
+            to_measure.append((n, q, c))
 
-        bar = tqdm(total=len(todo), desc=f"sensitivity ({profile})", unit="probe", file=sys.stderr)
-    try:
-        for n in todo:
-            pc = _probe_cost(costs[n], probe_type)
-            if pc is None:
-                coef[n] = 0.0
-                continue
-            if len(costs[n]) == 1:
-                # a single candidate: every plan gives this tensor the same type, so its coefficient cannot
-                # change a decision; it still counts in the prediction, with the median coefficient (below)
-                single.append(n)
-                if bar is not None:
-                    bar.update(1)
-                continue
-            q, c = pc
-            f = root / f"{n}.{q}.json"
-            entry = None
-            if cache and f.is_file():
-                try:
-                    entry = json.loads(f.read_text())
-                except ValueError:
-                    entry = None
-            if entry is None:
-                if n in on_nextn:  # the draft head's KLD, weighted
-                    entry = {"type": q, "kld": nextn_probe.kld(n, q), "head": "nextn"}
-                else:
-                    entry = {"type": q, "kld": probe.kld({n: q})}
-                    probe.release_images([n])
-                if cache:
-                    from quantmix.planning.recipe import atomic_write_text
+    def save(n: str, entry: dict) -> None:
+        entries[n] = entry
+        if cache:
+            from quantmix.planning.recipe import atomic_write_text
 
-                    atomic_write_text(f, json.dumps(entry))
-            probe_kld[n] = float(entry["kld"])
-            coef[n] = float(entry["kld"]) / c * (NEXTN_WEIGHT if n in on_nextn else 1.0)
+            atomic_write_text(root / f"{n}.{entry['type']}.json", json.dumps(entry))
+
+    main = [(n, q) for n, q, _ in to_measure if n not in on_nextn]
+    if main:  # every main-path probe advances together through the layers (KLDProbe.kld_many)
+        plan = probe.cost([{n: q} for n, q in main])
+        if progress:
+            print(f"sensitivity ({profile}): {len(main)} probes of {len(todo)} to measure "
+                  f"({len(todo) - len(to_measure)} cached) on {probe.n_tokens} tokens: {plan['steps']} probe-layer "
+                  f"steps, {plan['forward_tokens']} forward-pass tokens, {plan['layer_reads']} layers read from "
+                  f"the checkpoint, {plan['groups']} group(s)", file=sys.stderr)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=plan["steps"], desc=f"sensitivity ({profile})", unit="step", file=sys.stderr)
+        try:
+            probe.kld_many([{n: q} for n, q in main], progress=bar.update if bar is not None else None,
+                           done=lambda k, kl: save(main[k][0], {"type": main[k][1], "kld": float(kl.mean())}))
+        finally:
             if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.close()
+            probe.release_images([n for n, _ in main])
+    for n, q, _ in to_measure:
+        if n in on_nextn:  # the draft head's KLD, weighted
+            save(n, {"type": q, "kld": nextn_probe.kld(n, q), "head": "nextn"})
+    for n in todo:
+        if n in entries:
+            c = _probe_cost(costs[n], probe_type)[1]
+            probe_kld[n] = float(entries[n]["kld"])
+            coef[n] = probe_kld[n] / c * (NEXTN_WEIGHT if n in on_nextn else 1.0)
     if single:
         measured = sorted(v for v in coef.values() if v > 0)
         for n in single:
@@ -333,14 +347,16 @@ def fit_sensitivity(
     # checks: single tensors at other types, spread over classes and depths, most influential first
     ranked = sorted((n for n in probe_kld if n not in on_nextn), key=lambda n: -probe_kld[n])
     chosen = ranked[:: max(1, len(ranked) // max(n_checks, 1))][:n_checks]
+    picked = []
     for i, n in enumerate(chosen):
         q = next((t for t in (CHECK_TYPES[i % len(CHECK_TYPES)], *CHECK_TYPES) if t in costs[n]), None)
-        if q is None or q == probe_type:
-            continue
-        measured = probe.kld({n: q})
-        probe.release_images([n])
+        if q is not None and q != probe_type:
+            picked.append((n, q))
+    measured = probe.kld_many([{n: q} for n, q in picked])
+    probe.release_images([n for n, _ in picked])
+    for (n, q), kl in zip(picked, measured):
         sens.checks.append({"tensor": n, "type": q, "predicted": sens.contribution(n, q, costs),
-                            "measured": measured})
+                            "measured": float(kl.mean())})
     sens.forward_tokens = probe.forward_tokens
     sens.seconds = time.time() - t0
     return sens

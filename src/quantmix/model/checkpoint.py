@@ -274,12 +274,11 @@ def load_float_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
     through :class:`Checkpoint`: for a plain checkpoint what ``from_pretrained(dtype=...)`` gives, for a
     quantized one the float model (the config's ``quantization_config`` dropped, weights dequantized), which
     transformers itself would refuse on a CPU or keep in fp8 modules. Per-expert checkpoint tensors are fused
-    into transformers' in-memory parameters by the imatrix loader's mapping (:mod:`quantmix.model.catalog`)."""
+    into transformers' in-memory parameters by :class:`quantmix.model.weights.ModelWeights`' mapping (:mod:`quantmix.model.catalog`)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from quantmix.calibration.imatrix import _materialize, _Weights
-    from quantmix.calibration.imatrix_io import ImatrixError
+    from quantmix.model.weights import ModelWeights, materialize
 
     model_dir = Path(model_dir)
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -292,11 +291,8 @@ def load_float_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.tie_weights()  # on the meta device the tie is not made: lm_head would be read as its own tensor
-    try:
-        weights = _Weights(model_dir, cfg)
-        _materialize(model, "", weights, dev, dtype)
-    except ImatrixError as e:
-        raise CheckpointError(str(e)) from None
+    weights = ModelWeights(model_dir, cfg)
+    materialize(model, "", weights, dev, dtype)
     for name, b in list(model.named_buffers()):  # stored buffers (router score bias) in dtype, as from_pretrained
         if name in weights.ckpt and b.is_floating_point():
             mod, _, leaf = name.rpartition(".")

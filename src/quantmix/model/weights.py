@@ -1,0 +1,130 @@
+"""A transformers module's parameters read from the checkpoint as stored, one module at a time.
+
+transformers fuses some checkpoint tensors on load (per-expert tensors stacked into one 3-D parameter, gate and
+up concatenated); :class:`ModelWeights` undoes that per parameter with the tensor catalog's mapping
+(:func:`quantmix.model.catalog.checkpoint_tensors`) and reads through :class:`Checkpoint` (FP8 with block
+scales, compressed-tensors and MXFP4 dequantized). :func:`materialize` and :func:`release` move a module of a
+skeleton built on the meta device between "weights present" and "weights dropped": what lets the forward engine
+(:mod:`quantmix.model.engine`), imatrix and the NextN loader hold one layer at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantmix.model.checkpoint import Checkpoint, CheckpointError
+
+__all__ = ["ModelWeights", "materialize", "release", "set_tensor", "trim_heap", "module_name"]
+
+
+class ModelWeights:
+    """The checkpoint tensors behind each in-memory (transformers) parameter of ``cfg``'s model."""
+
+    def __init__(self, model_dir: Path, cfg: Any) -> None:
+        self.ckpt = Checkpoint(model_dir)
+        self.cfg = cfg
+        self.dir = Path(model_dir)
+
+    def sources(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
+        from quantmix.model.catalog import checkpoint_tensors
+
+        return checkpoint_tensors(self.cfg, [(name, shape)])
+
+    def load(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Parameter ``name`` of in-memory ``shape``, as a float tensor on the host."""
+        if name in self.ckpt:
+            t = self.ckpt.get(name)
+        else:
+            parts = self.sources(name, shape)
+            if len(parts) == 1 and len(parts[0][2]) == 1:
+                t = self.ckpt.get(parts[0][2][0])
+            else:
+                try:
+                    t = torch.cat([torch.stack([self.ckpt.get(s) for s in srcs]) for _, _, srcs in parts], dim=1)
+                except CheckpointError as e:
+                    raise CheckpointError(f"{self.dir}: {name}: {e}") from None
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{self.dir}: {name} is {tuple(t.shape)} in the checkpoint, the model expects "
+                                  f"{tuple(shape)}")
+        return t
+
+    def buffer(self, name: str) -> torch.Tensor | None:
+        """A buffer stored in the checkpoint (a router's score bias), or None when the model computes it."""
+        return self.ckpt.get(name) if name in self.ckpt else None
+
+
+def set_tensor(root: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
+    """Put ``value`` in place of parameter (or buffer) ``name`` of ``root`` without autograd bookkeeping."""
+    mod_name, _, leaf = name.rpartition(".")
+    mod = root.get_submodule(mod_name) if mod_name else root
+    if is_param:
+        mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        mod._buffers[leaf] = value
+
+
+def read_module(module: nn.Module, prefix: str, weights: ModelWeights, dtype: torch.dtype,
+                pin: bool = False) -> dict[str, tuple[torch.Tensor, bool]]:
+    """``module``'s parameters and stored buffers read on the host in ``dtype`` (pinned for fast uploads):
+    relative name -> (tensor, is_param). Buffers the model computes itself are not in the result."""
+    out: dict[str, tuple[torch.Tensor, bool]] = {}
+    for pname, p in module.named_parameters():
+        t = weights.load(f"{prefix}.{pname}" if prefix else pname, tuple(p.shape))
+        out[pname] = (t.to(dtype) if t.is_floating_point() else t, True)
+    for bname, _ in module.named_buffers():
+        b = weights.buffer(f"{prefix}.{bname}" if prefix else bname)
+        if b is not None:
+            out[bname] = (b.to(dtype) if b.is_floating_point() else b, False)
+    if pin:
+        out = {k: (t.pin_memory(), is_p) for k, (t, is_p) in out.items()}
+    weights.ckpt.close()
+    return out
+
+
+def install(module: nn.Module, tensors: dict[str, tuple[torch.Tensor, bool]], device: torch.device,
+            where: str = "") -> None:
+    """Put tensors read by :func:`read_module` into ``module`` on ``device``; computed buffers move there."""
+    for name, (t, is_param) in tensors.items():
+        set_tensor(module, name, t.to(device, non_blocking=True), is_param)
+    for bname, b in list(module.named_buffers()):
+        if bname in tensors:
+            continue
+        if b.device.type == "meta":
+            raise CheckpointError(f"{where}.{bname}: buffer is neither computed by the model nor in the checkpoint")
+        set_tensor(module, bname, b.to(device), False)
+
+
+def materialize(module: nn.Module, prefix: str, weights: ModelWeights, device: torch.device,
+                dtype: torch.dtype) -> None:
+    """Load ``module``'s parameters (full names ``prefix.*``) onto ``device`` in ``dtype``; move its buffers."""
+    install(module, read_module(module, prefix, weights, dtype), device, prefix)
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps large freed blocks otherwise: without this the
+    resident size grows by about one layer per layer streamed)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def release(module: nn.Module) -> None:
+    """Drop ``module``'s parameters (back to the meta device), freeing their memory."""
+    for pname, p in list(module.named_parameters()):
+        set_tensor(module, pname, torch.empty_like(p, device="meta"), True)
+    trim_heap()
+
+
+def module_name(model: nn.Module, target: nn.Module) -> str:
+    """The dotted name of ``target`` inside ``model``."""
+    for name, mod in model.named_modules():
+        if mod is target:
+            return name
+    raise ValueError(f"{type(target).__name__} is not part of {type(model).__name__}")
