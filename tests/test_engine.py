@@ -139,3 +139,36 @@ def test_streamed_base_state(probes) -> None:  # noqa: ANN001
         finally:
             p.set_base({})
         assert p.kld({}) < 1e-12
+
+
+def test_fingerprint_is_remembered_per_file_version(tmp_path, monkeypatch) -> None:
+    """A model's files are hashed once; an unchanged file is not read again, any change is seen."""
+    import os
+
+    import quantmix.model.fingerprint as fpm
+
+    monkeypatch.setenv("QUANTMIX_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"a" * 300_000)
+    reads: list[str] = []
+    full = fpm._full_sha
+
+    def counted(p):  # noqa: ANN001, ANN202
+        reads.append(p.name)
+        return full(p)
+
+    monkeypatch.setattr(fpm, "_full_sha", counted)
+    first = fpm.model_fingerprint(d)
+    assert sorted(reads) == ["config.json", "model.safetensors"]
+    assert fpm.model_fingerprint(d) == first and len(reads) == 2  # nothing re-read
+    st = os.stat(d / "model.safetensors")
+    with open(d / "model.safetensors", "r+b") as fh:  # same size, same mtime: only ctime and content move
+        fh.seek(200_000)
+        fh.write(b"b")
+    os.utime(d / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = fpm.model_fingerprint(d)
+    assert second != first and reads[-1] == "model.safetensors"
+    monkeypatch.setenv("QUANTMIX_REHASH", "1")
+    assert fpm.model_fingerprint(d) == second and len(reads) == 5

@@ -178,11 +178,9 @@ def model_label(model_dir: Path) -> str:
 
 
 def _file_sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        while block := fh.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
+    from quantmix.model.fingerprint import file_sha256
+
+    return file_sha256(p)
 
 
 class _Quantizer:

@@ -100,18 +100,14 @@ def prepare_text(tokenizer: object, text: str, n_ctx: int = 512, max_chunks: int
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
-    """sha256 over every regular file of a model directory (names and contents, sorted by name)."""
-    d = Path(model_dir)
-    if not d.is_dir():
-        raise ReferenceError(f"{d}: not a model directory")
-    h = hashlib.sha256()
-    for f in sorted(p for p in d.iterdir() if p.is_file()):
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 24):
-                h.update(block)
-        h.update(b"\0")
-    return h.hexdigest()
+    """The model directory's identity (:func:`quantmix.model.fingerprint.model_fingerprint`: each file hashed
+    once per version, not on every call)."""
+    from quantmix.model import fingerprint
+
+    try:
+        return fingerprint.model_fingerprint(model_dir)
+    except ValueError as e:
+        raise ReferenceError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------------ head replay

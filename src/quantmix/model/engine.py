@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -239,6 +240,7 @@ class LayerEngine:
         self._pool_io = ThreadPoolExecutor(1, thread_name_prefix="quantmix-layer-read")
         self._pending: dict[int, Future] = {}
         self.layer_reads = 0  # layers read from the checkpoint (tests and cost reports)
+        self.read_wait_s = 0.0  # time the compute waited for a layer's read (I/O bound when large)
         self.max_loaded = 0  # most layers present at once, resident ones included
         self._loaded: set[int] = set()
         self.hidden_pool = _Pool(_mem_available() // 4 if hidden_bytes is None else hidden_bytes,
@@ -354,13 +356,15 @@ class LayerEngine:
             raise EngineError(f"layer {i}: the model has {self.n_layer} decoder layers")
         fresh = i not in self._resident
         if fresh:
+            t0 = time.perf_counter()
             try:
                 tensors = self._fetch(i).result()
             except CheckpointError as e:
                 raise EngineError(f"layer {i}: {e}") from None
             finally:
                 self._pending.pop(i, None)
-            install(self.layers[i], tensors, self.device, self._prefix(i))
+            self.read_wait_s += time.perf_counter() - t0
+            install(self.layers[i], tensors, self.device, self._prefix(i), self.dtype)
             del tensors
             self.layer_reads += 1
             self._loaded.add(i)

@@ -34,8 +34,10 @@ class ModelWeights:
 
         return checkpoint_tensors(self.cfg, [(name, shape)])
 
-    def load(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """Parameter ``name`` of in-memory ``shape``, as a float tensor on the host."""
+    def load(self, name: str, shape: tuple[int, ...], pin: bool = False) -> torch.Tensor:
+        """Parameter ``name`` of in-memory ``shape``, as a float tensor on the host (in the stored float dtype;
+        ``pin``: in page-locked memory, for a fast upload). Fused parameters are filled part by part in place,
+        so a layer's experts are never held twice."""
         if name in self.ckpt:
             t = self.ckpt.get(name)
         else:
@@ -44,13 +46,32 @@ class ModelWeights:
                 t = self.ckpt.get(parts[0][2][0])
             else:
                 try:
-                    t = torch.cat([torch.stack([self.ckpt.get(s) for s in srcs]) for _, _, srcs in parts], dim=1)
+                    t = self._fused(parts, shape, pin)
                 except CheckpointError as e:
                     raise CheckpointError(f"{self.dir}: {name}: {e}") from None
+                pin = False
         if tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{self.dir}: {name} is {tuple(t.shape)} in the checkpoint, the model expects "
                                   f"{tuple(shape)}")
-        return t
+        return t.pin_memory() if pin else t
+
+    def _fused(self, parts: list, shape: tuple[int, ...], pin: bool) -> torch.Tensor:
+        """[experts, sum of the parts' rows, ...] from per-expert checkpoint tensors, written in place."""
+        out = None
+        off = 0
+        for _, part_shape, srcs in parts:
+            if len(srcs) != shape[0]:
+                raise CheckpointError(f"{len(srcs)} checkpoint tensors for {shape[0]} experts")
+            for e, src in enumerate(srcs):
+                x = self.ckpt.get(src)
+                if out is None:
+                    out = torch.empty(shape, dtype=x.dtype, pin_memory=pin)
+                if tuple(x.shape) != tuple(part_shape[1:]):
+                    raise CheckpointError(f"{src} is {tuple(x.shape)}, expected {tuple(part_shape[1:])}")
+                out[e, off:off + x.shape[0]] = x
+            off += part_shape[1]
+        assert out is not None
+        return out
 
     def buffer(self, name: str) -> torch.Tensor | None:
         """A buffer stored in the checkpoint (a router's score bias), or None when the model computes it."""
@@ -69,27 +90,33 @@ def set_tensor(root: nn.Module, name: str, value: torch.Tensor, is_param: bool) 
 
 def read_module(module: nn.Module, prefix: str, weights: ModelWeights, dtype: torch.dtype,
                 pin: bool = False) -> dict[str, tuple[torch.Tensor, bool]]:
-    """``module``'s parameters and stored buffers read on the host in ``dtype`` (pinned for fast uploads):
-    relative name -> (tensor, is_param). Buffers the model computes itself are not in the result."""
+    """``module``'s parameters and stored buffers read on the host: relative name -> (tensor, is_param).
+    Cast to ``dtype`` here, or with ``pin`` kept as stored in page-locked memory (uploaded fast, cast on the
+    device by :func:`install`). Buffers the model computes itself are not in the result."""
     out: dict[str, tuple[torch.Tensor, bool]] = {}
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() and not pin else t
+
     for pname, p in module.named_parameters():
-        t = weights.load(f"{prefix}.{pname}" if prefix else pname, tuple(p.shape))
-        out[pname] = (t.to(dtype) if t.is_floating_point() else t, True)
+        out[pname] = (cast(weights.load(f"{prefix}.{pname}" if prefix else pname, tuple(p.shape), pin)), True)
     for bname, _ in module.named_buffers():
         b = weights.buffer(f"{prefix}.{bname}" if prefix else bname)
         if b is not None:
-            out[bname] = (b.to(dtype) if b.is_floating_point() else b, False)
-    if pin:
-        out = {k: (t.pin_memory(), is_p) for k, (t, is_p) in out.items()}
+            out[bname] = (cast(b), False)
     weights.ckpt.close()
     return out
 
 
 def install(module: nn.Module, tensors: dict[str, tuple[torch.Tensor, bool]], device: torch.device,
-            where: str = "") -> None:
-    """Put tensors read by :func:`read_module` into ``module`` on ``device``; computed buffers move there."""
+            where: str = "", dtype: torch.dtype | None = None) -> None:
+    """Put tensors read by :func:`read_module` into ``module`` on ``device`` (floats cast to ``dtype`` there);
+    computed buffers move there."""
     for name, (t, is_param) in tensors.items():
-        set_tensor(module, name, t.to(device, non_blocking=True), is_param)
+        x = t.to(device, non_blocking=True)
+        if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+            x = x.to(dtype)
+        set_tensor(module, name, x, is_param)
     for bname, b in list(module.named_buffers()):
         if bname in tensors:
             continue
