@@ -383,6 +383,45 @@ def _measure(data: np.ndarray, src_type: str, shape: tuple[int, ...], qtypes: li
 # ------------------------------------------------------------------------------------------------ public
 
 
+def _n_bytes(s: object) -> int:
+    return int(s.n_bytes) if isinstance(s, _HFSourceTensor) else int(s.data.size)
+
+
+class _HFSourceTensor:
+    """A tensor of a Hugging Face checkpoint as the F32 GGUF would hold it, read only when measured."""
+
+    def __init__(self, hf: object, name: str) -> None:
+        self.hf = hf
+        self.name = name
+        self.shape = hf.shape(name)
+        self.type_name = "F32"
+        self.n_bytes = 4 * int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def data(self) -> np.ndarray:
+        return self.hf.get(self.name).numpy().reshape(-1).view(np.uint8)
+
+
+def _sources(path: Path) -> tuple[object, dict[str, object], str]:
+    """The catalog, the tensors by name and how their identity is hashed, of a float GGUF or an HF directory."""
+    from quantmix.export.gguf_writer import open_source
+    from quantmix.model.catalog import catalog_from_config
+
+    if path.is_dir():
+        from quantmix.model.checkpoint import CheckpointError
+        from quantmix.model.engine import EngineError
+        from quantmix.model.hf_tensors import HFTensors
+
+        try:
+            hf = HFTensors(path)
+        except (CheckpointError, EngineError) as e:
+            raise ErrorTableError(str(e)) from None
+        return catalog_from_config(path), {n: _HFSourceTensor(hf, n) for n in hf.names}, "hf"
+    if not path.is_file():
+        raise ErrorTableError(f"{path}: no such GGUF file or Hugging Face model directory")
+    return catalog_from_gguf(path), {t.name: t for t in open_source(path).tensors}, "bytes"
+
+
 def error_table(
     gguf_path: str | Path,
     imatrix_path: str | Path | None = None,
@@ -396,8 +435,9 @@ def error_table(
     on_compute: Callable[[str, str], None] | None = None,
     tensors: list[str] | None = None,
 ) -> ErrorTable:
-    """Measure every quantizable tensor of a float GGUF (F32/F16/BF16; MXFP4 ones read dequantized) against every
-    candidate type.
+    """Measure every quantizable tensor of a float GGUF (F32/F16/BF16; MXFP4 ones read dequantized), or of a
+    Hugging Face directory read straight from its safetensors (:class:`quantmix.model.hf_tensors.HFTensors`: the
+    values the converter's F32 GGUF would hold, no copy written), against every candidate type.
 
     ``candidates``: type names (default: every type with numerics except the float ones); a type whose block
     does not divide a tensor's rows is left out for that tensor. ``cache_root``: where the per-(tensor, type)
@@ -405,11 +445,9 @@ def error_table(
     not served from the cache, before its tensor's pass (progress hooks, tests); if it raises, the entries
     announced before it are measured and cached, then the exception propagates. ``tensors``: measure only these
     (default: every quantizable tensor)."""
-    from quantmix.export.gguf_writer import open_source
-
     gp = Path(gguf_path)
-    if not gp.is_file():
-        raise ErrorTableError(f"{gp}: no such GGUF file")
+    if not gp.exists():
+        raise ErrorTableError(f"{gp}: no such GGUF file or Hugging Face model directory")
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if candidates is None:
         cands = [q for q in supported_types() if q not in FLOAT_TYPES]
@@ -434,8 +472,7 @@ def error_table(
         note = "bias term on (imatrix in_sum)"
     root = Path(cache_root) if cache_root is not None else cache_dir() / "errors"
 
-    cat = catalog_from_gguf(gp)
-    src = {t.name: t for t in open_source(gp).tensors}
+    cat, src, ident = _sources(gp)
     todo = [t for t in cat if t.quantizable]
     if tensors is not None:
         unknown = sorted(set(tensors) - {t.name for t in todo})
@@ -452,7 +489,7 @@ def error_table(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(src[t.name].data.size for t in todo), unit="B", unit_scale=True, desc="error table")
+        bar = tqdm(total=sum(_n_bytes(src[t.name]) for t in todo), unit="B", unit_scale=True, desc="error table")
     feeder = _Feeder(dev)
     try:
         for t in todo:
@@ -461,7 +498,7 @@ def error_table(
             st = _stats(im, t.name, shape)
             types = [q for q in cands if get_type(q).fits_row(shape[0])
                      and not (get_type(q).requires_imatrix and st.w is None)]
-            t_hash = _hash_bytes(s.data) if cache else ""
+            t_hash = (s.hf.identity(t.name) if ident == "hf" else _hash_bytes(s.data)) if cache else ""
             i_hash = _hash_arrays(st.w, st.a, st.counts) if cache else ""
             entries: dict[str, dict] = {}
             paths: dict[str, Path] = {}
@@ -494,7 +531,8 @@ def error_table(
                         break
                 go.append(q)
             if go:
-                for q, entry in _measure(s.data, s.type_name, shape, go, st, dev, t.name, feeder).items():
+                data = s.data  # an HF tensor is read here, once
+                for q, entry in _measure(data, s.type_name, shape, go, st, dev, t.name, feeder).items():
                     entries[q] = entry
                     if q in paths:
                         _atomic_write(paths[q], json.dumps(entry).encode())
@@ -511,7 +549,7 @@ def error_table(
                 table.rows.append(ErrorRow(t.name, q, get_type(q).tensor_bytes(shape), float(entry["rel_err"]),
                                            float(entry["bias_term"]), entry["backend"], entry["experts"]))
             if bar is not None:
-                bar.update(s.data.size)
+                bar.update(_n_bytes(s))
     finally:
         feeder.close()
         if bar is not None:

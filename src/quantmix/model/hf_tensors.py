@@ -1,0 +1,101 @@
+"""A Hugging Face checkpoint's tensors as the GGUF holds them, read one at a time: no float copy of the model.
+
+llama.cpp's converter renames the checkpoint's tensors, stacks per-expert tensors into 3-D ones, permutes the
+q/k rows of llama-type attention, splits MLA's kv_b into attn_k_b / attn_v_b, interleaves gpt-oss's gate/up and
+adds 1 to Gemma's norms. Measuring errors on a 700 GB model should not need the 1.4 TB F32 GGUF that
+conversion writes first, so :class:`HFTensors` gives each GGUF tensor's float32 values on demand, straight from
+the safetensors (FP8 and MXFP4 dequantized), through the same mapping the probes and the simulator use
+(:func:`quantmix.export.simulate.tensor_targets`; the tensors beyond the decoder layers, GLM's NextN, by their
+catalog sources). Tests hold every tensor equal, bit for bit, to the converter's F32 output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from quantmix.model.checkpoint import CheckpointError
+from quantmix.model.weights import ModelWeights
+
+__all__ = ["HFTensors"]
+
+
+class HFTensors:
+    """The GGUF tensors (names, ggml shapes, float32 values in numpy order) of the model in ``model_dir``."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        from quantmix.export.simulate import tensor_targets
+        from quantmix.model.catalog import catalog_from_config
+        from quantmix.model.engine import _config
+
+        self.dir = Path(model_dir)
+        cfg = _config(self.dir)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(cfg)
+        model.tie_weights()
+        self.catalog = catalog_from_config(self.dir)
+        self.targets = tensor_targets(model)
+        self._shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        self.weights = ModelWeights(self.dir, cfg)
+        self._info = {t.name: t for t in self.catalog}
+        self._last: tuple[str, torch.Tensor] | None = None  # the last parameter read (gate and up share one)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._info)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """ggml order (ne0 first), as the GGUF header writes it."""
+        return tuple(self._info[name].shape)
+
+    def _param(self, pname: str) -> torch.Tensor:
+        if self._last is None or self._last[0] != pname:
+            self._last = None
+            t = self.weights.load(pname, self._shapes[pname])
+            self._last = (pname, t.float())
+        return self._last[1]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as the converter's F32 GGUF holds it: float32, shape ggml's reversed."""
+        if name not in self._info:
+            raise CheckpointError(f"{self.dir}: the model has no GGUF tensor {name}")
+        want = tuple(reversed(self._info[name].shape))
+        tgt = self.targets.get(name)
+        if tgt is not None:
+            w = tgt.read(self._param(tgt.param))
+        else:  # beyond the decoder layers (NextN) or a stored buffer: the catalog's sources as they are
+            srcs = self._info[name].hf_sources
+            if not srcs:
+                raise CheckpointError(f"{self.dir}: tensor {name} has no checkpoint source")
+            parts = [self.weights.ckpt.get(s).float() for s in srcs]
+            w = parts[0] if len(parts) == 1 else torch.stack(parts)
+        self.weights.ckpt.close()
+        w = w.reshape(want) if w.numel() == torch.Size(want).numel() else w
+        if tuple(w.shape) != want:
+            raise CheckpointError(f"{self.dir}: tensor {name} reads as {list(w.shape)}, the GGUF's is {list(want)}")
+        return w.contiguous()
+
+    def identity(self, name: str) -> str:
+        """A hash that changes whenever the values of ``name`` can: its sources' files (each hashed once per
+        file version, :mod:`quantmix.model.fingerprint`), the config and the tensor's name."""
+        from quantmix.model.fingerprint import file_sha256
+
+        tgt = self.targets.get(name)
+        srcs = ([s for _, _, ss in self.weights.sources(tgt.param, self._shapes[tgt.param]) for s in ss]
+                if tgt is not None else list(self._info[name].hf_sources))
+        files = set()
+        ckpt = self.weights.ckpt
+        for s in srcs:
+            rule = ckpt._rules.get(s)  # a dequantized weight is read from its stored parts (weight and scale)
+            for p in ((*rule.parts, s) if rule is not None else (s,)):
+                if p in ckpt.where:
+                    files.add(ckpt.where[p])
+        h = hashlib.sha256(name.encode() + b"\0" + file_sha256(self.dir / "config.json").encode())
+        for f in sorted(files):
+            h.update(f.name.encode() + b"\0" + file_sha256(f).encode())
+        return h.hexdigest()
