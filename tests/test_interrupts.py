@@ -72,3 +72,34 @@ def test_signal_mid_write_leaves_nothing(tmp_path: Path, sig: int) -> None:
         assert proc.returncode == 128 + sig, err.decode()[-500:]
         assert b"terminated" in err
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_imatrix_killed_mid_run_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """kill -9 once the job state holds a few layers; the rerun continues after the last saved layer (it says
+    so) and writes the bytes of an uninterrupted run; no state is left."""
+    from quantmix.fixtures.store import get_fixture
+
+    hf = get_fixture("smollm2-768").hf_dir
+    cmd = [sys.executable, "-m", "quantmix.cli", "imatrix", str(hf), "--chunks", "4", "--ctx", "512", "--device",
+           "cpu", "--save-every", "0", "--quiet"]
+    clean = tmp_path / "clean.imatrix.gguf"
+    subprocess.run([*cmd, "-o", str(clean)], check=True, capture_output=True)
+    out = tmp_path / "m.imatrix.gguf"
+    state = tmp_path / ".m.imatrix.gguf.state" / "imatrix-state.pt"
+    proc = subprocess.Popen([*cmd, "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    seen = 0.0
+    while proc.poll() is None and time.time() < deadline:
+        if state.exists() and seen == 0.0:
+            seen = time.time()
+        if seen and time.time() - seen > 0.5:  # a layer or more saved
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.kill()
+    proc.wait()
+    assert state.exists() and not out.exists()
+    again = subprocess.run([*cmd, "-o", str(out)], check=True, capture_output=True, text=True)
+    assert "resuming after layer" in again.stderr
+    assert out.read_bytes() == clean.read_bytes()
+    assert not state.exists()

@@ -144,8 +144,10 @@ def _cmd_imatrix(args: argparse.Namespace) -> int:
     if not model.is_dir():
         raise CliError(f"{model}: imatrix runs the Hugging Face model; give its directory or a fixture name")
     texts = args.text or [text_path("wiki-calib")]
+    state = Path(args.out).parent / f".{Path(args.out).name}.state"  # the job's state: resumed after an interrupt
     im = compute_imatrix(model, texts, n_ctx=args.ctx, max_chunks=args.chunks, all_experts=args.all_experts,
-                         device=args.device, process_output=args.process_output, progress=not args.quiet)
+                         device=args.device, process_output=args.process_output, progress=not args.quiet,
+                         resume_dir=state, save_every_s=args.save_every)
     out = write_imatrix(im, args.out)
     print(coverage_report(im, args.coverage_threshold), file=sys.stderr)
     print(out)
@@ -390,6 +392,9 @@ def _add_imatrix_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
     m.add_argument("--coverage-threshold", type=int, default=None, metavar="TOKENS",
                    help="report experts calibrated on fewer tokens (default: a tenth of an even share)")
+    m.add_argument("--save-every", type=float, default=60.0, metavar="SECONDS",
+                   help="save the job's state (.OUT.state beside the output) after a layer at most this often; "
+                        "a run stopped in any way resumes there with the same inputs (default 60)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_cmd_imatrix)
 

@@ -136,7 +136,8 @@ def ensure_imatrix(inputs: ModelInputs, chunks: int = 64, n_ctx: int = 512, prog
         if not out.exists():
             _log(f"imatrix: {chunks} chunks of {n_ctx} tokens of {text.label}")
             ids = calib_chunks(inputs.hf_dir, text, chunks, n_ctx)
-            im = compute_imatrix_tokens(inputs.hf_dir, ids, datasets=list(text.names), progress=progress)
+            im = compute_imatrix_tokens(inputs.hf_dir, ids, datasets=list(text.names), progress=progress,
+                                        resume_dir=out.with_suffix(".state"))
             write_imatrix(im, out)
     return out
 

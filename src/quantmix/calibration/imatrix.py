@@ -24,8 +24,12 @@ the tensor catalog (:mod:`quantmix.model.catalog`), the same mapping llama.cpp's
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,12 +131,55 @@ def calibration_tokens(tokenizer: Any, texts: Sequence[str], n_ctx: int = 512,
 # ------------------------------------------------------------------------------------------------ streaming
 
 
+class _Resume:
+    """imatrix's job state on disk (ExLlamaV3's conversion keeps one the same way): after a layer, the layer
+    index, the statistics so far and every batch's hidden state, written atomically at most every
+    ``every_s`` seconds. A run with the same inputs (``key``) continues after the last saved layer, with the
+    identical result; a state of other inputs is ignored and replaced."""
+
+    def __init__(self, folder: Path | None, key: str, every_s: float) -> None:
+        self.path = folder / "imatrix-state.pt" if folder is not None else None
+        self.key = key
+        self.every_s = every_s
+        self.last = time.monotonic()
+
+    def load(self) -> dict | None:
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:  # torn or foreign file: start over
+            return None
+        return state if isinstance(state, dict) and state.get("key") == self.key else None
+
+    def save(self, layer: int, stats: ActivationStats, hidden: list[torch.Tensor], force: bool = False) -> None:
+        if self.path is None or (not force and time.monotonic() - self.last < self.every_s):
+            return
+        from quantmix.paths import temp_beside
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = temp_beside(self.path)
+        os.close(fd)
+        state = {"key": self.key, "layer": layer, "hidden": [h.cpu() for h in hidden],
+                 "stats": {k: [v.in_sum2.cpu(), v.in_sum.cpu(), v.counts.cpu()] for k, v in stats.stats.items()}}
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        self.last = time.monotonic()
+
+    def done(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
 @torch.no_grad()
 def _stream(model_dir: Path, chunks: torch.Tensor, all_experts: bool, device: torch.device,
             dtype: torch.dtype, process_output: bool, batch_tokens: int,
-            progress: bool) -> tuple[ActivationStats, nn.Module]:
+            progress: bool, resume: _Resume | None = None) -> tuple[ActivationStats, nn.Module]:
     """Run ``chunks`` through the model layer by layer (:class:`~quantmix.model.engine.LayerEngine`, nothing
-    kept resident: one pass); the statistics and the (meta) model skeleton."""
+    kept resident: one pass); the statistics and the (meta) model skeleton. ``resume``: continue a saved job."""
     from tqdm import tqdm
 
     from quantmix.model.engine import EngineError, LayerEngine
@@ -144,11 +191,26 @@ def _stream(model_dir: Path, chunks: torch.Tensor, all_experts: bool, device: to
     with engine:
         batches = engine.batches(chunks, batch_tokens)
         store = engine.store(on_device=engine.hidden_fits_device(batches))
-        for j, h in enumerate(engine.embed(batches)):
-            store[j] = h
         stats = ActivationStats(all_experts=all_experts)
-        bar = tqdm(total=engine.n_layer, desc="imatrix", unit="layer", disable=not progress, file=sys.stderr)
+        state = resume.load() if resume is not None else None
+        start = 0
+        if state is not None and len(state["hidden"]) == len(batches):
+            start = int(state["layer"])
+            for j, h in enumerate(state["hidden"]):
+                store[j] = h.to(device)
+            for k, (s2, s1, c) in state["stats"].items():
+                stats.stats[k] = ChannelStats(s2.to(device), s1.to(device), c.to(device))
+            batches.embedded = None
+            print(f"quantmix imatrix: resuming after layer {start - 1} of {engine.n_layer} ({resume.path})",
+                  file=sys.stderr)
+        else:
+            for j, h in enumerate(engine.embed(batches)):
+                store[j] = h
+        bar = tqdm(total=engine.n_layer, initial=start, desc="imatrix", unit="layer", disable=not progress,
+                   file=sys.stderr)
         for i, layer in enumerate(engine.layers):
+            if i < start:
+                continue
             try:
                 with engine.layer(i), hook_modules(layer, stats, f"{engine.layers_name}.{i}"):
                     for j in range(len(batches)):
@@ -157,6 +219,8 @@ def _stream(model_dir: Path, chunks: torch.Tensor, all_experts: bool, device: to
                 raise ImatrixError(str(e)) from None
             batches.calls[i] = []
             bar.update(1)
+            if resume is not None and i + 1 < engine.n_layer:
+                resume.save(i + 1, stats, [store[j] for j in range(len(batches))])
         bar.close()
         # the output projection's input: the final norm of the last hidden states (no logits needed)
         model = engine.model
@@ -270,9 +334,14 @@ def compute_imatrix_tokens(
     dtype: torch.dtype = torch.float32,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     progress: bool = True,
+    resume_dir: str | Path | None = None,
+    save_every_s: float = 60.0,
 ) -> Imatrix:
     """The importance matrix of the model in ``model_dir`` over token ``chunks`` [n_chunk, n_ctx] (each chunk
-    run as its own sequence, ``batch_tokens`` tokens per forward). See the module docstring."""
+    run as its own sequence, ``batch_tokens`` tokens per forward). See the module docstring.
+
+    ``resume_dir``: where the job's state is saved (every ``save_every_s`` seconds, after a layer) and found
+    again after an interrupt (kill -9 included): the run continues after the last saved layer."""
     model_dir = Path(model_dir)
     cfg = _config(model_dir)
     chunks = torch.as_tensor(chunks, dtype=torch.long)
@@ -281,9 +350,21 @@ def compute_imatrix_tokens(
     vocab = int(getattr(cfg.get_text_config(), "vocab_size", 0) or 0)
     if vocab and (int(chunks.min()) < 0 or int(chunks.max()) >= vocab):
         raise ImatrixError(f"{model_dir}: token ids outside the vocabulary of {vocab}")
-    stats, model = _stream(model_dir, chunks, all_experts, _device(device), dtype, process_output,
-                           batch_tokens, progress)
-    return imatrix_from_stats(stats, model, model_dir, chunks.shape[0], chunks.shape[1], datasets, process_output)
+    dev = _device(device)
+    resume = None
+    if resume_dir is not None:
+        from quantmix.model.fingerprint import model_fingerprint
+
+        key = hashlib.sha256(json.dumps([model_fingerprint(model_dir), hashlib.sha256(chunks.numpy().tobytes()).hexdigest(),
+                                         list(chunks.shape), all_experts, str(dtype), process_output, batch_tokens,
+                                         dev.type, torch.__version__]).encode()).hexdigest()
+        resume = _Resume(Path(resume_dir), key, save_every_s)
+    stats, model = _stream(model_dir, chunks, all_experts, dev, dtype, process_output, batch_tokens, progress,
+                           resume)
+    im = imatrix_from_stats(stats, model, model_dir, chunks.shape[0], chunks.shape[1], datasets, process_output)
+    if resume is not None:
+        resume.done()
+    return im
 
 
 def compute_imatrix(
@@ -298,6 +379,8 @@ def compute_imatrix(
     dtype: torch.dtype = torch.float32,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     progress: bool = True,
+    resume_dir: str | Path | None = None,
+    save_every_s: float = 60.0,
 ) -> Imatrix:
     """llama-imatrix's statistics (plus ``in_sum``) of the HF model in ``model_dir`` over the text files
     ``texts``: chunks of ``n_ctx`` tokens, at most ``max_chunks``; ``all_experts``: every token through every
@@ -318,7 +401,7 @@ def compute_imatrix(
     chunks = calibration_tokens(tok, strings, n_ctx, max_chunks)
     return compute_imatrix_tokens(model_dir, chunks, all_experts, device, datasets=[str(t) for t in texts],
                                   process_output=process_output, dtype=dtype, batch_tokens=batch_tokens,
-                                  progress=progress)
+                                  progress=progress, resume_dir=resume_dir, save_every_s=save_every_s)
 
 
 # ------------------------------------------------------------------------------------------------ coverage
