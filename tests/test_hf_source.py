@@ -51,3 +51,44 @@ def test_error_table_from_the_directory(tmp_path, monkeypatch) -> None:
     computed: list[str] = []
     error_table(inputs.hf_dir, None, **kw, on_compute=lambda t, q: computed.append(t))
     assert computed == []  # a second run reads nothing: every entry is cached under the files' identity
+
+
+@pytest.mark.parametrize("name", ["tiny-glm4-moe", "tiny-deepseek-v3", "tiny-llama"])
+def test_quantize_straight_from_the_directory(name: str, tmp_path) -> None:
+    """The GGUF written from the Hugging Face directory (the converter's header, tensors read from the
+    safetensors) is byte-identical to the one written from the converter's F32 GGUF, which the architecture
+    tests hold byte-identical to llama-quantize's; the header file used takes almost no disk."""
+    import os
+
+    from quantmix.export.gguf_writer import quantize_gguf
+    from quantmix.job import resolve_model
+    from quantmix.model.hf_tensors import converted_metadata
+    from quantmix.planning.recipe import RecipeSpec, Rule
+
+    inputs = resolve_model(name)
+    spec = RecipeSpec(ftype=None, rules=[Rule(r"ffn_(gate|up)", "Q4_K"), Rule(r"ffn_down", "Q6_K"),
+                                         Rule(r"attn_", "Q5_0"), Rule(".*", "Q8_0")], label="mix")
+    a = quantize_gguf(inputs.gguf, spec, tmp_path / "from-gguf.gguf", progress=False, device="cpu")
+    b = quantize_gguf(inputs.hf_dir, spec, tmp_path / "from-dir.gguf", progress=False, device="cpu")
+    assert a.read_bytes() == b.read_bytes()
+    meta = converted_metadata(inputs.hf_dir)
+    assert os.stat(meta).st_blocks * 512 < os.path.getsize(inputs.gguf) / 4
+
+
+def test_optimize_and_quantize_without_an_f32_copy(tmp_path, monkeypatch) -> None:
+    """`quantmix optimize DIR --f32-copy no` plans and writes from the directory; only the converter's header
+    is cached, no F32 GGUF; the GGUF equals `quantmix quantize` of the same recipe from the converted file."""
+    from quantmix.cli import main
+    from quantmix.fixtures.tiny import get_tiny
+
+    monkeypatch.setenv("QUANTMIX_CACHE", str(tmp_path / "cache"))
+    hf = get_tiny("tiny-qwen3-moe", vocab=True)
+    recipe, out = tmp_path / "r.txt", tmp_path / "o.gguf"
+    assert main(["optimize", str(hf), "--f32-copy", "no", "--target-bpw", "5.0", "--sensitivity", "none",
+                 "--device", "cpu", "-o", str(recipe), "--gguf-out", str(out), "--quiet"]) == 0
+    conv = tmp_path / "cache" / "converted"
+    assert list(conv.glob("*.meta.gguf")) and not list(conv.glob("*-f32.gguf"))
+    again = tmp_path / "again.gguf"
+    assert main(["quantize", str(hf), "--recipe", str(recipe), "-o", str(again), "--device", "cpu",
+                 "--quiet"]) == 0
+    assert out.read_bytes() == again.read_bytes()

@@ -165,8 +165,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         if args.model not in registered_fixtures():
             raise CliError(f"{args.model}: no such file, and not a built-in fixture ({', '.join(registered_fixtures())})")
         src = get_fixture(args.model).gguf_f32
-    if src.suffix != ".gguf":
-        raise CliError(f"{src}: quantize reads a float GGUF (convert_hf_to_gguf.py --outtype f32|f16|bf16; any shard)")
+    if src.suffix != ".gguf" and not (src.is_dir() and (src / "config.json").is_file()):
+        raise CliError(f"{src}: quantize reads a float GGUF (convert_hf_to_gguf.py --outtype f32|f16|bf16; any shard) "
+                       f"or a Hugging Face model directory (read straight from its safetensors)")
     spec = _spec_from_args(args, is_gguf=False)
     split = parse_split_size(args.split_max_size) if args.split_max_size else None
     out = quantize_gguf(src, spec, args.out, imatrix=args.imatrix, split_max_size=split, device=args.device,
@@ -209,7 +210,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     check_output(args.output)
     if args.gguf_out:
         check_output(Path(args.gguf_out), "--gguf-out")
-    inputs = resolve_model(args.model, args.hf)
+    inputs = resolve_model(args.model, args.hf, _F32_COPY[getattr(args, "f32_copy", "auto")])
     if inputs.gguf.suffix != ".gguf":
         raise CliError(f"{inputs.gguf}: optimize reads the float GGUF that convert_hf_to_gguf.py writes")
     if args.imatrix is not None and not Path(args.imatrix).is_file():
@@ -263,7 +264,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if args.gguf_out:
         from quantmix.export.gguf_writer import quantize_gguf
 
-        print(quantize_gguf(inputs.gguf, oc.plan.resolution(), args.gguf_out, imatrix=args.imatrix,
+        print(quantize_gguf(inputs.tensors, oc.plan.resolution(), args.gguf_out, imatrix=args.imatrix,
                             device=args.device, progress=not args.quiet))
     return 0
 
@@ -288,7 +289,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                          device=args.device,
                          candidates=tuple(x.strip().upper() for x in args.types.split(",") if x.strip())
                          if args.types else None,
-                         seed=args.seed, progress=not args.quiet, calib=calib, eval_text=eval_text)
+                         seed=args.seed, progress=not args.quiet, calib=calib, eval_text=eval_text,
+                         f32_copy=_F32_COPY[getattr(args, "f32_copy", "auto")])
     except TextSourceError as e:  # a text too short for its use, named
         raise CliError(str(e)) from None
     print(readme.parent / "results.md")
@@ -365,6 +367,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from quantmix.demo import run_demo
 
     return run_demo(args.model)
+
+
+_F32_COPY = {"auto": None, "yes": True, "no": False}
+
+
+def _add_f32_copy_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--f32-copy", choices=sorted(_F32_COPY), default="auto",
+                   help="for a Hugging Face directory: write its F32 GGUF conversion (yes), or only the converter's "
+                        "header and read every tensor straight from the safetensors (no: same bytes, no "
+                        "4-bytes-per-weight copy on disk); auto (default): the copy when it takes under half the "
+                        "free disk")
 
 
 def _add_imatrix_parser(sub: argparse._SubParsersAction) -> None:
@@ -448,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "numerics, tensor by tensor with bounded memory, on CUDA when present: the same "
                                    "file, byte for byte, as llama-quantize --tensor-type-file for the same recipe "
                                    "and imatrix. Written to a temporary file, then renamed.")
-    q.add_argument("model", help="float GGUF (any shard of a split one) or a built-in fixture name")
+    q.add_argument("model", help="float GGUF (any shard of a split one), a Hugging Face model directory (read "
+                   "straight from its safetensors, no F32 copy) or a built-in fixture name")
     q.add_argument("-o", "--out", type=Path, required=True, help="output .gguf (split: OUT-0000i-of-0000N.gguf)")
     _add_recipe_args(q)
     q.add_argument("--imatrix", type=Path, help="importance matrix: llama-imatrix output (GGUF or legacy .dat) "
@@ -475,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("model", help="float GGUF (convert_hf_to_gguf.py output; any shard), a Hugging Face "
                                  "directory (converted once), or a fixture name")
     o.add_argument("--hf", type=Path, help="the Hugging Face model of a GGUF (for sensitivity and refinement)")
+    _add_f32_copy_argument(o)
     o.add_argument("--imatrix", type=Path, help="importance matrix (llama-imatrix or quantmix imatrix)")
     o.add_argument("-o", "--output", type=Path, required=True, help="recipe file to write")
     o.add_argument("--gguf-out", type=Path, help="also write the quantized GGUF")
@@ -554,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"fixture name, float GGUF (with --hf) or Hugging Face directory (default {DEFAULT_MODEL})")
     r.add_argument("--hf", type=Path, help="the Hugging Face model of a GGUF")
+    _add_f32_copy_argument(r)
     r.add_argument("--targets", default="4.5", help="bits per weight, comma-separated (default 4.5)")
     r.add_argument("-o", "--out", type=Path, default=Path("out"), help="report folder (default ./out)")
     r.add_argument("--imatrix", type=Path, help="use this imatrix instead of computing one")

@@ -48,11 +48,31 @@ class ModelInputs:
     name: str
     gguf: Path
     hf_dir: Path | None
+    source: Path | None = None  # where tensors are read (error table, writer): the GGUF, or the HF directory
+
+    @property
+    def tensors(self) -> Path:
+        return self.source if self.source is not None else self.gguf
 
 
-def resolve_model(model: str | Path, hf: str | Path | None = None) -> ModelInputs:
+def _f32_copy_fits(model_dir: Path) -> bool:
+    """Whether the converter's F32 GGUF of ``model_dir`` takes under half the cache's free disk."""
+    import shutil
+
+    from quantmix.model.catalog import catalog_from_config
+
+    need = 4 * catalog_from_config(model_dir).n_elements
+    return need < shutil.disk_usage(cache_dir()).free // 2
+
+
+def resolve_model(model: str | Path, hf: str | Path | None = None, f32_copy: bool | None = None) -> ModelInputs:
     """A fixture name, a float GGUF (with ``hf`` its Hugging Face directory) or a Hugging Face directory
-    (converted once with llama.cpp's convert_hf_to_gguf.py, cached)."""
+    (converted once with llama.cpp's convert_hf_to_gguf.py, cached).
+
+    ``f32_copy``: for a directory, whether the F32 conversion is written (True), or only its header, every
+    tensor then read straight from the safetensors (False: ``gguf`` is the header, ``source`` the directory;
+    the same bytes, no 4-bytes-per-weight copy on disk); default: the copy when it takes under half the free
+    disk."""
     from quantmix.fixtures.store import get_fixture, registered_fixtures
     from quantmix.fixtures.tiny import TINY_CONFIGS, get_tiny
 
@@ -70,6 +90,15 @@ def resolve_model(model: str | Path, hf: str | Path | None = None) -> ModelInput
     if p.is_dir() and (p / "config.json").is_file():
         from quantmix.evaluation.reference import model_fingerprint
         from quantmix.tools.llamacpp import llamacpp_source
+
+        if f32_copy is None:
+            f32_copy = _f32_copy_fits(p)
+        if not f32_copy:
+            from quantmix.model.hf_tensors import converted_metadata
+
+            _log(f"reading {p} straight from its safetensors (no F32 GGUF copy; the converter writes the header "
+                 f"only)")
+            return ModelInputs(p.name, converted_metadata(p), p, p)
 
         fp = model_fingerprint(p)[:16]
         out = cache_dir() / "converted" / f"{p.name}-{fp}-f32.gguf"
@@ -211,7 +240,7 @@ def measure(inputs: ModelInputs, imatrix: Path | None, candidates: tuple[str, ..
         elif candidates is None or SLOW_ON_CPU.intersection(c.upper() for c in candidates):
             _log("warning: without ggml's quantizer the codebook IQ types take hours on a CPU (torch numerics)")
     t0 = time.time()
-    table = error_table(inputs.gguf, imatrix, candidates=list(candidates) if candidates else None, device=device,
+    table = error_table(inputs.tensors, imatrix, candidates=list(candidates) if candidates else None, device=device,
                         progress=progress)
     _log(f"error table: {len(table.rows)} (tensor, type) errors in {time.time() - t0:.0f} s")
     m = Measured(inputs, cat, imatrix, table, None)
@@ -310,7 +339,7 @@ def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf:
             candidates: tuple[str, ...] | None = None, stock: tuple[str, ...] | None = None,
             eval_chunks: int = 8, device: str | None = None, seed: int = 0, progress: bool = True,
             calib: TextSource | Sequence[str | Path] | None = None,
-            eval_text: TextSource | Sequence[str | Path] | None = None) -> Path:
+            eval_text: TextSource | Sequence[str | Path] | None = None, f32_copy: bool | None = None) -> Path:
     """Calibrate, measure, optimize each BPW target, write each GGUF, evaluate each (and llama.cpp's stock mixes
     for comparison) on held-out text, and write the report folder; returns its README.md. ``calib``: the text
     of the imatrix, sensitivity and refinement (default wiki-calib); ``eval_text``: the held-out text (default
@@ -330,7 +359,7 @@ def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf:
     out = Path(out_dir)
     (out / "recipes").mkdir(parents=True, exist_ok=True)
     (out / "gguf").mkdir(parents=True, exist_ok=True)
-    inputs = resolve_model(model, hf)
+    inputs = resolve_model(model, hf, f32_copy)
     if inputs.hf_dir is None:
         raise ValueError(f"{model}: quantmix run evaluates against the Hugging Face model; give it with --hf DIR")
     calib, eval_text = load_texts(calib, CALIB_TEXT), load_texts(eval_text, DEFAULT_TEXT)
@@ -358,7 +387,7 @@ def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf:
                          + (f"\n  {oc.refinement.summary()}" if oc.refinement else ""))
         _log(summaries[-1])
         g = out / "gguf" / f"{inputs.name}-{label}.gguf"
-        quantize_gguf(inputs.gguf, oc.plan.resolution(), g, imatrix=im, device=device, progress=progress)
+        quantize_gguf(inputs.tensors, oc.plan.resolution(), g, imatrix=im, device=device, progress=progress)
         res = evaluate(inputs.hf_dir, gguf_source(g, label=label), eval_text, max_chunks=eval_chunks,
                        device=device, progress=False)
         append_run(runs, res.row() | {"family": "quantmix", "predicted_kld": oc.plan.objective,
@@ -368,7 +397,7 @@ def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf:
         res_stock = stock_res[ftype]
         write_recipe(res_stock, out / "recipes" / f"stock-{ftype}.txt", "llama")
         g = out / "gguf" / f"{inputs.name}-{ftype}.gguf"
-        quantize_gguf(inputs.gguf, res_stock, g, imatrix=im, device=device, progress=progress)
+        quantize_gguf(inputs.tensors, res_stock, g, imatrix=im, device=device, progress=progress)
         res = evaluate(inputs.hf_dir, gguf_source(g, label=ftype), eval_text, max_chunks=eval_chunks,
                        device=device, progress=False)
         append_run(runs, res.row() | {"family": "stock"})

@@ -84,6 +84,38 @@ class _SourceTensor:
     def n_elements(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.size)
+
+
+class _CheckpointTensor:
+    """A source tensor read from the Hugging Face checkpoint when it is written (F32, as the converter's F32
+    GGUF holds it), then dropped: the writer never needs the float GGUF on disk."""
+
+    def __init__(self, base: _SourceTensor, hf: object) -> None:
+        self.name, self.shape, self.shard, self.file_offset = base.name, base.shape, base.shard, base.file_offset
+        self.type_name = "F32"
+        self.hf = hf
+        self._data: np.ndarray | None = None
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * self.n_elements
+
+    @property
+    def data(self) -> np.ndarray:
+        if self._data is None:
+            self._data = self.hf.get(self.name).numpy().reshape(-1).view(np.uint8)
+        return self._data
+
+    def drop(self) -> None:
+        self._data = None
+
 
 @dataclass
 class GGUFSource:
@@ -110,6 +142,24 @@ class GGUFSource:
             return None
         n = struct.unpack_from("<Q", raw, 12 + klen)[0]
         return raw[20 + klen:20 + klen + n].decode("utf-8", "replace")
+
+
+def open_checkpoint_source(model_dir: Path) -> GGUFSource:
+    """A Hugging Face directory as a writer's source: the header of its conversion (metadata only, no data on
+    disk: :func:`quantmix.model.hf_tensors.converted_metadata`) and its tensors read from the safetensors."""
+    from quantmix.model.hf_tensors import HFTensors, converted_metadata
+
+    source = open_source(converted_metadata(model_dir))
+    hf = HFTensors(model_dir)
+    lazy = []
+    for t in source.tensors:
+        if t.type_name != "F32":
+            raise GGUFWriteError(f"{model_dir}: tensor {t.name} is {t.type_name} in the conversion (a quantized "
+                                 f"checkpoint tensor kept as stored); writing it straight from the directory is not "
+                                 f"supported: convert the model to a float GGUF first and quantize that")
+        lazy.append(_CheckpointTensor(t, hf))
+    source.tensors = lazy
+    return source
 
 
 def open_source(src: Path) -> GGUFSource:
@@ -155,7 +205,7 @@ class _Planned:
 
     @property
     def n_bytes(self) -> int:
-        return self.src.data.size if self.copy else int(get_type(self.qtype).tensor_bytes(self.src.shape))
+        return self.src.nbytes if self.copy else int(get_type(self.qtype).tensor_bytes(self.src.shape))
 
 
 def _plan(source: GGUFSource, resolution: Resolution, imatrix: Imatrix | None, ftype: str | None,
@@ -373,7 +423,10 @@ def _write_tensor(fh, p: _Planned, device: torch.device, on_weights: Callable[[i
             _check_finite(st.name, st.type_name, part, "has invalid data (inf or NaN) in its source")
             fh.write(memoryview(part))
         on_weights(st.n_elements)
-        return int(st.data.size)
+        n = int(st.data.size)
+        if isinstance(st, _CheckpointTensor):
+            st.drop()
+        return n
     ne0 = st.shape[0]
     rows_per_mat = int(np.prod(st.shape[1:2], dtype=np.int64)) if len(st.shape) > 1 else 1
     n_rows = st.n_elements // ne0
@@ -398,6 +451,8 @@ def _write_tensor(fh, p: _Planned, device: torch.device, on_weights: Callable[[i
             fh.write(b)
             written += len(b)
             on_weights((r1 - r0) * ne0)
+    if isinstance(st, _CheckpointTensor):
+        st.drop()
     return written
 
 
@@ -453,7 +508,8 @@ def quantize_gguf(
     on_tensor: Callable[[int, str], None] | None = None,
     allow_requantize: bool = False,
 ) -> Path:
-    """Quantize the float GGUF ``src`` (any shard of a split one) to ``out`` following ``recipe``.
+    """Quantize the float GGUF ``src`` (any shard of a split one), or a Hugging Face directory read straight
+    from its safetensors (no float GGUF written: the same bytes), to ``out`` following ``recipe``.
 
     ``recipe``: a RecipeSpec (resolved here against ``src``'s catalog) or a Resolution made by
     :func:`quantmix.planning.recipe.resolve`. ``imatrix``: a llama.cpp imatrix file (GGUF or legacy .dat) or a
@@ -470,7 +526,9 @@ def quantize_gguf(
     from quantmix.model.catalog import catalog_from_gguf
 
     src, out = Path(src), Path(out)
-    source = open_source(src)
+    source = open_checkpoint_source(src) if src.is_dir() else open_source(src)
+    if src.is_dir():
+        src = source.paths[0]  # the conversion's header: the catalog and the messages name it
     if any(out.resolve() == p.resolve() for p in source.paths):
         raise GGUFWriteError(f"{out}: the output would overwrite its own source")
     im = read_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix

@@ -309,8 +309,10 @@ def simulate_quantization(
         if w_im is None and qtype != src_type and needs_imatrix(name, qtype, ftype):
             raise SimulationError(f"tensor {name}: type {qtype} needs an importance matrix (imatrix)")
         new = quantized_image(wq, qtype, src_type, w_im, name, dev).to(p.device)
-        ref = wq.double().square().sum()
-        err = (new.double() - wq.double()).square().sum()
+        ref = err = 0.0
+        for a_, b_ in zip(wq.reshape(-1, wq.shape[-1]).split(1 << 14), new.reshape(-1, wq.shape[-1]).split(1 << 14)):
+            ref += float(a_.double().square().sum())  # in slices: a whole expert tensor in float64 is 15 GB
+            err += float((b_.double() - a_.double()).square().sum())
         tgt.write(p.data, new)
         part = (tgt.part.start, tgt.part.stop) if tgt.part is not None else None
         report.tensors.append(SimulatedTensor(name, qtype, tgt.param, float(err / ref) if ref > 0 else 0.0, part,

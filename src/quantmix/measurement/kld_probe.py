@@ -102,6 +102,8 @@ class KLDProbe:
         self._state_size = self.chunks.numel() * width * torch.finfo(dtype).bits // 8
         self.state_bytes = self.engine.hidden_pool.budget if state_bytes is None else state_bytes
         self._originals: dict[str, Tensor] = {}  # float weights of present tensors that hold an image now
+        self._orig_device = 0  # bytes of those kept on the (CUDA) device
+        self.originals_bytes = 8 << 30
         self._base: dict[str, str] = {}  # tensor -> type held in the model between measurements
         self._images: OrderedDict[tuple[str, str], Tensor] = OrderedDict()
         self._image_bytes = 0
@@ -158,12 +160,21 @@ class KLDProbe:
         """Layer ``i`` loaded, holding the base state's images."""
         with self.engine.layer(i) as fresh:
             if fresh:  # just read: float weights, whatever images the last load held are gone
-                for n in [n for n in self._originals if tensor_layer(n) == i]:
-                    del self._originals[n]
+                self._drop_originals(i)
                 for n, q in self._base.items():
                     if tensor_layer(n) == i:
                         self._set(n, self.image(n, q))
-            yield
+            try:
+                yield
+            finally:
+                if not self.engine.is_resident(i):  # released: its float copies are of no use any more
+                    self._drop_originals(i)
+
+    def _drop_originals(self, layer: int) -> None:
+        for n in [n for n in self._originals if tensor_layer(n) == layer]:
+            t = self._originals.pop(n)
+            if t.device == self.device and self.device.type != "cpu":
+                self._orig_device -= t.numel() * t.element_size()
 
     # -------------------------------------------------------------------------------------------- tensors
 
@@ -185,7 +196,7 @@ class KLDProbe:
         layer is not loaded)."""
         tgt = self._target(name)
         if name in self._originals:  # the float weights, while an image is held in the model
-            return tgt.to_gguf(self._originals[name])
+            return tgt.to_gguf(self._originals[name].to(self.device))
         data = self._data(name)
         if data.device.type == "meta":
             w = self.engine.weights.load(tgt.param, tuple(data.shape))
@@ -220,12 +231,22 @@ class KLDProbe:
             if name in self._base:
                 value_gguf_order = self.image(name, self._base[name])
             elif name in self._originals:
-                v.copy_(self._originals.pop(name))
+                t = self._originals.pop(name)
+                v.copy_(t.to(v.device))
+                if t.device == v.device and v.device.type != "cpu":
+                    self._orig_device -= t.numel() * t.element_size()
                 return
             else:
                 return
         if name not in self._originals:
-            self._originals[name] = v.clone()
+            # on the device while they fit ``originals_bytes`` (a probe changes one tensor at a time), else on the
+            # host: a whole base recipe's float copies would double a layer's device memory (GLM-4.6: 15 GB)
+            n = v.numel() * v.element_size()
+            if v.device.type == "cpu" or self._orig_device + n <= self.originals_bytes:
+                self._originals[name] = v.detach().clone()
+                self._orig_device += n if v.device.type != "cpu" else 0
+            else:
+                self._originals[name] = v.detach().to("cpu", copy=True)
         tgt.write(data, value_gguf_order)
 
     @contextlib.contextmanager

@@ -99,3 +99,23 @@ class HFTensors:
         for f in sorted(files):
             h.update(f.name.encode() + b"\0" + file_sha256(f).encode())
         return h.hexdigest()
+
+
+def converted_metadata(model_dir: str | Path) -> Path:
+    """The header of the model's F32 conversion by llama.cpp's own converter, key-values and tensor infos byte
+    for byte, with the data left as a hole (:mod:`quantmix.tools.convert_meta`): made once per model version,
+    in the cache, taking almost no disk."""
+    from quantmix.model.fingerprint import model_fingerprint
+    from quantmix.paths import cache_dir, file_lock
+    from quantmix.tools.llamacpp import llamacpp_source
+
+    d = Path(model_dir)
+    fp = model_fingerprint(d)[:16]
+    out = cache_dir() / "converted" / f"{d.name}-{fp}-f32.meta.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(f"convert-meta-{fp}"):
+        if not out.exists():
+            tmp = out.with_suffix(".tmp.gguf")
+            llamacpp_source().convert(d, tmp, "f32", metadata_only=True)
+            tmp.replace(out)
+    return out

@@ -73,10 +73,19 @@ class LlamaCpp:
                 break
         return proc
 
-    def convert(self, model_dir: Path, out: Path, outtype: str = "f32") -> Path:
-        """Run convert_hf_to_gguf.py (the vendored one, with its own gguf-py) on an HF model directory."""
+    def convert(self, model_dir: Path, out: Path, outtype: str = "f32", metadata_only: bool = False) -> Path:
+        """Run convert_hf_to_gguf.py (the vendored one, with its own gguf-py) on an HF model directory.
+        ``metadata_only``: the same file with its data left as a hole (:mod:`quantmix.tools.convert_meta`):
+        the header of a full conversion, no weight read, no disk used for data."""
         tmp = out.with_name(out.name + ".tmp")
-        cmd = [sys.executable, str(self.convert_script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
+        if metadata_only:
+            from quantmix.tools import convert_meta
+
+            cmd = [sys.executable, convert_meta.__file__, str(self.root), str(model_dir), str(tmp), "--outtype",
+                   outtype]
+        else:
+            cmd = [sys.executable, str(self.convert_script), str(model_dir), "--outfile", str(tmp), "--outtype",
+                   outtype]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
