@@ -64,11 +64,9 @@ def log(msg: str) -> None:
 
 
 def file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
+    from quantmix.model.fingerprint import file_sha256
+
+    return file_sha256(path)  # remembered per file version: a rerun does not read the GGUFs again
 
 
 def short_hash(*parts: object) -> str:

@@ -268,6 +268,21 @@ class Checkpoint:
         return out.transpose(-1, -2).contiguous() if out.dim() == 3 else out
 
 
+def float_config(model_dir: str | Path) -> Any:
+    """The model's transformers config for a float model: ``quantization_config`` dropped (quantmix reads FP8 /
+    MXFP4 weights dequantized). transformers' own errors on an unreadable config.json propagate."""
+    from transformers import AutoConfig
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    for c in {id(cfg): cfg, id(cfg.get_text_config()): cfg.get_text_config()}.values():
+        if hasattr(c, "quantization_config"):
+            delattr(c, "quantization_config")  # the model we build holds floats
+    return cfg
+
+
 def load_float_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
                      device: str | torch.device | None = None) -> torch.nn.Module:
     """The transformers model of ``model_dir`` in ``dtype`` on ``device`` (CPU by default), every weight read
@@ -276,18 +291,13 @@ def load_float_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
     transformers itself would refuse on a CPU or keep in fp8 modules. Per-expert checkpoint tensors are fused
     into transformers' in-memory parameters by :class:`quantmix.model.weights.ModelWeights`' mapping (:mod:`quantmix.model.catalog`)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from quantmix.model.weights import ModelWeights, materialize
 
     model_dir = Path(model_dir)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    if not (model_dir / "config.json").is_file():
-        raise CheckpointError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
-    cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    for c in {id(cfg): cfg, id(cfg.get_text_config()): cfg.get_text_config()}.values():
-        if hasattr(c, "quantization_config"):
-            delattr(c, "quantization_config")  # the model we build holds floats
+    cfg = float_config(model_dir)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.tie_weights()  # on the meta device the tie is not made: lm_head would be read as its own tensor

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from quantmix.model.checkpoint import CheckpointError
-from quantmix.model.weights import ModelWeights, install, module_name, read_module, release
+from quantmix.model.weights import ModelWeights, install, module_name, read_module, release, set_tensor
 
 __all__ = ["EngineError", "LayerEngine", "Batches", "HiddenStore", "default_resident_bytes"]
 
@@ -186,18 +186,15 @@ class Batches:
 
 
 def _config(model_dir: Path) -> Any:
-    from transformers import AutoConfig
+    """:func:`~quantmix.model.checkpoint.float_config`, its failures as EngineError naming the file."""
+    from quantmix.model.checkpoint import float_config
 
-    if not (model_dir / "config.json").is_file():
-        raise EngineError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
     try:
-        cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+        return float_config(model_dir)
+    except CheckpointError as e:
+        raise EngineError(str(e)) from None
     except Exception as e:  # transformers raises many kinds
         raise EngineError(f"{model_dir}/config.json: transformers cannot read it ({e})") from None
-    for c in {id(cfg): cfg, id(cfg.get_text_config()): cfg.get_text_config()}.values():
-        if hasattr(c, "quantization_config"):
-            delattr(c, "quantization_config")  # the model we run holds floats (FP8 / MXFP4 dequantized on read)
-    return cfg
 
 
 class LayerEngine:
@@ -260,8 +257,6 @@ class LayerEngine:
         try:
             for name, p in self._outside_params():
                 t = self.weights.load(name, tuple(p.shape))
-                from quantmix.model.weights import set_tensor
-
                 set_tensor(self.model, name, t.to(self.device, self.dtype if t.is_floating_point() else t.dtype),
                            True)
         except CheckpointError as e:
