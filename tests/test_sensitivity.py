@@ -121,11 +121,12 @@ def test_sensitivity_fit_is_additive_cached_and_checked(setup, tmp_path: Path, m
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0 and spearman([1, 2, 3], [3, 2, 1]) == -1.0
 
 
-def test_refinement_stays_in_budget_and_never_worsens(setup, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def _refine_problem(setup, tmp_path: Path, monkeypatch) -> tuple:  # noqa: ANN001
+    """A plan at the size of every test tensor at Q4_K (the others held at Q8_0), on sensitivity-scaled costs."""
+    from quantmix.formats.registry import get_type
     from quantmix.measurement.sensitivity import fit_sensitivity
     from quantmix.planning.budget import Budget
     from quantmix.planning.constraints import Constraints
-    from quantmix.planning.refine import refine
     from quantmix.planning.solver import optimize
 
     monkeypatch.setenv("QUANTMIX_CACHE", str(tmp_path))
@@ -133,8 +134,6 @@ def test_refinement_stays_in_budget_and_never_worsens(setup, tmp_path: Path, mon
     costs = table.to_costs()
     s = fit_sensitivity(probe.model_dir, costs, {t.name: t.tensor_class for t in cat}, profile="quick",
                         probe=probe, checks=0, progress=False)
-    from quantmix.formats.registry import get_type
-
     scaled = s.scaled_costs(costs)
     fixed = sum(get_type(t.source_type or "F32").tensor_bytes(t.shape) for t in cat if not t.quantizable)
     others = [t for t in cat if t.quantizable and t.name not in costs]
@@ -143,7 +142,14 @@ def test_refinement_stays_in_budget_and_never_worsens(setup, tmp_path: Path, mon
         sum(get_type("Q4_K").tensor_bytes(t.shape) for t in cat if t.name in costs)
     budget = Budget.of_size(size)
     c = Constraints(imatrix=False)
-    plan = optimize(cat, scaled, budget, c)
+    return optimize(cat, scaled, budget, c), scaled, c, budget
+
+
+def test_refinement_stays_in_budget_and_never_worsens(setup, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from quantmix.planning.refine import refine
+
+    probe = setup[1]
+    plan, scaled, c, budget = _refine_problem(setup, tmp_path, monkeypatch)
     results = [refine(plan, scaled, probe, c, time_limit=600, max_moves=8, seed=3, progress=False) for _ in range(2)]
     r = results[0]
     assert r.plan.types() == results[1].plan.types()  # seeded: the same moves, the same answer
@@ -152,5 +158,41 @@ def test_refinement_stays_in_budget_and_never_worsens(setup, tmp_path: Path, mon
     assert math.isclose(r.measured_before, probe.kld(probe.quantized_changes(plan.types())), rel_tol=1e-6)
     assert math.isclose(r.measured_after, probe.kld(probe.quantized_changes(r.plan.types())), rel_tol=1e-6)
     assert (r.moves_accepted > 0) == (r.plan.types() != plan.types())
+    assert probe.kld({}) < 1e-12  # the probe is left as it was found: no base state
     assert r.measured_found == r.measured_after  # no check probe: what the moves found is returned
     assert "refinement:" in r.summary()
+
+
+def test_batched_refinement_streams_once_per_round_and_resumes(setup, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """Moves measured breadth first on a model streamed from disk: the baseline and each round of moves cost one
+    pass over the layers (the accepted move's re-recording rides on the next round's pass); the answer is what an
+    independent probe measures for the returned plan; a search stopped after one round and run again with the
+    full budget continues to the same answer, and a finished search is returned from its state without a read."""
+    from quantmix.planning.refine import refine
+
+    plan, scaled, c, budget = _refine_problem(setup, tmp_path, monkeypatch)
+    resident = setup[1]
+    streamed = KLDProbe(resident.model_dir, resident.chunks, device="cpu", resident_bytes=0)
+    try:
+        reads = streamed.engine.layer_reads
+        r = refine(plan, scaled, streamed, c, max_moves=6, batch=3, seed=3, progress=False)
+        n = streamed.n_layer
+        assert r.moves_tried == 6 and r.plan.n_bytes <= budget.pools[0].capacity
+        assert streamed.engine.layer_reads - reads <= 3 * n  # baseline + 2 rounds, one pass each
+        assert r.measured_after <= r.measured_before
+        assert math.isclose(r.measured_after, resident.kld(resident.quantized_changes(r.plan.types())),
+                            rel_tol=1e-5)
+        state = tmp_path / "refine-state"
+        part = refine(plan, scaled, streamed, c, max_moves=3, batch=3, seed=3, progress=False, state_dir=state)
+        assert part.moves_tried == 3 and len(list(state.iterdir())) == 1
+        full = refine(plan, scaled, streamed, c, max_moves=6, batch=3, seed=3, progress=False, state_dir=state)
+        assert full.plan.types() == r.plan.types() and full.moves_tried == 6
+        assert full.measured_after == r.measured_after and full.moves_accepted == r.moves_accepted
+        reads = streamed.engine.layer_reads
+        again = refine(plan, scaled, streamed, c, max_moves=6, batch=3, seed=3, progress=False, state_dir=state)
+        assert streamed.engine.layer_reads == reads  # finished: nothing measured
+        assert again.plan.types() == r.plan.types() and again.measured_after == r.measured_after
+        other = refine(plan, scaled, streamed, c, max_moves=3, batch=3, seed=4, progress=False, state_dir=state)
+        assert other.moves_tried == 3 and len(list(state.iterdir())) == 2  # another seed: its own search
+    finally:
+        streamed.close()

@@ -295,8 +295,10 @@ def plan_recipe(m: Measured, budget: object, constraints: object = None, *, refi
         if m.check_probe is None:
             out.notes.append(f"calibration text {m.calib.label} gives {len(m.probe.chunks)} chunks of 512 tokens: "
                              f"none left to confirm refinement's winner on other tokens")
+        from quantmix.paths import cache_dir
+
         out.refinement = refine(plan, costs, m.probe, constraints, time_limit=refine_time, seed=seed,
-                                check_probe=m.check_probe, progress=progress)
+                                check_probe=m.check_probe, progress=progress, state_dir=cache_dir() / "refine")
         out.plan = out.refinement.plan
     return out
 

@@ -38,6 +38,7 @@ from torch import Tensor
 __all__ = ["KLDProbe", "ProbeError", "tensor_layer"]
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
+_FLOAT = ("F32", "F16", "BF16")
 
 
 class ProbeError(ValueError):
@@ -110,6 +111,7 @@ class KLDProbe:
         self.image_cache_bytes = image_cache_bytes
         self.forward_tokens = 0  # tokens x (decoder layers run / all layers): the cost in forward-pass tokens
         self.head_passes = 0
+        self._stale_from: int | None = None  # kept layer inputs from this layer on predate the base state
         self._capture()
 
     # -------------------------------------------------------------------------------------------- reference
@@ -144,6 +146,8 @@ class KLDProbe:
 
     def final_hidden(self) -> Tensor:
         """The last decoder layer's output for every chunk under the base state, [n_chunks, n_ctx, hidden]."""
+        if self._stale_from is not None:
+            self.kld_many([])  # re-records the layer inputs the base state changed
         return torch.cat([self._inputs[self.n_layer][j].to(self.device) for j in range(len(self.batches))])
 
     def _head_logits(self, hidden: object) -> Iterator[Tensor]:
@@ -214,6 +218,8 @@ class KLDProbe:
             return self._images[key]
         w = self.original(name)
         im = self.imatrix.weights_for(name, tuple(reversed(w.shape))) if self.imatrix is not None else None
+        if qtype in _FLOAT:  # a float type: the weights rounded to it
+            src_type = qtype
         img = quantized_image(w, qtype, src_type, im, name, self.device).to(self.device)
         self._images[key] = img
         self._image_bytes += img.numel() * img.element_size()
@@ -303,13 +309,17 @@ class KLDProbe:
         plans = [self._plan(c) for c in changes_list]
         n = self.n_layer
         groups = self._groups(plans)
+        rec = self._stale_from
+        if rec is not None and not groups:
+            groups = [[]]
         reads = 0
-        for grp in groups:
-            start = max(0, min(plans[k].first for k in grp))
+        for g, grp in enumerate(groups):
+            start = max(0, min([plans[k].first for k in grp] + ([rec] if rec is not None and g == 0 else [])))
             reads += sum(1 for i in range(start, n) if not self.engine.is_resident(i))
-        return {"steps": sum(n - max(p.first, 0) + 1 for p in plans), "layer_reads": reads,
-                "forward_tokens": sum(int(self.chunks.numel() * (n - max(p.first, 0)) / n) for p in plans),
-                "groups": len(groups)}
+        rec_tokens = int(self.chunks.numel() * (n - max(rec, 0)) / n) if rec is not None and rec < n else 0
+        return {"steps": sum(n - max(p.first, 0) + 1 for p in plans) + (n - max(rec, 0) if rec is not None else 0),
+                "layer_reads": reads, "groups": len(groups),
+                "forward_tokens": sum(int(self.chunks.numel() * (n - max(p.first, 0)) / n) for p in plans) + rec_tokens}
 
     @torch.no_grad()
     def kld_many(self, changes_list: Sequence[Mapping[str, Tensor | str]],
@@ -321,14 +331,33 @@ class KLDProbe:
         ``done``: called with (index, per-token KL) as each group finishes (to save results as they come)."""
         plans = [self._plan(c) for c in changes_list]
         out: list[Tensor | None] = [None] * len(plans)
-        for group in self._groups(plans):
-            for k, kl in zip(group, self._run_group([plans[k] for k in group], progress)):
-                out[k] = kl
-                if done is not None:
-                    done(k, kl)
+        groups = self._groups(plans)
+        rec, self._stale_from = self._stale_from, None
+        try:
+            if rec is not None and rec < 0:  # the base changed the embedding: every input is recorded again
+                self._record_inputs()
+                rec = None
+            if rec is not None and rec >= self.n_layer:
+                rec = None  # head tensors only: no layer input changed
+            if rec is not None and not groups:
+                groups = [[]]
+            for g, group in enumerate(groups):
+                kls = self._run_group([plans[k] for k in group], progress, rec if g == 0 else None)
+                rec = None
+                for k, kl in zip(group, kls):
+                    out[k] = kl
+                    if done is not None:
+                        done(k, kl)
+        except BaseException:
+            if rec is not None:
+                self._stale_from = rec  # interrupted while re-recording: the next measurement does it again
+            raise
         return out  # type: ignore[return-value]
 
-    def _run_group(self, plans: list[_Probe], progress: Callable[[int], None] | None) -> list[Tensor]:
+    def _run_group(self, plans: list[_Probe], progress: Callable[[int], None] | None,
+                   record_from: int | None = None) -> list[Tensor]:
+        """Advance ``plans`` together; with ``record_from``, also re-record the base state's layer inputs from
+        that layer on, in the same pass (each layer's recording comes before the probes that start there)."""
         eng = self.engine
         n = self.n_layer
         states: dict[int, object] = {}
@@ -339,10 +368,14 @@ class KLDProbe:
                         st = states[k] = eng.store(on_device=eng.hidden_fits_device(self.batches, len(plans)))
                         for j, h in enumerate(eng.embed(self.batches, recompute=True)):
                             st[j] = h
-            start = max(0, min((p.first for p in plans), default=n))
+            start = max(0, min([p.first for p in plans] + ([record_from] if record_from is not None else []),
+                               default=n))
             for i in range(start, n):
                 active = [k for k, p in enumerate(plans) if p.first <= i]
                 with self._present(i):
+                    if record_from is not None and i >= record_from:
+                        for j in range(len(self.batches)):
+                            self._inputs[i + 1][j] = eng.run(i, self._inputs[i][j], self.batches, j)
                     for k in active:
                         p = plans[k]
                         src = states.get(k, self._inputs[i])
@@ -353,7 +386,9 @@ class KLDProbe:
                             for j in range(len(self.batches)):
                                 dst[j] = eng.run(i, src[j], self.batches, j)
                 if progress is not None:
-                    progress(len(active))
+                    progress(len(active) + (record_from is not None and i >= record_from))
+            if record_from is not None:
+                self.forward_tokens += int(self.chunks.numel() * (n - record_from) / n)
             results = []
             for k, p in enumerate(plans):
                 h = states.get(k, self._inputs[n])
@@ -382,7 +417,38 @@ class KLDProbe:
 
     def quantized_changes(self, types: Mapping[str, str]) -> dict[str, str]:
         """The part of a recipe (tensor -> type) that changes this model: quantized types of its tensors."""
-        return {n: t for n, t in types.items() if t not in ("F32", "F16", "BF16") and n in self._targets}
+        return {n: t for n, t in types.items() if t not in _FLOAT and n in self._targets}
+
+    def changes_over_base(self, types: Mapping[str, str]) -> dict[str, str]:
+        """What measuring ``types`` (some tensors' types) on top of the base state changes: quantized types
+        other than the base's, and float types of tensors the base holds quantized (their float weights rounded)."""
+        out = {}
+        for n, t in types.items():
+            if n not in self._targets:
+                continue
+            if t in _FLOAT:
+                if n in self._base:
+                    out[n] = t
+            elif self._base.get(n) != t:
+                out[n] = t
+        return out
+
+    def identity(self) -> str:
+        """What a measurement of this probe depends on (model files, imatrix, tokens, dtype, device type), hashed:
+        the key under which results computed with it may be reused."""
+        import hashlib
+        import json
+
+        from quantmix.calibration.imatrix_io import imatrix_bytes
+        from quantmix.formats.api import NUMERICS_VERSION
+        from quantmix.model.fingerprint import model_fingerprint
+
+        h = hashlib.sha256()
+        h.update(json.dumps([model_fingerprint(self.model_dir), NUMERICS_VERSION, str(self.engine.dtype),
+                             self.device.type, list(self.chunks.shape)]).encode())
+        h.update(hashlib.sha256(imatrix_bytes(self.imatrix)).digest() if self.imatrix is not None else b"none")
+        h.update(self.chunks.cpu().to(torch.int64).contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def kld_of_types(self, types: Mapping[str, str]) -> float:
         """Mean KLD of a whole recipe (tensor -> type; float types and unnamed tensors stay as they are),
@@ -391,18 +457,23 @@ class KLDProbe:
 
     @torch.no_grad()
     def set_base(self, types: Mapping[str, str]) -> None:
-        """Hold a recipe in the model and re-record every layer's input under it, so that measuring a few
-        changes on top of it replays only from the first changed layer (refinement's moves)."""
-        old = list(self._base)
+        """Hold a recipe in the model, so that measuring a few changes on top of it replays only from the first
+        changed layer (refinement's moves). The layer inputs it changes (from the first layer where it differs
+        from the last base) are recorded again during the next measurement's pass, not in a pass of their own."""
+        new = self.quantized_changes(types)
+        old = self._base
+        differ = [n for n in set(old) | set(new) if old.get(n) != new.get(n)]
         self._base = {}
         for n in old:  # present tensors back to float; absent ones are float when next read
             if self._data(n).device.type != "meta":
                 self._set(n, None)
-        self._base = self.quantized_changes(types)
+        self._base = new
         for n, q in self._base.items():
             if self._data(n).device.type != "meta":
                 self._set(n, self.image(n, q))
-        self._record_inputs()
+        if differ:
+            first = min(_first_layer(n, self.n_layer) for n in differ)
+            self._stale_from = first if self._stale_from is None else min(first, self._stale_from)
 
     def release_images(self, names: Iterable[str] | None = None) -> None:
         """Drop cached images (all, or those of the named tensors)."""
