@@ -8,11 +8,16 @@ whole model (``--extrapolate``: the release's layer count, 2k calibration and 30
 
     python bench/scale.py --preset glm46 --layers 1 2 4 --work /tmp/scale --out bench/results/scale-glm46.jsonl
 
-Phases (all on :class:`quantmix.model.engine.LayerEngine`): ``imatrix`` (2,048 tokens), ``probes`` (the full
-per-tensor sensitivity profile: every quantizable tensor alone at Q3_K on 2,048 calibration tokens, all advancing
-together), ``refine`` (a refinement step: a whole recipe set as the base, then one move measured), ``eval``
-(a Q4_K recipe against the float model on 4,096 tokens, llama.cpp's activation numerics, reference included).
-Not covered yet: the error table and the writer, which still read an F32 GGUF (issue 16, item 3).
+Phases: ``imatrix`` (2,048 tokens), ``errortable`` (every quantizable tensor read from the safetensors, FP8
+scaled, against the types of TABLE_TYPES, no cache), ``probes`` (the full per-tensor sensitivity profile: every
+quantizable tensor alone at Q3_K on 2,048 calibration tokens, all advancing together), ``refine`` (a refinement
+round: a whole Q4_K recipe as the base, its pass, then 8 moves measured breadth first), ``eval`` (a Q4_K recipe
+against the float model on 4,096 tokens, llama.cpp's activation numerics, reference included). imatrix, probes,
+refine and eval run on :class:`quantmix.model.engine.LayerEngine`. Not covered: the writer (its GGUF header comes
+from llama.cpp's converter, which needs the release's tokenizer; a synthetic checkpoint has none).
+
+``--preset dsv3`` writes DeepSeek-V3's float8 checkpoint (a layer is 11 GB of float8; run it with ``--dtype
+bfloat16``: its 45 GB float32 layer leaves no room on an 80 GB GPU).
 """
 
 from __future__ import annotations
@@ -41,10 +46,30 @@ PRESETS = {
         "rope_theta": 1000000, "routed_scaling_factor": 2.5, "tie_word_embeddings": False, "topk_group": 1,
         "use_qk_norm": False, "vocab_size": 151552, "torch_dtype": "bfloat16"}},
 }
-# the same layout at toy widths, to try the script on a CPU in seconds
+# DeepSeek-V3 (deepseek-ai/DeepSeek-V3 config.json), every layer an MoE layer (the release: 3 dense + 58 MoE +
+# MTP), stored as the release stores it: float8_e4m3fn linear weights with a float32 scale_inv per 128x128 block
+PRESETS["dsv3"] = {"full_layers": 61, "fp8_block": 128, "config": {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "attention_bias": False,
+    "first_k_dense_replace": 0, "hidden_act": "silu", "hidden_size": 7168, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "moe_intermediate_size": 2048, "n_group": 8,
+    "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128,
+    "num_experts_per_tok": 8, "num_key_value_heads": 128, "num_nextn_predict_layers": 0, "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06, "rope_theta": 10000,
+    "routed_scaling_factor": 2.5, "tie_word_embeddings": False, "topk_group": 4, "v_head_dim": 128,
+    "vocab_size": 129280, "torch_dtype": "bfloat16",
+    "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                            "weight_block_size": [128, 128]}}}
+# the same layouts at toy widths, to try the script on a CPU in seconds
 PRESETS["glm46-toy"] = {"full_layers": 92, "config": dict(
     PRESETS["glm46"]["config"], hidden_size=256, intermediate_size=512, moe_intermediate_size=256, head_dim=32,
     n_routed_experts=8, num_attention_heads=8, num_key_value_heads=2, vocab_size=2048)}
+PRESETS["dsv3-toy"] = {"full_layers": 61, "fp8_block": 128, "config": dict(
+    PRESETS["dsv3"]["config"], hidden_size=256, intermediate_size=512, moe_intermediate_size=256, kv_lora_rank=128,
+    q_lora_rank=128, n_routed_experts=8, n_group=2, topk_group=1, num_attention_heads=4, num_key_value_heads=4,
+    qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, vocab_size=2048)}
+# candidate types of the error-table phase: the k-quants, Q8_0 and one codebook type (the GPU kernels' set)
+ROUND = 8  # moves per refinement round in the refine phase
+TABLE_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS"]
 
 
 def _skeleton_params(cfg_dict: dict) -> tuple[object, list[tuple[str, tuple[int, ...]]]]:
@@ -57,6 +82,26 @@ def _skeleton_params(cfg_dict: dict) -> tuple[object, list[tuple[str, tuple[int,
     params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     bufs = [(n, tuple(b.shape)) for n, b in model.named_buffers() if "e_score_correction_bias" in n]
     return cfg, params + bufs
+
+
+def _fp8_weight(name: str, shape: tuple[int, ...]) -> bool:
+    """What the FP8 releases store in float8: the linear layers' weights (not embeddings, norms, router, head)."""
+    return len(shape) == 2 and name.endswith(("proj.weight", "proj_with_mqa.weight"))
+
+
+def _fp8(w, block: int):  # noqa: ANN001, ANN202
+    """float8_e4m3fn values and float32 scale_inv (amax / 448) per block x block tile (edge tiles partial)."""
+    import torch
+    import torch.nn.functional as F
+
+    r, c = w.shape
+    gr, gc = -(-r // block), -(-c // block)
+    x = F.pad(w.float(), (0, gc * block - c, 0, gr * block - r))
+    tiles = x.reshape(gr, block, gc, block)
+    amax = tiles.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    q = (tiles / scale[:, None, :, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q.reshape(gr * block, gc * block)[:r, :c].contiguous().cpu(), scale.float().cpu()
 
 
 def _random(name: str, shape: tuple[int, ...], gen, dev):  # noqa: ANN001, ANN202
@@ -91,15 +136,29 @@ def build(preset: str, max_layers: int, work: Path) -> dict[int, Path]:
             for s in sources:
                 groups.setdefault(key, {})[s] = sub
     where: dict[str, str] = {}
+    block = PRESETS[preset].get("fp8_block")
+
+    def tensors_of(tensors: dict[str, tuple[int, ...]]) -> dict:
+        out = {}
+        for n, shp in tensors.items():
+            if block and _fp8_weight(n, shp):
+                w = (torch.randn(shp, generator=gen, device=dev, dtype=torch.float32) * 0.02)
+                out[n], out[n + "_scale_inv"] = _fp8(w, block)
+            else:
+                out[n] = _random(n, shp, gen, dev)
+        return out
+
     for key, tensors in groups.items():
         f = shards / f"{key}.safetensors"
         if not f.exists():
             t0 = time.time()
-            save_file({n: _random(n, s, gen, dev) for n, s in tensors.items()}, str(f.with_suffix(".tmp")))
+            save_file(tensors_of(tensors), str(f.with_suffix(".tmp")))
             f.with_suffix(".tmp").replace(f)
             print(f"wrote {f.name}: {f.stat().st_size / 2**30:.1f} GiB in {time.time() - t0:.0f} s", flush=True)
-        for n in tensors:
+        for n, shp in tensors.items():
             where[n] = f.name
+            if block and _fp8_weight(n, shp):
+                where[n + "_scale_inv"] = f.name
     out = {}
     for n_layer in sorted({1, 2, 4, max_layers} & set(range(1, max_layers + 1))):
         d = work / f"{preset}-{n_layer}"
@@ -131,6 +190,12 @@ def _probe_names(probe) -> list[str]:  # noqa: ANN001
     return [n for n in probe.tensor_names if not any(s in n for s in skip)]
 
 
+def _fit(probe, name: str, qtype: str) -> str:  # noqa: ANN001
+    """``qtype``, or Q8_0 where its 256-wide blocks do not divide the rows (MLA's attn_k_b / attn_v_b: 128),
+    as llama.cpp falls back."""
+    return qtype if probe._targets[name].info.shape[0] % 256 == 0 else "Q8_0"
+
+
 def phase(name: str, model_dir: Path, dtype_name: str) -> dict:
     import torch
 
@@ -150,23 +215,36 @@ def phase(name: str, model_dir: Path, dtype_name: str) -> dict:
         out["capture_s"] = time.time() - t0
         names = _probe_names(probe)
         if name == "probes":
-            changes = [{n: "Q3_K"} for n in names]
+            changes = [{n: _fit(probe, n, "Q3_K")} for n in names]
             out["cost"] = probe.cost(changes)
             t1 = time.time()
             kl = probe.kld_many(changes)
             out["probes_s"] = time.time() - t1
             out["n_probes"] = len(changes)
             out["mean_kld"] = float(sum(float(k.mean()) for k in kl) / len(kl))
-        else:
+        else:  # a refinement round: a whole recipe as the base, then a batch of moves measured together
             t1 = time.time()
-            probe.set_base({n: "Q4_K" for n in names})
+            probe.set_base({n: _fit(probe, n, "Q4_K") for n in names})
+            out["base_kld"] = probe.kld({})  # the base's own pass (records its layer inputs)
             out["set_base_s"] = time.time() - t1
+            big = [n for n in names if "exps" in n] or names
+            small = [n for n in names if n not in big] or names
+            moves = [probe.changes_over_base({big[k % len(big)]: _fit(probe, big[k % len(big)], "Q3_K"),
+                                              small[k % len(small)]: _fit(probe, small[k % len(small)], "Q5_K")})
+                     for k in range(ROUND)]
+            out["round_cost"] = probe.cost(moves)
             t2 = time.time()
-            out["kld"] = probe.kld_of_types({names[len(names) // 2]: "Q3_K"})
-            out["move_s"] = time.time() - t2
+            out["round_klds"] = [float(k.mean()) for k in probe.kld_many(moves)]
+            out["round_s"] = time.time() - t2
+            out["round_moves"] = len(moves)
         out["layer_reads"] = probe.engine.layer_reads
         out["read_wait_s"] = probe.engine.read_wait_s
         probe.close()
+    elif name == "errortable":
+        from quantmix.measurement.error_table import error_table
+
+        table = error_table(model_dir, None, candidates=TABLE_TYPES, device=dev, cache=False, progress=False)
+        out["entries"] = len(table.rows)
     elif name == "eval":
         from quantmix.evaluation.evaluate import evaluate_tokens, recipe_source
         from quantmix.evaluation.reference import EvalText
@@ -190,7 +268,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="glm46", choices=sorted(PRESETS))
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--phases", nargs="+", default=["imatrix", "probes", "refine", "eval"])
+    ap.add_argument("--phases", nargs="+", default=["imatrix", "errortable", "probes", "refine", "eval"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantmix-scale"))
     ap.add_argument("--out", type=Path, default=None, help="append one JSON line per (layers, phase) here")

@@ -531,3 +531,28 @@ def test_error_table_of_fp8_copy_matches_bf16(dirs: dict[str, Path], tmp_path: P
     # the FP8-rounded weights sit on a coarser grid: their Q4_K / Q6_K errors move by a few percent, no more
     # (measured: at most 6.4%, over 2 types x every quantizable tensor)
     assert max(moved.values()) < 0.15, max(moved.items(), key=lambda kv: kv[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_scales_float8_where_it_computes(dirs: dict[str, Path], dtype: torch.dtype) -> None:
+    """The engine reads block-scaled float8 as stored (values + scales, a quarter of float32's bytes to pin and
+    upload; the experts' per-expert tensors stacked as float8) and scales them when the layer is installed on
+    the device: the same logits, bit for bit, as scaling on the host while reading."""
+    from quantmix.model.checkpoint import ScaledTensor
+    from quantmix.model.engine import LayerEngine
+    from quantmix.model.weights import read_module
+
+    ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for stored in (True, False):
+        with LayerEngine(dirs["fp8"], "cpu", dtype, resident_bytes=0, stored_scales=stored) as eng:
+            if stored:
+                t = read_module(eng.layers[1], eng._prefix(1), eng.weights, dtype, stored=True)
+                kept = {k for k, (v, _) in t.items() if isinstance(v, ScaledTensor)}
+                assert any("experts" in k for k in kept) and len(kept) >= 5, sorted(kept)
+                v = next(v for k, (v, _) in t.items() if "experts" in k and isinstance(v, ScaledTensor))
+                assert v.values.dtype == torch.float8_e4m3fn and v.values.dim() == 3
+                del t
+            b = eng.batches(ids)
+            out[stored] = torch.cat([eng.logits(h) for h in eng.forward_hidden(b)])
+    assert torch.equal(out[True], out[False])

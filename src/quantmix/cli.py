@@ -147,7 +147,7 @@ def _cmd_imatrix(args: argparse.Namespace) -> int:
     state = Path(args.out).parent / f".{Path(args.out).name}.state"  # the job's state: resumed after an interrupt
     im = compute_imatrix(model, texts, n_ctx=args.ctx, max_chunks=args.chunks, all_experts=args.all_experts,
                          device=args.device, process_output=args.process_output, progress=not args.quiet,
-                         resume_dir=state, save_every_s=args.save_every)
+                         resume_dir=state, save_every_s=args.save_every, dtype=_dtype_arg(args.dtype))
     out = write_imatrix(im, args.out)
     print(coverage_report(im, args.coverage_threshold), file=sys.stderr)
     print(out)
@@ -240,7 +240,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     cands = ("all",) if (args.types or "").strip().lower() == "all" else constraints.types
     try:
         m = measure(inputs, args.imatrix, tuple(cands) if cands else None, profile=profile,
-                    device=args.device, progress=not args.quiet, calib=calib)
+                    device=args.device, progress=not args.quiet, calib=calib, dtype=args.dtype)
         for n in m.notes:
             print(f"note: {n}", file=sys.stderr)
         oc = plan_recipe(m, budget, constraints, refine_time=args.refine_time if profile != "large" else 0.0,
@@ -269,6 +269,12 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dtype_arg(name: str) -> object:
+    from quantmix.model.engine import compute_dtype
+
+    return compute_dtype(name)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from quantmix.evaluation.evaluate import DEFAULT_TEXT, TextSourceError
     from quantmix.job import CALIB_TEXT, run_job
@@ -289,7 +295,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                          device=args.device,
                          candidates=tuple(x.strip().upper() for x in args.types.split(",") if x.strip())
                          if args.types else None,
-                         seed=args.seed, progress=not args.quiet, calib=calib, eval_text=eval_text,
+                         seed=args.seed, progress=not args.quiet, calib=calib, eval_text=eval_text, dtype=args.dtype,
                          f32_copy=_F32_COPY[getattr(args, "f32_copy", "auto")])
     except TextSourceError as e:  # a text too short for its use, named
         raise CliError(str(e)) from None
@@ -403,6 +409,8 @@ def _add_imatrix_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--process-output", action="store_true",
                    help="also collect output.weight (llama-imatrix --process-output; off by default there too)")
     m.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
+    m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype of the forward passes: bfloat16 halves a layer's device memory (default float32)")
     m.add_argument("--coverage-threshold", type=int, default=None, metavar="TOKENS",
                    help="report experts calibrated on fewer tokens (default: a tenth of an even share)")
     m.add_argument("--save-every", type=float, default=60.0, metavar="SECONDS",
@@ -503,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the built-in wiki-calib)")
     o.add_argument("--seed", type=int, default=0, help="seed of the refinement's move sampling")
     o.add_argument("--device", help="cuda or cpu (default: CUDA when present)")
+    o.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype of the sensitivity and refinement probes: bfloat16 halves a layer's device "
+                        "memory (default float32)")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     add_budget_arguments(o)
     add_constraint_arguments(o)
@@ -595,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "measured there with ggml's own quantizer from the llama.cpp build)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", help="cuda or cpu (default: CUDA when present)")
+    r.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype of the sensitivity and refinement probes: bfloat16 halves a layer's device "
+                        "memory (default float32)")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_cmd_run)
 

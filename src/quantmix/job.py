@@ -211,11 +211,13 @@ class Measured:
     check_probe: object | None = None
     notes: list[str] = field(default_factory=list)
     calib: TextSource | None = None  # the calibration text of the probes (sensitivity and refinement)
+    dtype: str = "float32"  # the probes' compute dtype
 
 
 def measure(inputs: ModelInputs, imatrix: Path | None, candidates: tuple[str, ...] | None, *,
             profile: str | None = "full", device: str | None = None, progress: bool = True,
-            calib: TextSource | None = None, sensitivity_chunks: int | None = None) -> Measured:
+            calib: TextSource | None = None, sensitivity_chunks: int | None = None,
+            dtype: str = "float32") -> Measured:
     """Error table, then (with the Hugging Face model and a profile) the sensitivity fit on ``calib``
     (default wiki-calib), which refinement's probes then use too. ``sensitivity_chunks``: calibration chunks of
     512 tokens the probes run on (default: the profile's)."""
@@ -243,14 +245,15 @@ def measure(inputs: ModelInputs, imatrix: Path | None, candidates: tuple[str, ..
     table = error_table(inputs.tensors, imatrix, candidates=list(candidates) if candidates else None, device=device,
                         progress=progress)
     _log(f"error table: {len(table.rows)} (tensor, type) errors in {time.time() - t0:.0f} s")
-    m = Measured(inputs, cat, imatrix, table, None)
+    m = Measured(inputs, cat, imatrix, table, None, dtype=dtype)
     if not table.bias:
         m.notes.append(table.bias_note)
     if profile and inputs.hf_dir is not None:
         m.calib = load_texts(calib, CALIB_TEXT)  # only read (built, for wiki-calib) when a probe uses it
         classes = {t.name: t.tensor_class for t in cat}
         sens = fit_sensitivity(inputs.hf_dir, table.to_costs(), classes, imatrix, profile=profile, device=device,
-                               progress=progress, text=m.calib, chunks=sensitivity_chunks)
+                               progress=progress, text=m.calib, chunks=sensitivity_chunks,
+                               dtype=_dtype(dtype))
         _log(f"sensitivity ({profile}): {len(sens.probe_kld)} probes on {sens.n_tokens} calibration tokens, "
              f"{sens.forward_tokens:,} forward-pass tokens, {sens.seconds:.0f} s; {sens.check_summary()}")
         m.sensitivity = sens
@@ -262,7 +265,14 @@ def measure(inputs: ModelInputs, imatrix: Path | None, candidates: tuple[str, ..
 def _probe(m: Measured, ids: torch.Tensor, device: str | None, cache_bytes: int) -> object:
     from quantmix.measurement.kld_probe import KLDProbe
 
-    return KLDProbe(m.inputs.hf_dir, ids, m.imatrix, device, image_cache_bytes=cache_bytes)
+    return KLDProbe(m.inputs.hf_dir, ids, m.imatrix, device, image_cache_bytes=cache_bytes,
+                    dtype=_dtype(m.dtype))
+
+
+def _dtype(name: str) -> object:
+    from quantmix.model.engine import compute_dtype
+
+    return compute_dtype(name)
 
 
 def plan_recipe(m: Measured, budget: object, constraints: object = None, *, refine_time: float = 0.0,
@@ -341,7 +351,8 @@ def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf:
             candidates: tuple[str, ...] | None = None, stock: tuple[str, ...] | None = None,
             eval_chunks: int = 8, device: str | None = None, seed: int = 0, progress: bool = True,
             calib: TextSource | Sequence[str | Path] | None = None,
-            eval_text: TextSource | Sequence[str | Path] | None = None, f32_copy: bool | None = None) -> Path:
+            eval_text: TextSource | Sequence[str | Path] | None = None, f32_copy: bool | None = None,
+            dtype: str = "float32") -> Path:
     """Calibrate, measure, optimize each BPW target, write each GGUF, evaluate each (and llama.cpp's stock mixes
     for comparison) on held-out text, and write the report folder; returns its README.md. ``calib``: the text
     of the imatrix, sensitivity and refinement (default wiki-calib); ``eval_text``: the held-out text (default
@@ -374,7 +385,8 @@ def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf:
         bpw_of = {f: 8.0 * r.n_bytes / cat0.n_elements for f, r in stock_res.items()}
         stock = tuple(dict.fromkeys(min(pool, key=lambda f: abs(bpw_of[f] - t)) for t in targets))
     im = Path(imatrix) if imatrix else ensure_imatrix(inputs, progress=progress, text=calib)
-    m = measure(inputs, im, candidates, profile=profile, device=device, progress=progress, calib=calib)
+    m = measure(inputs, im, candidates, profile=profile, device=device, progress=progress, calib=calib,
+                dtype=dtype)
     runs = out / "runs.jsonl"
     recipes: dict[str, str] = {}
     summaries = []

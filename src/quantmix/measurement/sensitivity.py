@@ -203,6 +203,7 @@ def fit_sensitivity(
     progress: bool = True,
     cache: bool = True,
     probe: KLDProbe | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Sensitivity:
     """Fit per-tensor coefficients so that predicted KLD = sum_t c_t * cost_t(type).
 
@@ -234,7 +235,7 @@ def fit_sensitivity(
             ids = calibration_tokens(tok, list(src.parts), n_ctx, n_chunks)
         except ValueError as e:  # too short for one chunk: say which text
             raise SensitivityError(f"{src.label}: {e}") from None
-        probe = KLDProbe(model_dir, ids, imatrix, device)
+        probe = KLDProbe(model_dir, ids, imatrix, device, dtype=dtype)
     names = [n for n in costs if n in probe.tensor_names]
     n_main = len(probe.layers)
     # NextN / MTP layers (GLM-4.5's blk.N.nextn.*, after the decoder layers): the GGUF keeps them for speculative
@@ -251,7 +252,8 @@ def fit_sensitivity(
     if missing:
         raise SensitivityError(f"tensor {missing[0]}: in the error table but not a weight of {model_dir}")
     key = _fit_key(model_fingerprint(model_dir), _file_sha256(Path(imatrix)) if imatrix else "none", probe.chunks.cpu(),
-                   probe_type, probe.device.type)
+                   probe_type, probe.device.type + ("" if probe.engine.dtype == torch.float32 else
+                                                    f"-{str(probe.engine.dtype).removeprefix('torch.')}"))
     root = cache_dir() / "sensitivity" / key
     if profile == "large":
         n_layers = len(probe.layers)

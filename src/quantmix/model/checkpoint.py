@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Checkpoint", "CheckpointError", "load_float_model", "mxfp4_to_float"]
+__all__ = ["Checkpoint", "CheckpointError", "ScaledTensor", "load_float_model", "mxfp4_to_float"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -142,6 +142,34 @@ def _scaled(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, ...] | None)
     return None
 
 
+@dataclass
+class ScaledTensor:
+    """A weight kept as stored (float8 or int8 values and their block scales) until it is on the device that
+    computes with it: a quarter of float32's bytes to read, pin and upload; :meth:`to_float` does the scaling
+    there, one leading slice (expert) at a time, so no float32 copy of a whole expert stack is ever made."""
+
+    values: torch.Tensor  # [..., rows, cols] float8 / int8
+    scale: torch.Tensor  # [..., ceil(rows / b0), ceil(cols / b1)]
+    block: tuple[int, ...]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    def pin_memory(self) -> ScaledTensor:
+        return ScaledTensor(self.values.pin_memory(), self.scale.pin_memory(), self.block)
+
+    def to_float(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        w = self.values.to(device, non_blocking=True)
+        s = self.scale.to(device, non_blocking=True)
+        if w.dim() == 2:
+            return _scaled(w, s, self.block).to(dtype)  # type: ignore[union-attr]
+        out = torch.empty(w.shape, dtype=dtype, device=w.device)
+        for e in range(w.shape[0]):
+            out[e] = _scaled(w[e], s[e], self.block)  # type: ignore[index]
+        return out
+
+
 def mxfp4_to_float(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """MXFP4 ``blocks`` uint8 [..., G, 16] (two e2m1 codes a byte, even element in the low nibble) and e8m0
     ``scales`` uint8 [..., G] -> float32 [..., G * 32]: code value x 2^(scale - 127), exact in float32."""
@@ -233,6 +261,19 @@ class Checkpoint:
     def _bad(self, key: str, t: torch.Tensor, why: str) -> CheckpointError:
         return CheckpointError(f"{self.where[key]}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')} "
                                f"{list(t.shape)}: {why}")
+
+    def get_stored(self, key: str) -> torch.Tensor | ScaledTensor:
+        """Tensor ``key`` as :meth:`get` gives it, except that a block-scaled float8 / int8 weight whose blocks
+        tile it exactly comes as a :class:`ScaledTensor` (scaled later, on the device)."""
+        rule = self._rules.get(key)
+        if rule is not None and rule.kind == "scaled" and rule.block is not None and len(rule.block) == 2:
+            w, sc = (self.raw(p) for p in rule.parts)
+            grid = tuple(-(-d // b) for d, b in zip(w.shape[-2:], rule.block))
+            if w.dtype in (*_FP8, torch.int8) and sc.dtype in _SCALES and w.dim() >= 2 \
+                    and all(d % b == 0 for d, b in zip(w.shape[-2:], rule.block)) \
+                    and tuple(sc.shape) == tuple(w.shape[:-2]) + grid:
+                return ScaledTensor(w, sc, rule.block)
+        return self.get(key)
 
     def get(self, key: str) -> torch.Tensor:
         """The real float tensor named ``key``."""

@@ -197,6 +197,20 @@ def _config(model_dir: Path) -> Any:
         raise EngineError(f"{model_dir}/config.json: transformers cannot read it ({e})") from None
 
 
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def compute_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The engine's compute dtype from its name (``float32`` or ``bfloat16``: bfloat16 halves a layer's device
+    memory, which DeepSeek-V3's 45 GB float32 layers need on one GPU)."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return COMPUTE_DTYPES[name]
+    except KeyError:
+        raise EngineError(f"compute dtype {name!r}: choose {' or '.join(COMPUTE_DTYPES)}") from None
+
+
 class LayerEngine:
     """The model of ``model_dir`` on ``device`` in ``dtype``, run one decoder layer at a time (module docstring).
 
@@ -206,7 +220,8 @@ class LayerEngine:
 
     def __init__(self, model_dir: str | Path, device: str | torch.device | None = None,
                  dtype: torch.dtype = torch.float32, *, resident_bytes: int | None = None,
-                 hidden_bytes: int | None = None, spill_dir: Path | None = None) -> None:
+                 hidden_bytes: int | None = None, spill_dir: Path | None = None,
+                 stored_scales: bool | None = None) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
@@ -214,6 +229,8 @@ class LayerEngine:
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype
+        # float8 block-scaled weights read, pinned and uploaded as stored, scaled on the device (default on CUDA)
+        self.stored_scales = self.device.type == "cuda" if stored_scales is None else stored_scales
         self.config = _config(self.model_dir)
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
@@ -332,7 +349,8 @@ class LayerEngine:
         return f"{self.layers_name}.{i}"
 
     def _read(self, i: int) -> dict:
-        return read_module(self.layers[i], self._prefix(i), self.weights, self.dtype, pin=self.device.type == "cuda")
+        return read_module(self.layers[i], self._prefix(i), self.weights, self.dtype, pin=self.device.type == "cuda",
+                           stored=self.stored_scales)
 
     def _fetch(self, i: int) -> Future:
         if i not in self._pending:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantmix.model.checkpoint import Checkpoint, CheckpointError
+from quantmix.model.checkpoint import Checkpoint, CheckpointError, ScaledTensor
 
 __all__ = ["ModelWeights", "materialize", "release", "set_tensor", "trim_heap", "module_name"]
 
@@ -34,19 +34,22 @@ class ModelWeights:
 
         return checkpoint_tensors(self.cfg, [(name, shape)])
 
-    def load(self, name: str, shape: tuple[int, ...], pin: bool = False) -> torch.Tensor:
+    def load(self, name: str, shape: tuple[int, ...], pin: bool = False,
+             stored: bool = False) -> torch.Tensor | ScaledTensor:
         """Parameter ``name`` of in-memory ``shape``, as a float tensor on the host (in the stored float dtype;
         ``pin``: in page-locked memory, for a fast upload). Fused parameters are filled part by part in place,
-        so a layer's experts are never held twice."""
+        so a layer's experts are never held twice. ``stored``: block-scaled float8 weights come as
+        :class:`ScaledTensor` (stacked the same way), to be scaled on the device."""
         if name in self.ckpt:
-            t = self.ckpt.get(name)
+            t = self.ckpt.get_stored(name) if stored else self.ckpt.get(name)
         else:
             parts = self.sources(name, shape)
             if len(parts) == 1 and len(parts[0][2]) == 1:
-                t = self.ckpt.get(parts[0][2][0])
+                src = parts[0][2][0]
+                t = self.ckpt.get_stored(src) if stored else self.ckpt.get(src)
             else:
                 try:
-                    t = self._fused(parts, shape, pin)
+                    t = self._fused(parts, shape, pin, stored)
                 except CheckpointError as e:
                     raise CheckpointError(f"{self.dir}: {name}: {e}") from None
                 pin = False
@@ -55,8 +58,15 @@ class ModelWeights:
                                   f"{tuple(shape)}")
         return t.pin_memory() if pin else t
 
-    def _fused(self, parts: list, shape: tuple[int, ...], pin: bool) -> torch.Tensor:
-        """[experts, sum of the parts' rows, ...] from per-expert checkpoint tensors, written in place."""
+    def _fused(self, parts: list, shape: tuple[int, ...], pin: bool,
+               stored: bool = False) -> torch.Tensor | ScaledTensor:
+        """[experts, sum of the parts' rows, ...] from per-expert checkpoint tensors, written in place (values
+        and scales stacked alike when every part is a :class:`ScaledTensor` whose blocks tile its rows)."""
+        first = parts[0][2][0] if parts and parts[0][2] else None
+        if stored and first is not None:
+            probe = self.ckpt.get_stored(first)
+            if isinstance(probe, ScaledTensor) and all(ps[1] % probe.block[0] == 0 for _, ps, _ in parts):
+                return self._fused_scaled(parts, shape, pin, probe)
         out = None
         off = 0
         for _, part_shape, srcs in parts:
@@ -72,6 +82,27 @@ class ModelWeights:
             off += part_shape[1]
         assert out is not None
         return out
+
+    def _fused_scaled(self, parts: list, shape: tuple[int, ...], pin: bool, like: ScaledTensor) -> ScaledTensor:
+        b0, b1 = like.block
+        vals = torch.empty(shape, dtype=like.values.dtype, pin_memory=pin)
+        scale = torch.empty((shape[0], shape[1] // b0, -(-shape[2] // b1)), dtype=like.scale.dtype, pin_memory=pin)
+        off = 0
+        for _, part_shape, srcs in parts:
+            if len(srcs) != shape[0]:
+                raise CheckpointError(f"{len(srcs)} checkpoint tensors for {shape[0]} experts")
+            for e, src in enumerate(srcs):
+                x = self.ckpt.get_stored(src)
+                if not isinstance(x, ScaledTensor) or x.block != like.block or x.values.dtype != vals.dtype \
+                        or x.scale.dtype != scale.dtype:
+                    raise CheckpointError(f"{src}: stored unlike {srcs[0]} (every expert part must share one "
+                                          "float8 layout)")
+                if tuple(x.shape) != tuple(part_shape[1:]):
+                    raise CheckpointError(f"{src} is {tuple(x.shape)}, expected {tuple(part_shape[1:])}")
+                vals[e, off:off + x.shape[0]] = x.values
+                scale[e, off // b0:(off + x.shape[0]) // b0] = x.scale
+            off += part_shape[1]
+        return ScaledTensor(vals, scale, like.block)
 
     def buffer(self, name: str) -> torch.Tensor | None:
         """A buffer stored in the checkpoint (a router's score bias), or None when the model computes it."""
@@ -89,17 +120,21 @@ def set_tensor(root: nn.Module, name: str, value: torch.Tensor, is_param: bool) 
 
 
 def read_module(module: nn.Module, prefix: str, weights: ModelWeights, dtype: torch.dtype,
-                pin: bool = False) -> dict[str, tuple[torch.Tensor, bool]]:
+                pin: bool = False, stored: bool | None = None) -> dict[str, tuple[torch.Tensor | ScaledTensor, bool]]:
     """``module``'s parameters and stored buffers read on the host: relative name -> (tensor, is_param).
     Cast to ``dtype`` here, or with ``pin`` kept as stored in page-locked memory (uploaded fast, cast on the
-    device by :func:`install`). Buffers the model computes itself are not in the result."""
-    out: dict[str, tuple[torch.Tensor, bool]] = {}
+    device by :func:`install`). ``stored`` (default: ``pin``): float8 block-scaled weights stay float8 with
+    their scales (:class:`ScaledTensor`) and are scaled by :func:`install` on the device. Buffers the model
+    computes itself are not in the result."""
+    out: dict[str, tuple[torch.Tensor | ScaledTensor, bool]] = {}
+    stored = pin if stored is None else stored
 
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype) if t.is_floating_point() and not pin else t
+    def cast(t: torch.Tensor | ScaledTensor) -> torch.Tensor | ScaledTensor:
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and not pin else t
 
     for pname, p in module.named_parameters():
-        out[pname] = (cast(weights.load(f"{prefix}.{pname}" if prefix else pname, tuple(p.shape), pin)), True)
+        full = f"{prefix}.{pname}" if prefix else pname
+        out[pname] = (cast(weights.load(full, tuple(p.shape), pin, stored)), True)
     for bname, _ in module.named_buffers():
         b = weights.buffer(f"{prefix}.{bname}" if prefix else bname)
         if b is not None:
@@ -108,11 +143,14 @@ def read_module(module: nn.Module, prefix: str, weights: ModelWeights, dtype: to
     return out
 
 
-def install(module: nn.Module, tensors: dict[str, tuple[torch.Tensor, bool]], device: torch.device,
+def install(module: nn.Module, tensors: dict[str, tuple[torch.Tensor | ScaledTensor, bool]], device: torch.device,
             where: str = "", dtype: torch.dtype | None = None) -> None:
     """Put tensors read by :func:`read_module` into ``module`` on ``device`` (floats cast to ``dtype`` there);
     computed buffers move there."""
     for name, (t, is_param) in tensors.items():
+        if isinstance(t, ScaledTensor):
+            set_tensor(module, name, t.to_float(device, dtype or torch.float32), is_param)
+            continue
         x = t.to(device, non_blocking=True)
         if dtype is not None and x.is_floating_point() and x.dtype != dtype:
             x = x.to(dtype)
