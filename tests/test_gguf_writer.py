@@ -324,8 +324,9 @@ def _entries(d: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_failure_midway_leaves_nothing(lc, tmp_path: Path) -> None:
-    """An interrupt at tensor k, or a bad tensor (NaN) found while writing, leaves no output and no temp
-    file; an existing output from before stays untouched."""
+    """An interrupt at tensor k, or a bad tensor (NaN) found while writing, leaves no output; nothing at all
+    when no progress was saved yet (a split output keeps its finished shards, hidden, and the same call completes
+    them with the bytes of an uninterrupted run); an existing output from before stays untouched."""
     src = _converted_tiny(lc, "tiny-llama")
     res = resolve(catalog_from_gguf(src), RecipeSpec(ftype=None, rules=[Rule(".*", "Q4_0")]))
     out_dir = tmp_path / "out"
@@ -342,7 +343,18 @@ def test_failure_midway_leaves_nothing(lc, tmp_path: Path) -> None:
     assert _entries(out_dir) == set()
     with pytest.raises(KeyboardInterrupt):
         quantize_gguf(src, res, out_dir / "m.gguf", split_max_size=200_000, progress=False, on_tensor=stop_at(12))
-    assert _entries(out_dir) == set()
+    # the shards finished before the interrupt are kept (hidden) for the same call to continue from
+    kept = _entries(out_dir)
+    assert kept and all(n.startswith(".m-") and ".partial" in n for n in kept), kept
+    first = quantize_gguf(src, res, out_dir / "m.gguf", split_max_size=200_000, progress=False)
+    shards = sorted(_entries(out_dir))
+    assert all(not n.startswith(".") for n in shards) and first.name == shards[0]
+    ref = quantize_gguf(src, res, tmp_path / "ref.gguf", split_max_size=200_000, progress=False)
+    assert [(out_dir / n).read_bytes() for n in shards] == \
+        [(tmp_path / n.replace("m-", "ref-")).read_bytes() for n in shards]
+    for n in shards:
+        (out_dir / n).unlink()
+    assert ref.exists()
 
     (out_dir / "m.gguf").write_bytes(b"previous")
     bad = tmp_path / "bad.gguf"

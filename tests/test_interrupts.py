@@ -47,15 +47,15 @@ def test_stale_temp_of_a_dead_writer_is_removed(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
 def test_signal_mid_write_leaves_nothing(tmp_path: Path, sig: int) -> None:
-    """The writer is stopped by ``sig`` once its temporary file exists; after SIGTERM / SIGHUP nothing is left
-    and the exit status is 128 + signal; after SIGKILL the stale file is removed by the next run, which writes
-    the same bytes as an uninterrupted one."""
+    """The writer is stopped by ``sig`` once its partial file exists, before any progress was saved; after
+    SIGTERM / SIGHUP nothing is left and the exit status is 128 + signal; after SIGKILL the partial file is
+    written over by the next run, which writes the same bytes as an uninterrupted one."""
     src = _tiny_gguf()
     out = tmp_path / "m.gguf"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(_quantize_cmd(src, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 120
-    while not list(tmp_path.glob(".m.gguf.*.tmp")) and proc.poll() is None and time.time() < deadline:
+    while not (tmp_path / ".m.gguf.partial").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     if proc.poll() is not None:
         pytest.fail(f"the writer finished before it could be interrupted: {proc.stderr.read().decode()[-500:]}")
@@ -63,7 +63,7 @@ def test_signal_mid_write_leaves_nothing(tmp_path: Path, sig: int) -> None:
     _, err = proc.communicate(timeout=120)
     assert not out.exists()
     if sig == signal.SIGKILL:
-        assert proc.returncode == -signal.SIGKILL and len(list(tmp_path.glob(".m.gguf.*.tmp"))) == 1
+        assert proc.returncode == -signal.SIGKILL and (tmp_path / ".m.gguf.partial").exists()
         subprocess.run(_quantize_cmd(src, out), check=True, capture_output=True, env=env)
         again = tmp_path / "again.gguf"
         subprocess.run(_quantize_cmd(src, again), check=True, capture_output=True, env=env)
@@ -103,3 +103,61 @@ def test_imatrix_killed_mid_run_resumes_where_it_stopped(tmp_path: Path) -> None
     assert "resuming after layer" in again.stderr
     assert out.read_bytes() == clean.read_bytes()
     assert not state.exists()
+
+
+def test_writer_killed_mid_run_resumes_after_the_last_saved_tensor(tmp_path: Path) -> None:
+    """kill -9 once a few tensors of a split output are saved; the same command continues after them (it says
+    so) and writes the bytes of an uninterrupted run; a different recipe never reuses the partial file."""
+    import json
+
+    from quantmix.fixtures.store import get_fixture
+
+    src = get_fixture("smollm2-768").gguf_f32
+    cmd = [*_quantize_cmd(src, tmp_path / "m.gguf"), "--save-every", "0", "--split-max-size", "60M"]
+    clean = [*_quantize_cmd(src, tmp_path / "clean.gguf"), "--split-max-size", "60M"]
+    subprocess.run(clean, check=True, capture_output=True)
+    state = tmp_path / ".m-00001-of-00003.gguf.partial.json"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            st = json.loads(state.read_text())
+        except (OSError, ValueError):
+            st = {}
+        if st.get("shard", 0) >= 1 and st.get("tensors", 0) >= 3:  # into the second shard
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the writer finished before it could be killed"
+    proc.kill()
+    proc.wait()
+    assert state.exists() and not list(tmp_path.glob("m-*.gguf"))
+    other = [*_quantize_cmd(src, tmp_path / "m.gguf"), "--split-max-size", "60M"]
+    other[other.index("Q4_K_M")] = "Q5_K_M"  # another recipe: the partial files are not its
+    mix = subprocess.run(other, check=True, capture_output=True, text=True)
+    assert "resuming" not in mix.stderr
+    want5 = [*_quantize_cmd(src, tmp_path / "q5.gguf"), "--split-max-size", "60M"]
+    want5[want5.index("Q4_K_M")] = "Q5_K_M"
+    subprocess.run(want5, check=True, capture_output=True)
+    for i in (1, 2, 3):
+        assert (tmp_path / f"m-0000{i}-of-00003.gguf").read_bytes() == \
+            (tmp_path / f"q5-0000{i}-of-00003.gguf").read_bytes()
+        (tmp_path / f"m-0000{i}-of-00003.gguf").unlink()
+    # killed again, then resumed by the same command
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            st = json.loads(state.read_text())
+        except (OSError, ValueError):
+            st = {}
+        if st.get("shard", 0) >= 1 and st.get("tensors", 0) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the writer finished before it could be killed"
+    proc.kill()
+    proc.wait()
+    again = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert "resuming after" in again.stderr
+    for i in (1, 2, 3):
+        assert (tmp_path / f"m-0000{i}-of-00003.gguf").read_bytes() == \
+            (tmp_path / f"clean-0000{i}-of-00003.gguf").read_bytes()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -171,7 +171,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     spec = _spec_from_args(args, is_gguf=False)
     split = parse_split_size(args.split_max_size) if args.split_max_size else None
     out = quantize_gguf(src, spec, args.out, imatrix=args.imatrix, split_max_size=split, device=args.device,
-                        progress=not args.quiet, imatrix_label=str(args.imatrix) if args.imatrix else None)
+                        progress=not args.quiet, imatrix_label=str(args.imatrix) if args.imatrix else None,
+                        save_every_s=args.save_every)
     print(out)
     return 0
 
@@ -477,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "or quantmix imatrix's")
     q.add_argument("--split-max-size", metavar="N(M|G)", help="shard size, as llama-gguf-split (e.g. 50G)")
     q.add_argument("--device", help="cuda, cuda:1 or cpu (default: CUDA when present)")
+    q.add_argument("--save-every", type=float, default=60.0, metavar="SECONDS",
+                   help="save the progress (.OUT.partial.json beside the output) after a tensor at most this often; "
+                        "the same command run again after an interrupt or kill continues there (default 60)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_quantize)
 
@@ -665,7 +669,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _terminate_as_interrupt():
             return int(args.func(args))
     except _Terminated as e:
-        print(f"quantmix: terminated (signal {e.signum}); nothing half-written was left", file=sys.stderr)
+        print(f"quantmix: terminated (signal {e.signum}); nothing half-written was left at an output path",
+              file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print("quantmix: interrupted", file=sys.stderr)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from quantmix.calibration.imatrix_io import Imatrix, read_imatrix
 from quantmix.formats.ggml_backend import preferred_backend
 from quantmix.formats.registry import get_type
 from quantmix.model.gguf_header import GGUFHeaderError, read_gguf_header
-from quantmix.paths import temp_beside
+from quantmix.paths import remove_stale_temps
 from quantmix.planning.llama_rules import llama_tensor_order
 from quantmix.planning.recipe import NOMINAL_FTYPE, RecipeSpec, Resolution, resolve
 
@@ -495,6 +496,77 @@ def _default_device(device: str | torch.device | None) -> torch.device:
 # ------------------------------------------------------------------------------------------------ public
 
 
+_RESUME_FORMAT = 1
+
+
+def _resume_key(model_dir: Path | None, source: GGUFSource, im: Imatrix | None, headers: list[bytes],
+                dev: torch.device, allow_requantize: bool) -> str:
+    """Every input of the bytes written: the source (the model directory's fingerprint, or each GGUF file's
+    hash, remembered per file version), the imatrix's content, every header (types, shapes, offsets, key-values),
+    the numerics and where they ran."""
+    import hashlib
+    import json
+
+    from quantmix.calibration.imatrix_io import imatrix_bytes
+    from quantmix.formats.api import NUMERICS_VERSION
+    from quantmix.model.fingerprint import file_sha256, model_fingerprint
+
+    ident = model_fingerprint(model_dir) if model_dir is not None else [file_sha256(p) for p in source.paths]
+    h = hashlib.sha256(json.dumps([_RESUME_FORMAT, ident, NUMERICS_VERSION, dev.type, allow_requantize]).encode())
+    h.update(hashlib.sha256(imatrix_bytes(im)).digest() if im is not None else b"no imatrix")
+    for head in headers:
+        h.update(hashlib.sha256(head).digest())
+    return h.hexdigest()
+
+
+def _load_resume(state_path: Path, key: str, partials: list[Path], headers: list[bytes],
+                 shards: list[list[_Planned]], align: int) -> dict | None:
+    """The saved progress when it is of these inputs and the partial files hold what it says, else None."""
+    import json
+
+    try:
+        st = json.loads(state_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(st, dict) or st.get("key") != key:
+        return None
+    k, done, offset = st.get("shard"), st.get("tensors"), st.get("offset")
+    if not all(isinstance(v, int) for v in (k, done, offset)) or not 0 <= k <= len(shards):
+        return None
+
+    def size(i: int, n: int) -> int:
+        return len(headers[i]) + sum(_pad(p.n_bytes, align) for p in shards[i][:n])
+
+    for i in range(min(k, len(shards))):
+        if not partials[i].is_file() or partials[i].stat().st_size != size(i, len(shards[i])):
+            return None
+    if k < len(shards) and done > 0:  # within shard k (done = 0: it starts afresh)
+        if not 0 < done <= len(shards[k]) or offset != size(k, done) or not partials[k].is_file() \
+                or partials[k].stat().st_size < offset:
+            return None
+    return st
+
+
+def _save_resume(fh, state_path: Path, key: str, shard: int, tensors: int) -> None:  # noqa: ANN001
+    import json
+
+    from quantmix.planning.recipe import atomic_write_text
+
+    fh.flush()
+    os.fsync(fh.fileno())  # the data the state vouches for is on disk before the state is
+    atomic_write_text(state_path, json.dumps({"key": key, "shard": shard, "tensors": tensors,
+                                              "offset": fh.tell() if tensors else 0}) + "\n")
+
+
+def _lock(fh, out: Path) -> None:  # noqa: ANN001
+    import fcntl
+
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise GGUFWriteError(f"{out}: another process is writing it now") from None
+
+
 def quantize_gguf(
     src: str | Path,
     recipe: RecipeSpec | Resolution,
@@ -507,6 +579,7 @@ def quantize_gguf(
     imatrix_label: str | None = None,
     on_tensor: Callable[[int, str], None] | None = None,
     allow_requantize: bool = False,
+    save_every_s: float = 60.0,
 ) -> Path:
     """Quantize the float GGUF ``src`` (any shard of a split one), or a Hugging Face directory read straight
     from its safetensors (no float GGUF written: the same bytes), to ``out`` following ``recipe``.
@@ -520,12 +593,17 @@ def quantize_gguf(
     ``--allow-requantize``, a quantized source tensor (MXFP4 experts) given another type is dequantized and
     quantized again; without it that is an error naming the tensor (a tensor kept in its type is always copied).
 
-    Everything is checked (types, imatrix needs, shapes) before a byte is written; the file is written to a
-    temporary file next to ``out`` and renamed, so an error or interrupt leaves nothing behind.
+    Everything is checked (types, imatrix needs, shapes) before a byte is written; the file is written to
+    ``.OUT.partial`` next to ``out`` and renamed when complete, so no half-written file is ever at ``out``.
+    Resumable: at most every ``save_every_s`` seconds (after a tensor, data synced first) the progress is saved in
+    ``.OUT.partial.json`` under a key of every input (source files, imatrix, header, numerics, device type); after
+    an interrupt or kill -9 the same call continues after the last saved tensor and gives the bytes of an
+    uninterrupted run. An interrupt before anything was saved, or an error, leaves nothing behind.
     """
     from quantmix.model.catalog import catalog_from_gguf
 
     src, out = Path(src), Path(out)
+    model_dir = src if src.is_dir() else None
     source = open_checkpoint_source(src) if src.is_dir() else open_source(src)
     if src.is_dir():
         src = source.paths[0]  # the conversion's header: the catalog and the messages name it
@@ -567,20 +645,42 @@ def quantize_gguf(
 
     dev = _default_device(device)
     out.parent.mkdir(parents=True, exist_ok=True)
-    temps: list[Path] = []
+    remove_stale_temps(out)  # the temporaries of earlier versions' killed writers
+    key = _resume_key(model_dir, source, im, headers, dev, allow_requantize)
+    partials = [pt.parent / f".{pt.name}.partial" for pt in paths]
+    state_path = paths[0].parent / f".{paths[0].name}.partial.json"
+    state = _load_resume(state_path, key, partials, headers, shards, align)
     total = sum(p.src.n_elements for p in plan)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, unit="w", unit_scale=True, desc=out.name, disable=not progress, leave=False)
+    saved = state is not None
+    if state is not None and progress:
+        _warn(f"{out}: resuming after {sum(len(sh) for sh in shards[:state['shard']]) + state['tensors']} of "
+              f"{len(plan)} tensors (.{out.name}.partial)")
     try:
         i_tensor = 0
-        for path, head, sh in zip(paths, headers, shards):
-            fd, tmp = temp_beside(path)
-            temps.append(tmp)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual mode
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(head)
-                for p in sh:
+        last_save = time.monotonic()
+        for si, (path, head, sh, part) in enumerate(zip(paths, headers, shards, partials)):
+            if state is not None and si < state["shard"]:  # a finished shard
+                i_tensor += len(sh)
+                bar.update(sum(p.src.n_elements for p in sh))
+                continue
+            resume = state is not None and si == state["shard"] and state["tensors"] > 0
+            with open(part, "r+b" if resume else "wb") as fh:
+                _lock(fh, out)
+                if resume:
+                    fh.truncate(state["offset"])
+                    fh.seek(state["offset"])
+                    done = state["tensors"]
+                    i_tensor += done
+                    bar.update(sum(p.src.n_elements for p in sh[:done]))
+                else:
+                    os.chmod(part, 0o666 & ~_umask())
+                    fh.write(head)
+                    done = 0
+                for j in range(done, len(sh)):
+                    p = sh[j]
                     if on_tensor is not None:
                         on_tensor(i_tensor, p.src.name)
                     bar.set_postfix_str(p.src.name, refresh=False)
@@ -589,13 +689,22 @@ def quantize_gguf(
                         raise RuntimeError(f"tensor {p.src.name}: wrote {n} bytes, expected {p.n_bytes}")
                     fh.write(b"\0" * (_pad(n, align) - n))
                     i_tensor += 1
-                fh.flush()
-                os.fsync(fh.fileno())
-        for tmp, path in zip(temps, paths):
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
+                    if time.monotonic() - last_save >= save_every_s and j + 1 < len(sh):
+                        _save_resume(fh, state_path, key, si, j + 1)
+                        saved, last_save = True, time.monotonic()
+                _save_resume(fh, state_path, key, si + 1, 0)  # the shard is complete (synced)
+                saved = True
+        for part, path in zip(partials, paths):
+            os.replace(part, path)
+        state_path.unlink(missing_ok=True)
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) and saved:
+            _warn(f"{out}: interrupted; the tensors written so far are kept in .{out.name}.partial: the same "
+                  f"command continues from them")
+        else:
+            for part in partials:
+                part.unlink(missing_ok=True)
+            state_path.unlink(missing_ok=True)
         raise
     finally:
         bar.close()
