@@ -32,7 +32,7 @@ EVAL_CHUNKS = 6
 IMATRIX_CHUNKS = 4
 CANDIDATES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K")
 # refinement (measured-KLD moves) on one model of each attention family; the others stop at the knapsack
-REFINE = {"tiny-llama": 5.0, "tiny-deepseek-v3": 5.0, "tiny-gemma2": 5.0, "tiny-gpt-oss": 5.0}
+REFINE = {"tiny-llama": 4, "tiny-deepseek-v3": 4, "tiny-gemma2": 4, "tiny-gpt-oss": 4}  # refinement moves
 
 
 class _Steps:
@@ -133,7 +133,8 @@ def _pipeline(st: _Steps, name: str, empty_cache: Path, eval_text: Path, llamacp
                     sensitivity_chunks=1)  # one chunk of 512 tokens: the probes' cost is the 49k-token head
         assert m.sensitivity is not None and all(v >= 0 for v in m.sensitivity.probe_kld.values())
         oc = plan_recipe(m, Budget.of_bpw(m.catalog, 5.0), Constraints(imatrix=True),
-                         refine_time=REFINE.get(name, 0.0), device="cpu", progress=False)
+                         refine_time=60.0 if name in REFINE else 0.0, refine_moves=REFINE.get(name),
+                         device="cpu", progress=False)
         res = oc.plan.resolution()
         assert len({a.qtype for a in res.assignments if a.tensor.quantizable}) > 1  # a mix, not one type
 

@@ -19,7 +19,7 @@ def test_run_writes_a_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     from quantmix.planning.recipe import load_recipe, resolve
 
     out = tmp_path / "out"
-    argv = ["run", "smollm2-768", "--targets", "4.5", "-o", str(out), "--profile", "quick", "--refine-time", "15",
+    argv = ["run", "smollm2-768", "--targets", "4.5", "-o", str(out), "--profile", "quick", "--refine-moves", "4",
             "--stock", "Q4_K_M", "--eval-chunks", "2", "--quiet", "--device", "cpu"]
     assert main(argv) == 0
     printed = capsys.readouterr().out

@@ -196,3 +196,39 @@ def test_batched_refinement_streams_once_per_round_and_resumes(setup, tmp_path: 
         assert other.moves_tried == 3 and len(list(state.iterdir())) == 2  # another seed: its own search
     finally:
         streamed.close()
+
+
+def test_refinement_time_limit_binds_inside_a_round_and_says_so(setup, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The move budget decides; the wall-clock limit is only an outer bound, checked between layers inside a
+    round: a round it cuts is dropped (a rerun with more time measures it again and reaches the answer of a run
+    never cut), and the summary says the time limit bound."""
+    from quantmix.planning.refine import refine
+
+    plan, scaled, c, _ = _refine_problem(setup, tmp_path, monkeypatch)
+    streamed = KLDProbe(setup[1].model_dir, setup[1].chunks, device="cpu", resident_bytes=0)
+    try:
+        full = refine(plan, scaled, streamed, c, max_moves=4, batch=2, seed=5, progress=False)
+        assert full.moves_tried == 4 and not full.time_bound
+        state = tmp_path / "state"
+        cut = refine(plan, scaled, streamed, c, max_moves=4, batch=2, seed=5, progress=False, time_limit=1e-6,
+                     state_dir=state)
+        assert cut.time_bound and cut.moves_tried == 0 and cut.plan.types() == plan.types()
+        assert "stopped by the time limit" in cut.summary()
+        again = refine(plan, scaled, streamed, c, max_moves=4, batch=2, seed=5, progress=False, state_dir=state)
+        assert again.moves_tried == 4 and again.plan.types() == full.plan.types()
+        assert again.measured_after == full.measured_after and not again.time_bound
+        # inside a measurement: the deadline stops it between layers, even while the base's inputs are being
+        # recorded again; the next measurement redoes that and gives what an uncut one gives
+        import time
+
+        from quantmix.measurement.kld_probe import ProbeDeadline
+
+        base = {"blk.0.attn_q.weight": "Q2_K"}
+        on_top = {"blk.2.ffn_down_exps.weight": "Q3_K"}
+        streamed.set_base(base)
+        with pytest.raises(ProbeDeadline):
+            streamed.kld_many([on_top], deadline=time.monotonic())
+        assert math.isclose(streamed.kld(on_top), setup[1].kld({**base, **on_top}), rel_tol=1e-5)
+        streamed.set_base({})
+    finally:
+        streamed.close()

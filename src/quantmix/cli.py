@@ -245,6 +245,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         for n in m.notes:
             print(f"note: {n}", file=sys.stderr)
         oc = plan_recipe(m, budget, constraints, refine_time=args.refine_time if profile != "large" else 0.0,
+                         refine_moves=args.refine_moves,
                          method=args.solver, time_limit=args.time_limit, device=args.device, seed=args.seed,
                          progress=not args.quiet)
     except TextSourceError as e:
@@ -270,6 +271,10 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+OPTIMIZE_MOVES = 32  # refinement moves of optimize / run by default
+RUN_MOVES = 16
+
+
 def _dtype_arg(name: str) -> object:
     from quantmix.model.engine import compute_dtype
 
@@ -292,7 +297,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     eval_text = _texts(args.eval_text, DEFAULT_TEXT, "--eval-text")
     try:
         readme = run_job(args.model, targets, args.out, hf=args.hf, imatrix=args.imatrix, profile=args.profile,
-                         refine_time=args.refine_time, stock=stock, eval_chunks=args.eval_chunks,
+                         refine_time=args.refine_time, refine_moves=args.refine_moves, stock=stock,
+                         eval_chunks=args.eval_chunks,
                          device=args.device,
                          candidates=tuple(x.strip().upper() for x in args.types.split(",") if x.strip())
                          if args.types else None,
@@ -508,8 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--sensitivity", choices=("full", "quick", "fast", "large", "none"), default="full",
                    help="full: probe every tensor on 2,044 calibration tokens; quick: on 1,022; fast: on 511; large: each "
                         "tensor class at 4 layers, interpolated, no refinement (for big models); none: proxy only")
-    o.add_argument("--refine-time", type=float, default=120.0, metavar="SECONDS",
-                   help="time for refinement against measured KLD (0: none; default 120)")
+    o.add_argument("--refine-moves", type=int, default=OPTIMIZE_MOVES, metavar="N",
+                   help="moves measured by the refinement against measured KLD: a budget that gives the same recipe "
+                        f"on any machine (0: no refinement; default {OPTIMIZE_MOVES})")
+    o.add_argument("--refine-time", type=float, default=600.0, metavar="SECONDS",
+                   help="outer time limit of the refinement, checked between layers; when it stops the search "
+                        "before --refine-moves the summary says so (0: no refinement; default 600)")
     o.add_argument("--calib", nargs="+", metavar="FILE",
                    help="calibration text files of the sensitivity and refinement probes, joined in order "
                         "(default: the built-in wiki-calib)")
@@ -592,8 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sensitivity profile: probes on 2,044 / 1,022 / 511 calibration tokens (default fast: the "
                         "whole job in about a quarter of an hour on a 2-core CPU; quick or full for a published "
                         "quantization)")
-    r.add_argument("--refine-time", type=float, default=60.0, metavar="SECONDS",
-                   help="refinement search time per target (default 60)")
+    r.add_argument("--refine-moves", type=int, default=RUN_MOVES, metavar="N",
+                   help=f"refinement moves per target, a machine-independent budget (0: none; default {RUN_MOVES})")
+    r.add_argument("--refine-time", type=float, default=300.0, metavar="SECONDS",
+                   help="outer time limit of each target's refinement (0: none; default 300)")
     r.add_argument("--stock", default=None,
                    help="llama.cpp stock mixes to compare, comma-separated (default: the one nearest each target)")
     r.add_argument("--eval-chunks", type=int, default=8,

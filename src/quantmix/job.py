@@ -277,9 +277,10 @@ def _dtype(name: str) -> object:
 
 def plan_recipe(m: Measured, budget: object, constraints: object = None, *, refine_time: float = 0.0,
                 method: str = "ilp", time_limit: float = 60.0, device: str | None = None, seed: int = 0,
-                progress: bool = True) -> PlanOutcome:
+                progress: bool = True, refine_moves: int | None = None) -> PlanOutcome:
     """The exact knapsack plan on predicted KLD (proxy error without a sensitivity fit), then refinement
-    against measured KLD for ``refine_time`` seconds (needs the Hugging Face model)."""
+    against measured KLD (needs the Hugging Face model): ``refine_moves`` moves (None: no move budget), within
+    ``refine_time`` seconds as an outer bound (0: no refinement)."""
     from quantmix.planning.constraints import Constraints
     from quantmix.planning.refine import refine
     from quantmix.planning.solver import optimize
@@ -292,7 +293,8 @@ def plan_recipe(m: Measured, budget: object, constraints: object = None, *, refi
     out = PlanOutcome(plan, costs, m.sensitivity, None, m.sensitivity is None)
     if m.sensitivity is not None:
         out.calib_text = m.sensitivity.text or (m.calib.records() if m.calib is not None else None)
-    if refine_time > 0 and m.sensitivity is not None and m.sensitivity.profile != "large":
+    if refine_time > 0 and (refine_moves is None or refine_moves > 0) and m.sensitivity is not None \
+            and m.sensitivity.profile != "large":
         if m.probe is None:
             if m.calib is None:
                 from quantmix.evaluation.evaluate import load_texts
@@ -308,7 +310,8 @@ def plan_recipe(m: Measured, budget: object, constraints: object = None, *, refi
         from quantmix.paths import cache_dir
 
         out.refinement = refine(plan, costs, m.probe, constraints, time_limit=refine_time, seed=seed,
-                                check_probe=m.check_probe, progress=progress, state_dir=cache_dir() / "refine")
+                                max_moves=refine_moves, check_probe=m.check_probe, progress=progress,
+                                state_dir=cache_dir() / "refine")
         out.plan = out.refinement.plan
     return out
 
@@ -347,7 +350,8 @@ def write_sensitivity_report(sens: object, out_dir: Path, model_name: str) -> di
 
 
 def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf: str | Path | None = None,
-            imatrix: str | Path | None = None, profile: str = "full", refine_time: float = 120.0,
+            imatrix: str | Path | None = None, profile: str = "full", refine_time: float = 300.0,
+            refine_moves: int | None = 16,
             candidates: tuple[str, ...] | None = None, stock: tuple[str, ...] | None = None,
             eval_chunks: int = 8, device: str | None = None, seed: int = 0, progress: bool = True,
             calib: TextSource | Sequence[str | Path] | None = None,
@@ -393,7 +397,8 @@ def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf:
     for bpw in targets:
         label = f"quantmix-{bpw:g}bpw"
         budget = Budget.of_bpw(m.catalog, bpw)
-        oc = plan_recipe(m, budget, Constraints(imatrix=True), refine_time=refine_time, device=device, seed=seed,
+        oc = plan_recipe(m, budget, Constraints(imatrix=True), refine_time=refine_time, refine_moves=refine_moves,
+                         device=device, seed=seed,
                          progress=progress)
         files = write_plan(oc, m.catalog, out / "recipes" / f"{label}.txt")
         recipes[label] = f"recipes/{label}.txt"
@@ -425,11 +430,11 @@ def run_job(model: str | Path, targets: list[float], out_dir: str | Path, *, hf:
     notes = "\n".join([f"- {s}" for s in summaries] + [f"- {n}" for n in m.notes]
                       + [f"- total time {time.time() - t_start:.0f} s"])
     reproduce = (f"quantmix run {model} --targets {','.join(f'{t:g}' for t in targets)} --profile {profile} "
-                 f"--refine-time {refine_time:g} --eval-chunks {eval_chunks}"
+                 f"--refine-moves {refine_moves or 0} --refine-time {refine_time:g} --eval-chunks {eval_chunks}"
                  + (f" --calib {' '.join(calib.names)}" if calib.names != (CALIB_TEXT,) else "")
                  + (f" --eval-text {' '.join(eval_text.names)}" if eval_text.names != (DEFAULT_TEXT,) else ""))
-    uses = ([] if imatrix else ["imatrix"]) + ["sensitivity"] + (["refinement"] if refine_time > 0 and
-                                                                  profile != "large" else [])
+    refines = refine_time > 0 and (refine_moves is None or refine_moves > 0) and profile != "large"
+    uses = ([] if imatrix else ["imatrix"]) + ["sensitivity"] + (["refinement"] if refines else [])
     texts = {f"calibration ({', '.join(uses)})": calib.records(), "evaluation (held out)": eval_text.records()}
     card = render_model_card(inputs.name, rows, recipes, plots, reproduce, notes, imatrix=str(im.name),
                              source_gguf=inputs.gguf.name, texts=texts)

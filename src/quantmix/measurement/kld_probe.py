@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["KLDProbe", "ProbeError", "tensor_layer"]
+__all__ = ["KLDProbe", "ProbeDeadline", "ProbeError", "tensor_layer"]
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 _FLOAT = ("F32", "F16", "BF16")
@@ -43,6 +44,10 @@ _FLOAT = ("F32", "F16", "BF16")
 
 class ProbeError(ValueError):
     """The model cannot be probed (names the model or tensor and why)."""
+
+
+class ProbeDeadline(Exception):
+    """A measurement stopped at its deadline (between two layers); nothing of it is kept."""
 
 
 def tensor_layer(name: str) -> int:
@@ -324,11 +329,12 @@ class KLDProbe:
     @torch.no_grad()
     def kld_many(self, changes_list: Sequence[Mapping[str, Tensor | str]],
                  progress: Callable[[int], None] | None = None,
-                 done: Callable[[int, Tensor], None] | None = None) -> list[Tensor]:
+                 done: Callable[[int, Tensor], None] | None = None, deadline: float | None = None) -> list[Tensor]:
         """Per-token KL(P_ref || P_changed) of every probe in ``changes_list`` (each a set of changed
         tensors), all advancing together layer by layer (in groups of :meth:`group_size`, earliest first
         layer first). ``progress``: called with each batch of probe-layer steps taken (see :meth:`cost`);
-        ``done``: called with (index, per-token KL) as each group finishes (to save results as they come)."""
+        ``done``: called with (index, per-token KL) as each group finishes (to save results as they come).
+        ``deadline``: a ``time.monotonic()`` value; past it, :class:`ProbeDeadline` is raised between layers."""
         plans = [self._plan(c) for c in changes_list]
         out: list[Tensor | None] = [None] * len(plans)
         groups = self._groups(plans)
@@ -342,7 +348,7 @@ class KLDProbe:
             if rec is not None and not groups:
                 groups = [[]]
             for g, group in enumerate(groups):
-                kls = self._run_group([plans[k] for k in group], progress, rec if g == 0 else None)
+                kls = self._run_group([plans[k] for k in group], progress, rec if g == 0 else None, deadline)
                 rec = None
                 for k, kl in zip(group, kls):
                     out[k] = kl
@@ -355,7 +361,7 @@ class KLDProbe:
         return out  # type: ignore[return-value]
 
     def _run_group(self, plans: list[_Probe], progress: Callable[[int], None] | None,
-                   record_from: int | None = None) -> list[Tensor]:
+                   record_from: int | None = None, deadline: float | None = None) -> list[Tensor]:
         """Advance ``plans`` together; with ``record_from``, also re-record the base state's layer inputs from
         that layer on, in the same pass (each layer's recording comes before the probes that start there)."""
         eng = self.engine
@@ -371,6 +377,8 @@ class KLDProbe:
             start = max(0, min([p.first for p in plans] + ([record_from] if record_from is not None else []),
                                default=n))
             for i in range(start, n):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ProbeDeadline(f"deadline reached at layer {i}")
                 active = [k for k, p in enumerate(plans) if p.first <= i]
                 with self._present(i):
                     if record_from is not None and i >= record_from:

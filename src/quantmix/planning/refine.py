@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from quantmix.measurement.kld_probe import KLDProbe
+from quantmix.measurement.kld_probe import KLDProbe, ProbeDeadline
 from quantmix.planning.constraints import Constraints, tensor_candidates, tie_groups
 from quantmix.planning.solver import Plan, PlannedTensor, PoolUse, build_problem
 
@@ -43,6 +43,7 @@ class RefineResult:
     seconds: float
     forward_tokens: int
     measured_found: float  # search tokens, the best plan the moves found (kept or not)
+    time_bound: bool = False  # the wall-clock limit stopped the search before its move budget
 
     def summary(self) -> str:
         s = (f"refinement: {self.moves_accepted} of {self.moves_tried} moves accepted in {self.seconds:.0f} s "
@@ -51,6 +52,9 @@ class RefineResult:
              f"{self.measured_after:.5f}")
         if not self.kept:
             s += f" (the moves found {self.measured_found:.5f})"
+        if self.time_bound:
+            s += ("; stopped by the time limit, not the move budget: the recipe depends on this machine's speed "
+                  "(a larger --refine-time lets the --refine-moves budget decide)")
         if self.check_before is not None:
             s += (f"; check tokens {self.check_before:.5f} -> {self.check_after:.5f} "
                   f"({'kept' if self.kept else 'not confirmed: knapsack plan kept'})")
@@ -61,8 +65,9 @@ def refine(plan: Plan, costs: dict[str, dict[str, float]], probe: KLDProbe, cons
            *, time_limit: float = 300.0, max_moves: int | None = None, seed: int = 0, pool_size: int = 24,
            check_probe: KLDProbe | None = None, progress: bool = True, batch: int | None = None,
            state_dir: Path | None = None) -> RefineResult:
-    """Improve ``plan`` by measured KLD: rounds of moves for ``time_limit`` seconds of search (at least one
-    round when a move exists), or ``max_moves`` moves (a budget that gives the same answer on any machine).
+    """Improve ``plan`` by measured KLD: ``max_moves`` moves (a budget that gives the same answer on any
+    machine), within ``time_limit`` seconds of search as an outer bound, checked between layers inside a round
+    (a round cut short is dropped; the result says when the time limit bound).
 
     ``costs``: predicted KLD per (tensor, type) (the sensitivity-scaled table the plan was solved with).
     ``batch``: moves measured together per round, breadth first (:meth:`KLDProbe.kld_many`: one pass over the
@@ -152,9 +157,13 @@ def _search(plan: Plan, costs: dict[str, dict[str, float]], probe: KLDProbe, pro
         st["measured"] = st["measured_before"] = probe.kld({})
         save()
     t_search = time.time() - st["search_s"]  # the limit bounds the search, not the baseline measurement
-    searched = False
-    while not st["exhausted"] and (st["n_tried"] == 0 or time.time() - t_search < time_limit) and \
-            (max_moves is None or st["n_tried"] < max_moves):
+    deadline = time.monotonic() + max(0.0, time_limit - st["search_s"])
+    searched = time_bound = False
+    while not st["exhausted"] and (max_moves is None or st["n_tried"] < max_moves):
+        if time.time() - t_search >= time_limit:
+            time_bound = True
+            break
+        rng_before, tried_before = rng.getstate(), set(tried)  # a round cut short is undone whole
         round_moves = _draw_round(problem, choice, order, movable, cap, tried, st["promising"], rng, pool_size,
                                   batch if max_moves is None else min(batch, max_moves - st["n_tried"]))
         if not round_moves:
@@ -168,8 +177,14 @@ def _search(plan: Plan, costs: dict[str, dict[str, float]], probe: KLDProbe, pro
             trial = list(choice)
             trial[m[0]], trial[m[2]] = m[1], m[3]
             trials.append(trial)
-        klds = [float(k.mean()) for k in
-                probe.kld_many([changes_of(t, (m[0], m[2])) for t, m in zip(trials, round_moves)])]
+        try:
+            klds = [float(k.mean()) for k in probe.kld_many(
+                [changes_of(t, (m[0], m[2])) for t, m in zip(trials, round_moves)], deadline=deadline)]
+        except ProbeDeadline:  # not measured: a rerun with more time draws the same round again
+            rng.setstate(rng_before)
+            tried = tried_before
+            time_bound = True
+            break
         st["n_tried"] += len(trials)
         before = st["measured"]
         best = min(range(len(trials)), key=lambda i: (klds[i], i))
@@ -208,7 +223,7 @@ def _search(plan: Plan, costs: dict[str, dict[str, float]], probe: KLDProbe, pro
                       method=plan.method + "+refine" if kept and final != start_choice else plan.method)
     return RefineResult(refined, pred_before, pred_after, measured_before, measured if kept else measured_before,
                         check_before, check_after, st["n_tried"], st["n_acc"], kept, time.time() - t0,
-                        st["forward_tokens"], measured_found=measured)
+                        st["forward_tokens"], measured_found=measured, time_bound=time_bound)
 
 
 def _draw_round(problem: object, choice: list[int], order: list[list[int]], movable: list[bool], cap: list[int],
