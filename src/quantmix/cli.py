@@ -50,6 +50,21 @@ def check_output(path: Path, option: str = "-o", directory: bool = False) -> Pat
     return p
 
 
+def check_space(path: Path, n_bytes: int, option: str = "-o") -> None:
+    """Refuse, before any long work, an output larger than the free space of its file system (``n_bytes``: the
+    size budget, which the written file does not exceed by more than its header)."""
+    import shutil
+
+    p = Path(path)
+    a = next((x for x in (p.parent, *p.parent.parents) if x.exists()), Path("/"))
+    free = shutil.disk_usage(a).free
+    if n_bytes > free:
+        from quantmix.planning.budget import format_bytes
+
+        raise CliError(f"{option} {p}: the output will take about {format_bytes(n_bytes)}, {a} has "
+                       f"{format_bytes(free)} free")
+
+
 def fixture_names() -> list[str]:
     """Built-in fixtures: the real SmolLM2-derived models, and the tiny random models of each architecture."""
     from quantmix.fixtures.store import registered_fixtures
@@ -203,7 +218,7 @@ def _texts(files: Sequence[str] | None, default: str, flag: str) -> "TextSource"
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
     from quantmix.evaluation.evaluate import TextSourceError
-    from quantmix.job import CALIB_TEXT, check_text, measure, plan_recipe, resolve_model, write_plan
+    from quantmix.job import CALIB_TEXT, check_plan, check_text, measure, plan_recipe, resolve_model, write_plan
     from quantmix.model.catalog import catalog_from_gguf
     from quantmix.planning.budget import budget_from_args
     from quantmix.planning.constraints import constraints_from_args
@@ -239,6 +254,9 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         print("note: --calib is not used: no sensitivity fit or refinement runs (it needs --sensitivity and the "
               "Hugging Face model)", file=sys.stderr)
     cands = ("all",) if (args.types or "").strip().lower() == "all" else constraints.types
+    check_plan(cat, budget, constraints, tuple(cands) if cands else None, args.device)  # before the long work
+    if args.gguf_out:
+        check_space(Path(args.gguf_out), sum(p.capacity for p in budget.pools), "--gguf-out")
     try:
         m = measure(inputs, args.imatrix, tuple(cands) if cands else None, profile=profile,
                     device=args.device, progress=not args.quiet, calib=calib, dtype=args.dtype)
@@ -438,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "KL-divergence. Steps: catalog, size, imatrix, optimize, quantize, eval; run does them all.",
     )
     p.add_argument("--version", action="version", version=f"quantmix {__version__}")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback too (also after a step)")
     sub = p.add_subparsers(dest="command", required=True, metavar="STEP")
 
     c = sub.add_parser("catalog", help="list every tensor as llama.cpp's GGUF names and shapes it",
@@ -641,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "for stock llama.cpp mixes and a shorthand mix.")
     d.add_argument("--model", default=DEFAULT_MODEL, help=f"fixture or model path (default {DEFAULT_MODEL})")
     d.set_defaults(func=_cmd_demo)
+    for sp in sub.choices.values():
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, show the full traceback too")
     return p
 
 
@@ -688,12 +710,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("quantmix: interrupted", file=sys.stderr)
         return 130
     except (CliError, ValueError, FileNotFoundError, RuntimeError) as e:
+        _debug(args)
         print(f"quantmix {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # permission denied, read-only file system, disk full: one line naming the file
+        _debug(args)
         where = e.filename2 or e.filename
         print(f"quantmix {args.command}: error: {where + ': ' if where else ''}{e.strerror or e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug: one line, the traceback with --debug
+        _debug(args)
+        print(f"quantmix {args.command}: internal error: {type(e).__name__}: {e} (run again with --debug for the "
+              f"traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+def _debug(args: argparse.Namespace) -> None:
+    if getattr(args, "debug", False) or os.environ.get("QUANTMIX_DEBUG"):
+        import traceback
+
+        traceback.print_exc()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from quantmix.evaluation.evaluate import TextSource
 
 __all__ = ["ModelInputs", "PlanOutcome", "resolve_model", "ensure_imatrix", "plan_recipe", "run_job",
-           "CPU_CANDIDATES", "CALIB_TEXT", "check_text", "calib_chunks"]
+           "CPU_CANDIDATES", "CALIB_TEXT", "check_text", "calib_chunks", "check_plan"]
 
 # Candidate types when no GPU is present and none are asked for: the codebook IQ types need ggml's C quantizer
 # (the llama.cpp build, ~6 minutes once) to be measured at a usable speed on a CPU, so they join only when asked
@@ -214,6 +214,34 @@ class Measured:
     dtype: str = "float32"  # the probes' compute dtype
 
 
+def _on_cpu(device: str | None) -> bool:
+    import torch
+
+    return str(device) == "cpu" or (device is None and not torch.cuda.is_available())
+
+
+def _candidates(candidates: Sequence[str] | None, device: str | None) -> tuple[str, ...] | None:
+    """The error table's candidate types: ``all`` -> None (every type with numerics); none given -> the CPU set
+    on a CPU, every type on CUDA."""
+    if candidates is not None and [c.lower() for c in candidates] == ["all"]:
+        return None
+    if candidates is None and _on_cpu(device):
+        return CPU_CANDIDATES
+    return tuple(candidates) if candidates is not None else None
+
+
+def check_plan(catalog: Catalog, budget: object, constraints: object, candidates: Sequence[str] | None,
+               device: str | None) -> None:
+    """:func:`quantmix.planning.solver.check_before_measuring` with the candidates :func:`measure` would use."""
+    from quantmix.measurement.error_table import FLOAT_TYPES, supported_types
+    from quantmix.planning.solver import check_before_measuring
+
+    cands = _candidates(candidates, device)
+    if cands is None:
+        cands = tuple(q for q in supported_types() if q not in FLOAT_TYPES)
+    check_before_measuring(catalog, budget, constraints, cands)
+
+
 def measure(inputs: ModelInputs, imatrix: Path | None, candidates: tuple[str, ...] | None, *,
             profile: str | None = "full", device: str | None = None, progress: bool = True,
             calib: TextSource | None = None, sensitivity_chunks: int | None = None,
@@ -221,18 +249,13 @@ def measure(inputs: ModelInputs, imatrix: Path | None, candidates: tuple[str, ..
     """Error table, then (with the Hugging Face model and a profile) the sensitivity fit on ``calib``
     (default wiki-calib), which refinement's probes then use too. ``sensitivity_chunks``: calibration chunks of
     512 tokens the probes run on (default: the profile's)."""
-    import torch
-
     from quantmix.evaluation.evaluate import load_texts
     from quantmix.measurement.error_table import error_table
     from quantmix.measurement.sensitivity import fit_sensitivity
 
     cat = catalog_from_gguf(inputs.gguf)
-    on_cpu = str(device) == "cpu" or (device is None and not torch.cuda.is_available())
-    if candidates is not None and [c.lower() for c in candidates] == ["all"]:
-        candidates = None  # every type with numerics
-    elif candidates is None and on_cpu:
-        candidates = CPU_CANDIDATES
+    on_cpu = _on_cpu(device)
+    candidates = _candidates(candidates, device)
     if on_cpu:
         from quantmix.formats.ggml_backend import built
 
@@ -244,7 +267,8 @@ def measure(inputs: ModelInputs, imatrix: Path | None, candidates: tuple[str, ..
     t0 = time.time()
     table = error_table(inputs.tensors, imatrix, candidates=list(candidates) if candidates else None, device=device,
                         progress=progress)
-    _log(f"error table: {len(table.rows)} (tensor, type) errors in {time.time() - t0:.0f} s")
+    _log(f"error table: {len(table.rows)} (tensor, type) errors ({len(table.rows) - table.computed} from the cache, "
+         f"{table.computed} measured) in {time.time() - t0:.0f} s")
     m = Measured(inputs, cat, imatrix, table, None, dtype=dtype)
     if not table.bias:
         m.notes.append(table.bias_note)

@@ -558,6 +558,16 @@ def _save_resume(fh, state_path: Path, key: str, shard: int, tensors: int) -> No
                                               "offset": fh.tell() if tensors else 0}) + "\n")
 
 
+def _check_space(out: Path, need: int, have_written: int) -> None:
+    """Refuse before writing a byte when the output cannot fit the free space (a full disk hours in)."""
+    import shutil
+
+    free = shutil.disk_usage(out.parent).free + have_written
+    if need > free:
+        raise GGUFWriteError(f"{out}: the output takes {need / 2**30:.2f} GiB, {out.parent} has "
+                             f"{free / 2**30:.2f} GiB free")
+
+
 def _lock(fh, out: Path) -> None:  # noqa: ANN001
     import fcntl
 
@@ -650,6 +660,8 @@ def quantize_gguf(
     partials = [pt.parent / f".{pt.name}.partial" for pt in paths]
     state_path = paths[0].parent / f".{paths[0].name}.partial.json"
     state = _load_resume(state_path, key, partials, headers, shards, align)
+    _check_space(out, sum(len(h) for h in headers) + sum(_pad(p.n_bytes, align) for p in plan),
+                 sum(pt.stat().st_size for pt in partials if pt.is_file()) if state is not None else 0)
     total = sum(p.src.n_elements for p in plan)
     from tqdm.auto import tqdm
 

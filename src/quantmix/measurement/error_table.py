@@ -88,6 +88,7 @@ class ErrorTable:
     bias_note: str
     bias_lambda: float
     rows: list[ErrorRow] = field(default_factory=list)
+    computed: int = 0  # entries measured by this call (the others came from the cache)
 
     def cost(self, row: ErrorRow, bias_lambda: float | None = None) -> float:
         lam = self.bias_lambda if bias_lambda is None else bias_lambda
@@ -534,6 +535,7 @@ def error_table(
                 data = s.data  # an HF tensor is read here, once
                 for q, entry in _measure(data, s.type_name, shape, go, st, dev, t.name, feeder).items():
                     entries[q] = entry
+                    table.computed += 1
                     if q in paths:
                         _atomic_write(paths[q], json.dumps(entry).encode())
             if stop is not None:

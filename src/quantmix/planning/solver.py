@@ -586,6 +586,21 @@ def optimize(catalog: Catalog, costs: CostTable, budget: Budget, constraints: Co
                             method=sol.method, n_options=(n_before, n_after), notes=notes)
 
 
+def check_before_measuring(catalog: Catalog, budget: Budget, constraints: Constraints | None,
+                           candidates: Sequence[str]) -> None:
+    """What a plan needs that no measurement changes, checked before the error table's long work (minutes on a
+    tiny model, hours on a big one): every rule matches a tensor, every pin fits its tensor's rows, every tensor
+    keeps an admissible type among ``candidates`` (the error names the row length and the rule that removed the
+    last one), and the smallest admissible plan fits the budget. Raises ConstraintError or InfeasibleBudget."""
+    names = [get_type(q).name for q in candidates]
+    costs = {t.name: {q: 0.0 for q in names} for t in catalog if t.quantizable}
+    cands = tensor_candidates(catalog, costs, constraints)
+    problem = build_problem(catalog, cands, budget, tie_groups(catalog, constraints))
+    small = problem.smallest()
+    if any(sm > c for sm, c in zip(small, problem.capacities)):
+        raise InfeasibleBudget(infeasible_message(problem, "the budget is too small"))
+
+
 def plan_from_choice(catalog: Catalog, costs: CostTable, budget: Budget, problem: Problem, choice: Sequence[int],
                      usage: Sequence[int], *, status: str, objective: float, bound: float, gap: float,
                      seconds: float, method: str, n_options: tuple[int, int], notes: Sequence[str] = ()) -> Plan:
