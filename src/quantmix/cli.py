@@ -299,6 +299,21 @@ def _dtype_arg(name: str) -> object:
     return compute_dtype(name)
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from quantmix.cache import cache_report, format_report, prune
+    from quantmix.paths import cache_dir
+
+    if args.older_than is not None and not args.prune:
+        raise CliError("--older-than: give --prune FOLDER... too")
+    if args.older_than is not None and not args.older_than >= 0:
+        raise CliError(f"--older-than {args.older_than:g}: must be a number of days >= 0")
+    if args.prune:
+        n, b = prune(args.prune, args.older_than)
+        print(f"removed {n} files, {b / 2**30:.2f} GiB", file=sys.stderr)
+    print(format_report(cache_report(), cache_dir()))
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from quantmix.evaluation.evaluate import DEFAULT_TEXT, TextSourceError
     from quantmix.job import CALIB_TEXT, run_job
@@ -654,6 +669,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("names", nargs="*", help="fixtures to build (default: all)")
     f.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
     f.set_defaults(func=_cmd_fixtures)
+
+    c = sub.add_parser("cache", help="what the cache holds, per folder; prune it",
+                       description="Report the cache ($QUANTMIX_CACHE, default ~/.cache/quantmix) folder by folder, "
+                                   "or prune it. Entries are keyed by their inputs (never reused when those change), "
+                                   "so old ones are only kept, not wrong; everything pruned is rebuilt when needed.")
+    c.add_argument("--prune", nargs="+", metavar="FOLDER",
+                   help="remove these folders' entries: derived (converted GGUFs, error tables, sensitivity, "
+                        "refinement states, imatrices, references, spill), all, or folder names")
+    c.add_argument("--older-than", type=float, metavar="DAYS", help="with --prune: only entries not modified for DAYS")
+    c.set_defaults(func=_cmd_cache)
 
     d = sub.add_parser("demo", help="the main job on the built-in default model",
                        description="Build the fixtures, then print the default model's catalog and size tables "
