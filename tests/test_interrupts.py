@@ -161,3 +161,54 @@ def test_writer_killed_mid_run_resumes_after_the_last_saved_tensor(tmp_path: Pat
         assert (tmp_path / f"m-0000{i}-of-00003.gguf").read_bytes() == \
             (tmp_path / f"clean-0000{i}-of-00003.gguf").read_bytes()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_optimize_killed_mid_refinement_resumes_to_the_same_recipe(tmp_path: Path) -> None:
+    """kill -9 while optimize refines (error table, sensitivity and some rounds done); the same command then
+    reuses what was measured, continues the search from its saved state, and writes the recipe of a run never
+    interrupted (each run in its own empty cache, so nothing comes from the other)."""
+    import json
+
+    from quantmix.fixtures.tiny import get_tiny
+    from quantmix.job import resolve_model
+    from quantmix.paths import cache_dir
+
+    hf = get_tiny("tiny-llama", vocab=True)
+    gguf = resolve_model(hf).gguf
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "quantmix.cli", "optimize", str(gguf), "--hf", str(hf), "--target-bpw", "4.5",
+                "--sensitivity", "quick", "--refine-moves", "8", "-o", str(out), "--device", "cpu", "--quiet"]
+
+    def env(name: str) -> dict:
+        c = tmp_path / name
+        c.mkdir()
+        (c / "src").symlink_to(cache_dir() / "src")  # ggml's quantizer library, built once
+        return dict(os.environ, QUANTMIX_CACHE=str(c))
+
+    clean = tmp_path / "clean" / "r.txt"
+    subprocess.run(cmd(clean), check=True, capture_output=True, env=env("cache-a"))
+    e = env("cache-b")
+    out = tmp_path / "resumed" / "r.txt"
+    proc = subprocess.Popen(cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e)
+    states = Path(e["QUANTMIX_CACHE"]) / "refine"
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        n = 0
+        for f in states.glob("*.json") if states.is_dir() else []:
+            try:
+                n = json.loads(f.read_text()).get("n_tried", 0)
+            except (OSError, ValueError):
+                pass
+        if n >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "optimize finished before it could be killed"
+    proc.kill()
+    proc.wait()
+    assert not out.exists()
+    again = subprocess.run([a for a in cmd(out) if a != "--quiet"], check=True, capture_output=True, text=True,
+                           env=e)
+    assert "refine: resuming after" in again.stderr and ", 0 measured)" in again.stderr  # the table from the cache
+    assert out.read_bytes() == clean.read_bytes()
+    assert (out.parent / "r.txt.ik").read_bytes() == (clean.parent / "r.txt.ik").read_bytes()
