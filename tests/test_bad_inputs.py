@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from quantmix.cli import main
@@ -20,58 +18,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from quantmix.export.gguf_writer import open_source
+    from quantmix.fixtures.damaged import build_damaged
     from quantmix.fixtures.tiny import get_tiny
     from quantmix.job import resolve_model
 
-    root = tmp_path_factory.mktemp("bad")
     hf = get_tiny("tiny-llama", vocab=True)
-    g = resolve_model(hf).gguf
-    raw = g.read_bytes()
-    f: dict[str, Path] = {"gguf": g, "hf": hf}
-
-    def put(name: str, data: bytes) -> Path:
-        f[name] = root / name
-        f[name].write_bytes(data)
-        return f[name]
-
-    put("truncated.gguf", raw[: len(raw) // 2])
-    put("header-only.gguf", raw[:200])
-    put("empty.gguf", b"")
-    put("garbage.gguf", b"this is not a gguf file\n" * 100)
-    put("magic.gguf", b"GGUX" + raw[4:])
-    put("version.gguf", raw[:4] + (99).to_bytes(4, "little") + raw[8:])
-    tensors = {t.name: t for t in open_source(g).tensors}
-
-    def poke(name: str, tensor: str, value: float, index: int = 10) -> None:
-        data = bytearray(raw)
-        off = tensors[tensor].file_offset + 4 * index
-        data[off:off + 4] = np.array([value], dtype="<f4").tobytes()
-        put(name, bytes(data))
-
-    poke("nan-weight.gguf", "blk.1.ffn_up.weight", float("nan"))
-    poke("inf-weight.gguf", "blk.0.attn_q.weight", float("inf"))
-    poke("nan-norm.gguf", "blk.0.attn_norm.weight", float("nan"), 3)
-    poke("huge-weight.gguf", "blk.0.ffn_down.weight", 1e7)
-    put("garbage.imatrix", b"\x00\x01junk" * 50)
-    put("recipe-bad-regex.txt", b"blk\\.0\\.attn_q.weight=Q4_K\n(unclosed=Q4_K\n")
-    put("recipe-bad-type.txt", b"blk\\.0\\.attn_q.weight=Q4_K\nblk\\.1\\..*=Q9_K\n")
-    put("recipe-no-eq.txt", b"blk\\.0\\.attn_q.weight Q4_K\n")
-    put("short.txt", b"too short\n")
-    put("a-file", b"x")
-    # a Hugging Face directory with a truncated shard, one missing its config, one whose index names a lost shard
-    for name, damage in (("hf-truncated", "truncate"), ("hf-noconfig", "config"), ("hf-badjson", "json")):
-        d = root / name
-        shutil.copytree(hf, d)
-        if damage == "truncate":
-            st = next(d.glob("*.safetensors"))
-            st.write_bytes(st.read_bytes()[: st.stat().st_size // 3])
-        elif damage == "config":
-            (d / "config.json").unlink()
-        else:
-            (d / "config.json").write_text("{not json")
-        f[name] = d
-    return f
+    return build_damaged(resolve_model(hf).gguf, hf, tmp_path_factory.mktemp("bad"))
 
 
 # (id, argv with {name} placeholders for the inputs and {out} for the output path, text the one line must hold)
