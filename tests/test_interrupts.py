@@ -74,9 +74,10 @@ def test_signal_mid_write_leaves_nothing(tmp_path: Path, sig: int) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_imatrix_killed_mid_run_resumes_where_it_stopped(tmp_path: Path) -> None:
-    """kill -9 once the job state holds a few layers; the rerun continues after the last saved layer (it says
-    so) and writes the bytes of an uninterrupted run; no state is left."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_imatrix_killed_mid_run_resumes_where_it_stopped(tmp_path: Path, sig: int) -> None:
+    """kill -9 (or SIGTERM) once the job state holds a few layers; the rerun continues after the last saved
+    layer (it says so) and writes the bytes of an uninterrupted run; no state is left."""
     from quantmix.fixtures.store import get_fixture
 
     hf = get_fixture("smollm2-768").hf_dir
@@ -96,8 +97,9 @@ def test_imatrix_killed_mid_run_resumes_where_it_stopped(tmp_path: Path) -> None
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
-    proc.kill()
+    proc.send_signal(sig)
     proc.wait()
+    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig)
     assert state.exists() and not out.exists()
     again = subprocess.run([*cmd, "-o", str(out)], check=True, capture_output=True, text=True)
     assert "resuming after layer" in again.stderr
@@ -163,8 +165,9 @@ def test_writer_killed_mid_run_resumes_after_the_last_saved_tensor(tmp_path: Pat
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_optimize_killed_mid_refinement_resumes_to_the_same_recipe(tmp_path: Path) -> None:
-    """kill -9 while optimize refines (error table, sensitivity and some rounds done); the same command then
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_optimize_killed_mid_refinement_resumes_to_the_same_recipe(tmp_path: Path, sig: int) -> None:
+    """kill -9 (or SIGTERM) while optimize refines (error table, sensitivity and some rounds done); the same command then
     reuses what was measured, continues the search from its saved state, and writes the recipe of a run never
     interrupted (each run in its own empty cache, so nothing comes from the other)."""
     import json
@@ -204,8 +207,9 @@ def test_optimize_killed_mid_refinement_resumes_to_the_same_recipe(tmp_path: Pat
             break
         time.sleep(0.05)
     assert proc.poll() is None, "optimize finished before it could be killed"
-    proc.kill()
+    proc.send_signal(sig)
     proc.wait()
+    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig)
     assert not out.exists()
     again = subprocess.run([a for a in cmd(out) if a != "--quiet"], check=True, capture_output=True, text=True,
                            env=e)
