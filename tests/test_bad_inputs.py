@@ -77,6 +77,8 @@ CASES = [
     ("imatrix-truncated-shard", "imatrix {hf-truncated} -o {out} --chunks 1 --device cpu", "safetensors"),
     ("imatrix-of-gguf", "imatrix {gguf} -o {out} --chunks 1", "Hugging Face"),
     ("imatrix-text-missing", "imatrix {hf} -o {out} --text {tmp}/none.txt", "none.txt"),
+    ("optimize-truncated-hf", "optimize {hf-truncated} --target-bpw 4.5 --sensitivity none -o {out}", "safetensors"),
+    ("optimize-hf-noconfig", "optimize {hf-noconfig} --target-bpw 4.5 -o {out}", "hf-noconfig"),
     ("eval-truncated-gguf", "eval {hf} --gguf {truncated.gguf} --chunks 1", "truncated.gguf"),
     ("eval-truncated-hf", "eval {hf-truncated} --ftype Q4_K_M --chunks 1 --device cpu", "safetensors"),
 ]

@@ -91,6 +91,9 @@ def resolve_model(model: str | Path, hf: str | Path | None = None, f32_copy: boo
         from quantmix.evaluation.reference import model_fingerprint
         from quantmix.tools.llamacpp import llamacpp_source
 
+        from quantmix.model.checkpoint import Checkpoint
+
+        Checkpoint(p)  # shards present and whole (headers only), before any conversion or long work
         if f32_copy is None:
             f32_copy = _f32_copy_fits(p)
         if not f32_copy:

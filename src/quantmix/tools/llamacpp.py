@@ -9,6 +9,7 @@ on 2 cores); later calls return the cached build.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -90,7 +91,11 @@ class LlamaCpp:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             tmp.unlink(missing_ok=True)
-            raise LlamaCppError(f"convert_hf_to_gguf.py failed on {model_dir}:\n{proc.stderr[-3000:]}")
+            log = out.with_name(out.name + ".convert.log")
+            log.write_text(proc.stdout + proc.stderr)
+            cause = next((ln.strip() for ln in reversed(proc.stderr.splitlines())
+                          if re.match(r"^\w*(Error|Exception)\b.*:", ln.strip())), proc.stderr.strip()[-300:])
+            raise LlamaCppError(f"convert_hf_to_gguf.py failed on {model_dir}: {cause} (its whole output: {log})")
         tmp.replace(out)
         return out
 
