@@ -4,6 +4,7 @@ the next run that writes the same output."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,25 @@ from quantmix.paths import remove_stale_temps, temp_beside
 def _quantize_cmd(src: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "quantmix.cli", "quantize", str(src), "-o", str(out), "--ftype", "Q4_K_M", "--device",
             "cpu"]
+
+
+def _stop_when(proc: subprocess.Popen, ready, sig: int = signal.SIGKILL, timeout: float = 600) -> None:  # noqa: ANN001
+    """Send ``sig`` to ``proc`` once ``ready()`` holds (polled); it must still be running then, and exit as
+    that signal makes it exit (-9 for kill -9, 128 + signal when it unwinds)."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline and not ready():
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be stopped: {proc.stderr.read()[-500:]!r}"
+    proc.send_signal(sig)
+    proc.wait()
+    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig)
+
+
+def _json_field(path: Path, key: str) -> int:
+    try:
+        return int(json.loads(path.read_text()).get(key, 0))
+    except (OSError, ValueError):
+        return 0
 
 
 def _tiny_gguf() -> Path:
@@ -88,18 +108,14 @@ def test_imatrix_killed_mid_run_resumes_where_it_stopped(tmp_path: Path, sig: in
     out = tmp_path / "m.imatrix.gguf"
     state = tmp_path / ".m.imatrix.gguf.state" / "imatrix-state.pt"
     proc = subprocess.Popen([*cmd, "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    seen = 0.0
-    while proc.poll() is None and time.time() < deadline:
-        if state.exists() and seen == 0.0:
-            seen = time.time()
-        if seen and time.time() - seen > 0.5:  # a layer or more saved
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(sig)
-    proc.wait()
-    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig)
+    seen: list[float] = []
+
+    def saved() -> bool:  # a layer or more saved
+        if state.exists() and not seen:
+            seen.append(time.time())
+        return bool(seen) and time.time() - seen[0] > 0.5
+
+    _stop_when(proc, saved, sig)
     assert state.exists() and not out.exists()
     again = subprocess.run([*cmd, "-o", str(out)], check=True, capture_output=True, text=True)
     assert "resuming after layer" in again.stderr
@@ -119,19 +135,11 @@ def test_writer_killed_mid_run_resumes_after_the_last_saved_tensor(tmp_path: Pat
     clean = [*_quantize_cmd(src, tmp_path / "clean.gguf"), "--split-max-size", "60M"]
     subprocess.run(clean, check=True, capture_output=True)
     state = tmp_path / ".m-00001-of-00003.gguf.partial.json"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            st = json.loads(state.read_text())
-        except (OSError, ValueError):
-            st = {}
-        if st.get("shard", 0) >= 1 and st.get("tensors", 0) >= 3:  # into the second shard
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the writer finished before it could be killed"
-    proc.kill()
-    proc.wait()
+
+    def into_second_shard() -> bool:
+        return _json_field(state, "shard") >= 1 and _json_field(state, "tensors") >= 3
+
+    _stop_when(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE), into_second_shard)
     assert state.exists() and not list(tmp_path.glob("m-*.gguf"))
     other = [*_quantize_cmd(src, tmp_path / "m.gguf"), "--split-max-size", "60M"]
     other[other.index("Q4_K_M")] = "Q5_K_M"  # another recipe: the partial files are not its
@@ -145,18 +153,7 @@ def test_writer_killed_mid_run_resumes_after_the_last_saved_tensor(tmp_path: Pat
             (tmp_path / f"q5-0000{i}-of-00003.gguf").read_bytes()
         (tmp_path / f"m-0000{i}-of-00003.gguf").unlink()
     # killed again, then resumed by the same command
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            st = json.loads(state.read_text())
-        except (OSError, ValueError):
-            st = {}
-        if st.get("shard", 0) >= 1 and st.get("tensors", 0) >= 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the writer finished before it could be killed"
-    proc.kill()
-    proc.wait()
+    _stop_when(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE), into_second_shard)
     again = subprocess.run(cmd, check=True, capture_output=True, text=True)
     assert "resuming after" in again.stderr
     for i in (1, 2, 3):
@@ -170,8 +167,6 @@ def test_optimize_killed_mid_refinement_resumes_to_the_same_recipe(tmp_path: Pat
     """kill -9 (or SIGTERM) while optimize refines (error table, sensitivity and some rounds done); the same command then
     reuses what was measured, continues the search from its saved state, and writes the recipe of a run never
     interrupted (each run in its own empty cache, so nothing comes from the other)."""
-    import json
-
     from quantmix.fixtures.tiny import get_tiny
     from quantmix.job import resolve_model
     from quantmix.paths import cache_dir
@@ -195,21 +190,7 @@ def test_optimize_killed_mid_refinement_resumes_to_the_same_recipe(tmp_path: Pat
     out = tmp_path / "resumed" / "r.txt"
     proc = subprocess.Popen(cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e)
     states = Path(e["QUANTMIX_CACHE"]) / "refine"
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline:
-        n = 0
-        for f in states.glob("*.json") if states.is_dir() else []:
-            try:
-                n = json.loads(f.read_text()).get("n_tried", 0)
-            except (OSError, ValueError):
-                pass
-        if n >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "optimize finished before it could be killed"
-    proc.send_signal(sig)
-    proc.wait()
-    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig)
+    _stop_when(proc, lambda: any(_json_field(f, "n_tried") >= 2 for f in states.glob("*.json")), sig)
     assert not out.exists()
     again = subprocess.run([a for a in cmd(out) if a != "--quiet"], check=True, capture_output=True, text=True,
                            env=e)

@@ -232,25 +232,29 @@ def _round_to(x: Tensor, type_name: str) -> Tensor:
     return x
 
 
-def quantized_image(w: Tensor, qtype: str, src_type: str, imatrix: np.ndarray | None, name: str, dev: torch.device) -> Tensor:
-    """quantize -> dequantize of GGUF-ordered rows ``w`` [..., rows, ne0] (leading dim: experts)."""
+def quantized_image(w: Tensor, qtype: str, src_type: str, imatrix: np.ndarray | None, name: str, dev: torch.device,
+                    out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """quantize -> dequantize of GGUF-ordered rows ``w`` [..., rows, ne0] (leading dim: experts), in
+    ``out_dtype`` on ``dev``. One expert at a time in float32: besides the result, only one expert's rows are
+    ever held in float32 (a DeepSeek-V3 expert stack is 15 GB in float32)."""
     from quantmix.formats.api import dequantize, quantize
     from quantmix.formats.ggml_backend import preferred_backend
 
     backend = preferred_backend(qtype, dev)  # ggml's C on a CPU where it is faster: same bytes
-    x = _round_to(w.detach().to(device=dev, dtype=torch.float32), src_type)
-    if qtype == src_type:
-        return x
-    ne0 = x.shape[-1]
-    flat = x.reshape(-1, x.shape[-2], ne0) if x.dim() > 2 else x.reshape(1, -1, ne0)
-    out = torch.empty_like(flat)
+    ne0 = w.shape[-1]
+    flat = w.reshape(-1, w.shape[-2], ne0) if w.dim() > 2 else w.reshape(1, -1, ne0)
+    out = torch.empty(flat.shape, dtype=out_dtype, device=dev)
     for e in range(flat.shape[0]):
+        x = _round_to(flat[e].detach().to(device=dev, dtype=torch.float32), src_type)
+        if qtype == src_type:
+            out[e] = x
+            continue
         im = None
         if imatrix is not None:
             im = torch.from_numpy(np.ascontiguousarray(imatrix[e if imatrix.shape[0] > 1 else 0])).to(dev)
-        q = quantize(flat[e].contiguous(), qtype, im, name=name, backend=backend)
+        q = quantize(x.contiguous(), qtype, im, name=name, backend=backend)
         out[e] = dequantize(q, qtype, ne0, name=name)
-    return out.reshape(x.shape)
+    return out.reshape(w.shape)
 
 
 # ------------------------------------------------------------------------------------------------ public

@@ -225,7 +225,8 @@ class KLDProbe:
         im = self.imatrix.weights_for(name, tuple(reversed(w.shape))) if self.imatrix is not None else None
         if qtype in _FLOAT:  # a float type: the weights rounded to it
             src_type = qtype
-        img = quantized_image(w, qtype, src_type, im, name, self.device).to(self.device)
+        # in the compute dtype: an image is written into the model's parameter, which holds no more than that
+        img = quantized_image(w, qtype, src_type, im, name, self.device, self.engine.dtype)
         self._images[key] = img
         self._image_bytes += img.numel() * img.element_size()
         while self._image_bytes > self.image_cache_bytes and len(self._images) > 1:

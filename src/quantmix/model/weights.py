@@ -68,40 +68,38 @@ class ModelWeights:
             if isinstance(probe, ScaledTensor) and all(ps[1] % probe.block[0] == 0 for _, ps, _ in parts):
                 return self._fused_scaled(parts, shape, pin, probe)
         out = None
+        for e, off, src, x in self._expert_parts(parts, shape, self.ckpt.get):
+            if out is None:
+                out = torch.empty(shape, dtype=x.dtype, pin_memory=pin)
+            out[e, off:off + x.shape[0]] = x
+        assert out is not None
+        return out
+
+    def _expert_parts(self, parts: list, shape: tuple[int, ...], get: Any) -> Any:
+        """(expert, first row in the fused parameter, source name, tensor read by ``get``) of every part, shapes
+        checked."""
         off = 0
         for _, part_shape, srcs in parts:
             if len(srcs) != shape[0]:
                 raise CheckpointError(f"{len(srcs)} checkpoint tensors for {shape[0]} experts")
             for e, src in enumerate(srcs):
-                x = self.ckpt.get(src)
-                if out is None:
-                    out = torch.empty(shape, dtype=x.dtype, pin_memory=pin)
+                x = get(src)
                 if tuple(x.shape) != tuple(part_shape[1:]):
                     raise CheckpointError(f"{src} is {tuple(x.shape)}, expected {tuple(part_shape[1:])}")
-                out[e, off:off + x.shape[0]] = x
+                yield e, off, src, x
             off += part_shape[1]
-        assert out is not None
-        return out
 
     def _fused_scaled(self, parts: list, shape: tuple[int, ...], pin: bool, like: ScaledTensor) -> ScaledTensor:
         b0, b1 = like.block
         vals = torch.empty(shape, dtype=like.values.dtype, pin_memory=pin)
         scale = torch.empty((shape[0], shape[1] // b0, -(-shape[2] // b1)), dtype=like.scale.dtype, pin_memory=pin)
-        off = 0
-        for _, part_shape, srcs in parts:
-            if len(srcs) != shape[0]:
-                raise CheckpointError(f"{len(srcs)} checkpoint tensors for {shape[0]} experts")
-            for e, src in enumerate(srcs):
-                x = self.ckpt.get_stored(src)
-                if not isinstance(x, ScaledTensor) or x.block != like.block or x.values.dtype != vals.dtype \
-                        or x.scale.dtype != scale.dtype:
-                    raise CheckpointError(f"{src}: stored unlike {srcs[0]} (every expert part must share one "
-                                          "float8 layout)")
-                if tuple(x.shape) != tuple(part_shape[1:]):
-                    raise CheckpointError(f"{src} is {tuple(x.shape)}, expected {tuple(part_shape[1:])}")
-                vals[e, off:off + x.shape[0]] = x.values
-                scale[e, off // b0:(off + x.shape[0]) // b0] = x.scale
-            off += part_shape[1]
+        for e, off, src, x in self._expert_parts(parts, shape, self.ckpt.get_stored):
+            if not isinstance(x, ScaledTensor) or x.block != like.block or x.values.dtype != vals.dtype \
+                    or x.scale.dtype != scale.dtype:
+                raise CheckpointError(f"{src}: stored unlike the first expert part (every part must share one "
+                                      "float8 layout)")
+            vals[e, off:off + x.shape[0]] = x.values
+            scale[e, off // b0:(off + x.shape[0]) // b0] = x.scale
         return ScaledTensor(vals, scale, like.block)
 
     def buffer(self, name: str) -> torch.Tensor | None:
