@@ -306,20 +306,34 @@ def simulate_quantization(
         if p.dtype != torch.float32:
             raise SimulationError(f"parameter {tgt.param} is {p.dtype}: load the model in float32 to simulate "
                                   f"quantization exactly")
-        wq = tgt.read(p.data)
         w_im = None
         if qtype != src_type and im is not None:
             w_im = im.weights_for(name, tuple(a.tensor.shape))
         if w_im is None and qtype != src_type and needs_imatrix(name, qtype, ftype):
             raise SimulationError(f"tensor {name}: type {qtype} needs an importance matrix (imatrix)")
-        new = quantized_image(wq, qtype, src_type, w_im, name, dev).to(p.device)
+        view = tgt.view(p.data)
+        if view.dim() == 3 and not tgt.n_head_perm and not tgt.shift:
+            # an expert stack: each expert quantized and written back in place, so no copy of the whole stack
+            # is made (DeepSeek-V3's is 15 GB in float32, beside a 45 GB layer)
+            pieces = [(view[e:e + 1], w_im[e:e + 1] if w_im is not None and w_im.shape[0] > 1 else w_im)
+                      for e in range(view.shape[0])]
+        else:
+            pieces = [(None, w_im)]
         ref = err = 0.0
-        for a_, b_ in zip(wq.reshape(-1, wq.shape[-1]).split(1 << 14), new.reshape(-1, wq.shape[-1]).split(1 << 14)):
-            ref += float(a_.double().square().sum())  # in slices: a whole expert tensor in float64 is 15 GB
-            err += float((b_.double() - a_.double()).square().sum())
-        tgt.write(p.data, new)
+        for dst, piece_im in pieces:
+            wq = tgt.read(p.data) if dst is None else dst.clone()
+            new = quantized_image(wq, qtype, src_type, piece_im, name, dev).to(p.device)
+            for a_, b_ in zip(wq.reshape(-1, wq.shape[-1]).split(1 << 14),
+                              new.reshape(-1, wq.shape[-1]).split(1 << 14)):
+                ref += float(a_.double().square().sum())  # in slices: a whole expert tensor in float64 is 15 GB
+                err += float((b_.double() - a_.double()).square().sum())
+            if dst is None:
+                tgt.write(p.data, new)
+            else:
+                dst.copy_(new)
+            del wq, new
         part = (tgt.part.start, tgt.part.stop) if tgt.part is not None else None
         report.tensors.append(SimulatedTensor(name, qtype, tgt.param, float(err / ref) if ref > 0 else 0.0, part,
                                               tgt.n_head_perm))
-        report.n_weights += wq.numel()
+        report.n_weights += int(view.numel())
     return report
