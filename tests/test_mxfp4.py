@@ -239,3 +239,15 @@ def test_eval_of_mxfp4_gguf_matches_the_checkpoint(mxfp4_model: dict, tmp_path: 
     control = kld(q4)
     print(f"KLD with the experts requantized to Q4_0: {control:.3g}")
     assert control > 1e-4
+
+
+@pytest.mark.slow
+def test_writer_from_the_directory_equals_from_the_conversion(mxfp4_model: dict, tmp_path: Path) -> None:
+    """Written straight from the Hugging Face directory (no F32 GGUF: the MXFP4 experts repacked from the
+    release's blocks as the converter repacks them), the GGUF is the bytes written from the converter's output."""
+    from quantmix.export.gguf_writer import quantize_gguf
+
+    res = _resolution(mxfp4_model["gguf"], RECIPE)
+    a = quantize_gguf(mxfp4_model["gguf"], res, tmp_path / "from-gguf.gguf", device="cpu", progress=False)
+    b = quantize_gguf(mxfp4_model["dir"], res, tmp_path / "from-dir.gguf", device="cpu", progress=False)
+    assert a.read_bytes() == b.read_bytes()

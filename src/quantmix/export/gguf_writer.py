@@ -92,11 +92,13 @@ class _SourceTensor:
 
 class _CheckpointTensor:
     """A source tensor read from the Hugging Face checkpoint when it is written (F32, as the converter's F32
-    GGUF holds it), then dropped: the writer never needs the float GGUF on disk."""
+    GGUF holds it; an MXFP4 one as the converter repacks the release's blocks), then dropped: the writer never
+    needs the float GGUF on disk."""
 
     def __init__(self, base: _SourceTensor, hf: object) -> None:
         self.name, self.shape, self.shard, self.file_offset = base.name, base.shape, base.shard, base.file_offset
-        self.type_name = "F32"
+        self.type_name = base.type_name
+        self._nbytes = base.nbytes
         self.hf = hf
         self._data: np.ndarray | None = None
 
@@ -106,12 +108,15 @@ class _CheckpointTensor:
 
     @property
     def nbytes(self) -> int:
-        return 4 * self.n_elements
+        return self._nbytes
 
     @property
     def data(self) -> np.ndarray:
         if self._data is None:
-            self._data = self.hf.get(self.name).numpy().reshape(-1).view(np.uint8)
+            if self.type_name == "MXFP4":
+                self._data = self.hf.mxfp4_bytes(self.name)
+            else:
+                self._data = self.hf.get(self.name).numpy().reshape(-1).view(np.uint8)
         return self._data
 
     def drop(self) -> None:
@@ -154,10 +159,10 @@ def open_checkpoint_source(model_dir: Path) -> GGUFSource:
     hf = HFTensors(model_dir)
     lazy = []
     for t in source.tensors:
-        if t.type_name != "F32":
-            raise GGUFWriteError(f"{model_dir}: tensor {t.name} is {t.type_name} in the conversion (a quantized "
-                                 f"checkpoint tensor kept as stored); writing it straight from the directory is not "
-                                 f"supported: convert the model to a float GGUF first and quantize that")
+        if t.type_name not in ("F32", "MXFP4"):
+            raise GGUFWriteError(f"{model_dir}: tensor {t.name} is {t.type_name} in the conversion; writing it "
+                                 f"straight from the directory is not supported: convert the model to a float GGUF "
+                                 f"first and quantize that")
         lazy.append(_CheckpointTensor(t, hf))
     source.tensors = lazy
     return source

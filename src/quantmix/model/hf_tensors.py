@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from quantmix.model.checkpoint import CheckpointError
@@ -79,6 +80,26 @@ class HFTensors:
         if tuple(w.shape) != want:
             raise CheckpointError(f"{self.dir}: tensor {name} reads as {list(w.shape)}, the GGUF's is {list(want)}")
         return w.contiguous()
+
+    def mxfp4_bytes(self, name: str) -> np.ndarray:
+        """An expert tensor the release stores in MXFP4 (gpt-oss), as the converter keeps it: ggml's MXFP4 blocks
+        (the e8m0 scale byte, then 16 bytes whose low nibbles are the block's first 16 values and high nibbles the
+        last 16), gate and up taken from the interleaved rows of gate_up_proj. uint8, flat."""
+        tgt = self.targets.get(name)
+        ckpt = self.weights.ckpt
+        rule = ckpt._rules.get(tgt.param) if tgt is not None else None
+        if rule is None or rule.kind != "mxfp4":
+            raise CheckpointError(f"{self.dir}: tensor {name} is not stored in MXFP4")
+        blocks, scales = ckpt.raw(rule.parts[0]), ckpt.raw(rule.parts[1])  # [E, rows, G, 16], [E, rows, G]
+        if tgt.split in ("gate_il", "up_il"):
+            k = 0 if tgt.split == "gate_il" else 1
+            blocks, scales = blocks[:, k::2], scales[:, k::2]
+        # the release: byte j holds values 2j (low nibble) and 2j+1 (high); ggml: values j (low) and j+16 (high)
+        vals = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(*blocks.shape[:-1], 32)
+        packed = vals[..., :16] | (vals[..., 16:] << 4)
+        out = torch.cat((scales.unsqueeze(-1), packed), dim=-1).contiguous().numpy().reshape(-1)
+        ckpt.close()
+        return out
 
     def identity(self, name: str) -> str:
         """A hash that changes whenever the values of ``name`` can: its sources' files (each hashed once per
