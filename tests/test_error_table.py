@@ -164,6 +164,33 @@ def test_cache_resume_and_invalidation(gguf: Path, tmp_path: Path) -> None:
     edited = error_table(g2, imp, CANDS, "cpu", cache_root=cache, progress=False, on_compute=lambda n, q: calls.append((n, q)))
     assert {n for n, _ in calls} == {"blk.1.attn_v.weight"} and len(calls) == len(CANDS)
     assert _rows(edited)[("blk.1.attn_v.weight", "Q4_0")].rel_err != _rows(first)[("blk.1.attn_v.weight", "Q4_0")].rel_err
+    # (6) tensor hashes are remembered per file version: a warm run hashes no tensor; an edit in place (new
+    # mtime / ctime) forgets them, and only the edited tensor's entries are measured again
+    import quantmix.measurement.error_table as et
+
+    hashed: list[int] = []
+    real = et._hash_bytes
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(et, "_hash_bytes", lambda data, threads=None: hashed.append(data.size) or real(data, threads))
+    monkey.setenv("QUANTMIX_CACHE", str(tmp_path / "qcache"))
+    try:
+        error_table(g2, imp, CANDS, "cpu", cache_root=cache, progress=False)
+        n_tensors = len(hashed)
+        assert n_tensors == len({r.tensor for r in first.rows})
+        hashed.clear()
+        calls.clear()
+        warm = error_table(g2, imp, CANDS, "cpu", cache_root=cache, progress=False,
+                           on_compute=lambda n, q: calls.append((n, q)))
+        assert hashed == [] and calls == [] and warm.to_json() == edited.to_json()
+        with open(g2, "r+b") as fh:
+            fh.seek(s.file_offset + 44)
+            fh.write(np.float32(0.5).tobytes())
+        again2 = error_table(g2, imp, CANDS, "cpu", cache_root=cache, progress=False,
+                             on_compute=lambda n, q: calls.append((n, q)))
+        assert len(hashed) == n_tensors and {n for n, _ in calls} == {"blk.1.attn_v.weight"}
+        assert again2.to_json() != edited.to_json()
+    finally:
+        monkey.undo()
 
 
 def test_no_in_sum_and_planner(gguf: Path, tmp_path: Path) -> None:

@@ -102,7 +102,8 @@ class ErrorTable:
         return out
 
     def to_json(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "rows"}
+        # ``computed`` is this call's count, not part of the table
+        d = {k: v for k, v in asdict(self).items() if k not in ("rows", "computed")}
         d["format"] = TABLE_FORMAT
         d["numerics_version"] = NUMERICS_VERSION
         d["rows"] = [asdict(r) for r in self.rows]
@@ -492,6 +493,7 @@ def error_table(
 
         bar = tqdm(total=sum(_n_bytes(src[t.name]) for t in todo), unit="B", unit_scale=True, desc="error table")
     feeder = _Feeder(dev)
+    memos: dict[Path, object] = {}  # shard -> its remembered tensor hashes (model.fingerprint.VersionMemo)
     try:
         for t in todo:
             s = src[t.name]
@@ -499,7 +501,7 @@ def error_table(
             st = _stats(im, t.name, shape)
             types = [q for q in cands if get_type(q).fits_row(shape[0])
                      and not (get_type(q).requires_imatrix and st.w is None)]
-            t_hash = (s.hf.identity(t.name) if ident == "hf" else _hash_bytes(s.data)) if cache else ""
+            t_hash = (s.hf.identity(t.name) if ident == "hf" else _tensor_hash(s, memos)) if cache else ""
             i_hash = _hash_arrays(st.w, st.a, st.counts) if cache else ""
             entries: dict[str, dict] = {}
             paths: dict[str, Path] = {}
@@ -554,7 +556,26 @@ def error_table(
                 bar.update(_n_bytes(s))
     finally:
         feeder.close()
+        for memo in memos.values():
+            memo.save()
         if bar is not None:
             bar.close()
     return table
+
+
+def _tensor_hash(s: object, memos: dict) -> str:
+    """The digest of a GGUF tensor's bytes (:func:`_hash_bytes`), remembered per version of its file: a warm run
+    hashes nothing (on a 355B model the hashing alone is minutes)."""
+    from quantmix.model.fingerprint import VersionMemo
+
+    shard = Path(s.shard)
+    if shard not in memos:
+        memos[shard] = VersionMemo(shard, "tensors")
+    memo = memos[shard]
+    key = f"{s.name}@{s.file_offset}:{s.type_name}:{list(s.shape)}"
+    h = memo.get(key)
+    if h is None:
+        h = _hash_bytes(s.data)
+        memo.put(key, h)
+    return h
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from quantmix.paths import cache_dir, temp_beside
 
-__all__ = ["model_fingerprint", "file_sha256"]
+__all__ = ["model_fingerprint", "file_sha256", "file_version", "VersionMemo"]
 
 _HEAD = 1 << 16
 _VERSION = 1
@@ -80,3 +80,43 @@ def model_fingerprint(model_dir: str | Path) -> str:
     for f in sorted(p for p in d.iterdir() if p.is_file()):
         h.update(f.name.encode() + b"\0" + file_sha256(f).encode() + b"\0")
     return h.hexdigest()
+
+
+def file_version(path: str | Path) -> str:
+    """What identifies this version of a file without reading it all (path, size, inode, times, first 64 KiB)."""
+    p = Path(path)
+    return hashlib.sha256(json.dumps([_VERSION, str(p.resolve()), _stat_key(p.stat()), _head_sha(p)]).encode()
+                          ).hexdigest()
+
+
+class VersionMemo:
+    """Values computed from a file's bytes (say, one hash per tensor of a GGUF), remembered for that version of
+    the file (:func:`file_version`): a warm run reads none of them again, any change to the file forgets them
+    all. ``QUANTMIX_REHASH=1`` ignores what is remembered."""
+
+    def __init__(self, path: str | Path, kind: str) -> None:
+        self.file = cache_dir() / "fingerprints" / f"{kind}-{file_version(path)[:32]}.json"
+        self.values: dict[str, str] = {}
+        self._dirty = False
+        if os.environ.get("QUANTMIX_REHASH") != "1":
+            try:
+                self.values = dict(json.loads(self.file.read_text()))
+            except (OSError, ValueError, TypeError):
+                self.values = {}
+
+    def get(self, key: str) -> str | None:
+        return self.values.get(key)
+
+    def put(self, key: str, value: str) -> None:
+        self.values[key] = value
+        self._dirty = True
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = temp_beside(self.file)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.values, fh)
+        os.replace(tmp, self.file)
+        self._dirty = False
