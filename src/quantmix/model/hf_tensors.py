@@ -61,13 +61,33 @@ class HFTensors:
             self._last = (pname, t.float())
         return self._last[1]
 
+    def _part(self, tgt: object) -> torch.Tensor | None:
+        """The rows ``tgt.part`` of a fused expert parameter, stacked from their per-expert checkpoint tensors
+        (float32), without reading the other parts: half the memory of the whole fused parameter (DeepSeek-V3's
+        gate_up is 30 GB in float32). None when the target is not such a part."""
+        if tgt.part is None or tgt.split or tgt.param in self.weights.ckpt:
+            return None
+        off = 0
+        for _, part_shape, srcs in self.weights.sources(tgt.param, self._shapes[tgt.param]):
+            rows = slice(off, off + part_shape[1])
+            off += part_shape[1]
+            if (rows.start, rows.stop) == (tgt.part.start, tgt.part.stop) and len(srcs) == part_shape[0]:
+                out = torch.empty(part_shape, dtype=torch.float32)
+                for e, src in enumerate(srcs):
+                    out[e] = self.weights.ckpt.get(src)
+                return out
+        return None
+
     def get(self, name: str) -> torch.Tensor:
         """Tensor ``name`` as the converter's F32 GGUF holds it: float32, shape ggml's reversed."""
         if name not in self._info:
             raise CheckpointError(f"{self.dir}: the model has no GGUF tensor {name}")
         want = tuple(reversed(self._info[name].shape))
         tgt = self.targets.get(name)
-        if tgt is not None:
+        part = self._part(tgt) if tgt is not None else None
+        if part is not None:  # one part of a fused expert parameter (gate of gate_up): only its sources read
+            w = tgt.to_gguf(part)
+        elif tgt is not None:
             w = tgt.read(self._param(tgt.param))
         else:  # beyond the decoder layers (NextN) or a stored buffer: the catalog's sources as they are
             srcs = self._info[name].hf_sources
