@@ -162,9 +162,9 @@ def test_writer_killed_mid_run_resumes_after_the_last_saved_tensor(tmp_path: Pat
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL])  # SIGTERM unwinds as in the imatrix and quantize tests
 def test_optimize_killed_mid_refinement_resumes_to_the_same_recipe(tmp_path: Path, sig: int) -> None:
-    """kill -9 (or SIGTERM) while optimize refines (error table, sensitivity and some rounds done); the same command then
+    """kill -9 while optimize refines (error table, sensitivity and some rounds done); the same command then
     reuses what was measured, continues the search from its saved state, and writes the recipe of a run never
     interrupted (each run in its own empty cache, so nothing comes from the other)."""
     from quantmix.fixtures.tiny import get_tiny
