@@ -126,8 +126,6 @@ def test_imatrix_killed_mid_run_resumes_where_it_stopped(tmp_path: Path, sig: in
 def test_writer_killed_mid_run_resumes_after_the_last_saved_tensor(tmp_path: Path) -> None:
     """kill -9 once a few tensors of a split output are saved; the same command continues after them (it says
     so) and writes the bytes of an uninterrupted run; a different recipe never reuses the partial file."""
-    import json
-
     from quantmix.fixtures.store import get_fixture
 
     src = get_fixture("smollm2-768").gguf_f32

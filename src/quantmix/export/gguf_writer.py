@@ -506,17 +506,18 @@ _RESUME_FORMAT = 1
 
 def _resume_key(model_dir: Path | None, source: GGUFSource, im: Imatrix | None, headers: list[bytes],
                 dev: torch.device, allow_requantize: bool) -> str:
-    """Every input of the bytes written: the source (the model directory's fingerprint, or each GGUF file's
-    hash, remembered per file version), the imatrix's content, every header (types, shapes, offsets, key-values),
-    the numerics and where they ran."""
+    """Every input of the bytes written: the source (each of its files' version: path, size, inode, times, first
+    64 KiB; any write changes it, and no byte beyond the head is read for it), the imatrix's content, every
+    header (types, shapes, offsets, key-values), the numerics and where they ran."""
     import hashlib
     import json
 
     from quantmix.calibration.imatrix_io import imatrix_bytes
     from quantmix.formats.api import NUMERICS_VERSION
-    from quantmix.model.fingerprint import file_sha256, model_fingerprint
+    from quantmix.model.fingerprint import file_version
 
-    ident = model_fingerprint(model_dir) if model_dir is not None else [file_sha256(p) for p in source.paths]
+    files = sorted(f for f in model_dir.iterdir() if f.is_file()) if model_dir is not None else source.paths
+    ident = [file_version(f) for f in files]  # not a full hash: that would read a 1.4 TB source once more
     h = hashlib.sha256(json.dumps([_RESUME_FORMAT, ident, NUMERICS_VERSION, dev.type, allow_requantize]).encode())
     h.update(hashlib.sha256(imatrix_bytes(im)).digest() if im is not None else b"no imatrix")
     for head in headers:

@@ -62,13 +62,18 @@ def file_sha256(path: str | Path) -> str:
     sha = _full_sha(p)
     if _stat_key(p.stat()) != _stat_key(st):  # written while we read it: do not remember a torn hash
         return sha
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_beside(memo)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"version": _VERSION, "path": str(p.resolve()), "stat": _stat_key(st), "head": head,
-                   "sha256": sha}, fh)
-    os.replace(tmp, memo)
+    _write_json(memo, {"version": _VERSION, "path": str(p.resolve()), "stat": _stat_key(st), "head": head,
+                       "sha256": sha})
     return sha
+
+
+def _write_json(path: Path, obj: object) -> None:
+    """``obj`` as JSON at ``path``, atomically (a reader never sees half a memo)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = temp_beside(path)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh)
+    os.replace(tmp, path)
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
@@ -114,9 +119,5 @@ class VersionMemo:
     def save(self) -> None:
         if not self._dirty:
             return
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = temp_beside(self.file)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.values, fh)
-        os.replace(tmp, self.file)
+        _write_json(self.file, self.values)
         self._dirty = False
