@@ -140,11 +140,7 @@ class KLDProbe:
                         for _ in range(self.n_layer + 1)]
         for j, h in enumerate(self._embedded()):
             self._inputs[0][j] = h
-        for i in range(self.n_layer):
-            with self._present(i):
-                for j in range(len(self.batches)):
-                    self._inputs[i + 1][j] = eng.run(i, self._inputs[i][j], self.batches, j)
-        self.forward_tokens += int(self.chunks.numel())
+        self._run_group([], None, record_from=0)  # every layer's input recorded, no probe
 
     def _embedded(self) -> list[Tensor]:
         return self.engine.embed(self.batches)
