@@ -1,13 +1,12 @@
 #!/bin/bash
-# The scale benchmark on the lent H100 (no network: gguf-py travels as a wheel in .whl/). One call per step:
+# The scale benchmark on the lent H100 (no network: gguf-py travels in .whl/, bench/pack_device.sh). One call per step:
 #   bench/scale_h100.sh glm   "1 2 4" "errortable probes refine"   # GLM-4.6 widths, float32
 #   bench/scale_h100.sh dsv3  "1 2"   "imatrix errortable probes refine eval" bfloat16
 # Results: $OUT/scale-<preset>.jsonl (one JSON line per layers x phase), the log beside it.
 set -u
 preset=$1; layers=$2; phases=$3; dtype=${4:-float32}
 [ "$preset" = glm ] && preset=glm46
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD/src QUANTMIX_CACHE=/tmp/qm-cache
+source bench/device_env.sh || exit 1
 work=/tmp/scale-$preset
 # one preset's checkpoint on the 64 GiB disk at a time
 for d in /tmp/scale-*; do [ "$d" != "$work" ] && rm -rf "$d"; done

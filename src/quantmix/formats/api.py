@@ -8,7 +8,7 @@ All quantizers reproduce ``ggml_quantize_chunk`` byte for byte: without an imatr
 with one the ``*_impl`` paths (see quantmix.tools.ggml_oracle, which the tests compare against).
 
 Backends: ``"torch"`` is the reference implementation of every type (CPU or GPU tensors). ``"cuda"`` is
-the fused CUDA kernels of :mod:`quantmix.formats.gpu` (k-quants only): the same bytes (they repeat ggml's
+the fused CUDA kernels of :mod:`quantmix.formats.gpu` (the block quants: k-quants, Q4_0..Q8_0, IQ4_NL, IQ4_XS): the same bytes (they repeat ggml's
 float32 arithmetic exactly; tests check them against ggml and against the torch path), hundreds of times
 faster on a GPU, and a quant_error that never materializes the bytes. ``"ggml"`` is ggml's own C quantizer
 on CPU tensors (:mod:`quantmix.formats.ggml_backend`, needs the cached llama.cpp build): the same bytes by
@@ -240,7 +240,7 @@ def _pick_backend(backend: str, t: type[GGMLType], device: torch.device, lab: st
         gpu.prepare([t.name], device)
     except gpu.KernelBuildError as e:
         if not _warned_fallback:
-            warnings.warn(f"CUDA k-quant kernels unavailable, using the torch numerics: {e}", stacklevel=3)
+            warnings.warn(f"CUDA block-quant kernels unavailable, using the torch numerics: {e}", stacklevel=3)
             _warned_fallback = True
         return "torch"
     return "cuda"

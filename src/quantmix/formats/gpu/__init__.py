@@ -1,6 +1,7 @@
-"""Fast GPU numerics for the k-quants (Q2_K .. Q6_K), byte-exact with ggml.
+"""Fast GPU numerics for the block quants (Q2_K .. Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS),
+byte-exact with ggml.
 
-CUDA kernels (``kquants.cu``, compiled at first use with NVRTC) that quantize with or without an imatrix
+CUDA kernels (``blockquants.cu``, compiled at first use with NVRTC) that quantize with or without an imatrix
 and, fused with the same kernels, compute quant_error's per-row sums without materializing the bytes.
 They repeat ggml-quants.c's float32 arithmetic op for op (no FMA contraction, sequential sums, IEEE
 division and sqrt, ggml's nearest_int and fp16 rounding), so their bytes equal ggml's; the same source is
@@ -27,16 +28,21 @@ def _launcher(device: torch.device):  # type: ignore[no-untyped-def]
     from quantmix.formats.gpu import nvrtc
 
     if device.type != "cuda":
-        raise ValueError(f"the k-quant kernels run on CUDA devices, not {device}")
+        raise ValueError(f"the block-quant kernels run on CUDA devices, not {device}")
     index = device.index if device.index is not None else torch.cuda.current_device()
     return nvrtc.launcher(index)
 
 
 def prepare(qtypes: list[str] | None = None, device: torch.device | str | None = None) -> None:
     """Compile (or load from the cache) the kernels of ``qtypes`` (all by default) ahead of use."""
+    from quantmix.formats.gpu import nvrtc
+
     dev = torch.device(device) if device is not None else torch.device("cuda")
     names = [q.upper() for q in (qtypes or list(KERNEL_TYPES))]
-    _launcher(dev).prepare([f"{KERNEL_TYPES[q].stem}_{m}" for q in names for m in ("ref", "imat")])
+    paths = [f"{KERNEL_TYPES[q].stem}_{m}" for q in names for m in ("ref", "imat")]
+    if any(KERNEL_TYPES[q].row_sigma for q in names):
+        paths.append(nvrtc.ROWSQ)
+    _launcher(dev).prepare(paths)
 
 
 def quantize_rows(qtype: str, x: Tensor, imatrix: Tensor | None) -> Tensor:

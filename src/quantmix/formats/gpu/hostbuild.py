@@ -1,4 +1,4 @@
-"""The k-quant kernels of ``kquants.cu`` compiled for the host CPU with g++ (plain loops over the same bodies).
+"""The block-quant kernels of ``blockquants.cu`` compiled for the host CPU with g++ (plain loops over the same bodies).
 
 Why: the GPU source must stay byte-exact with ggml, but CI has no GPU. Built with ``-ffp-contract=off``
 (x86-64 SSE float32: IEEE, no FMA) it runs the very arithmetic the GPU runs, so the tests can compare it
@@ -22,14 +22,14 @@ import torch
 from quantmix.formats.gpu import driver
 from quantmix.paths import cache_dir, file_lock
 
-SOURCE = Path(__file__).with_name("kquants.cu")
+SOURCE = Path(__file__).with_name("blockquants.cu")
 FLAGS = ["-O2", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-x", "c++"]
 
 
 def _compiler() -> str:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
-        raise RuntimeError("no C++ compiler (g++) found: the host build of the k-quant kernels needs one")
+        raise RuntimeError("no C++ compiler (g++) found: the host build of the block-quant kernels needs one")
     return cxx
 
 
@@ -41,8 +41,8 @@ def library_path() -> Path:
     key = hashlib.sha256(src + " ".join([cxx, *FLAGS]).encode()).hexdigest()[:16]
     out_dir = cache_dir() / "gpu"
     out_dir.mkdir(parents=True, exist_ok=True)
-    lib = out_dir / f"kquants-host-{key}.so"
-    with file_lock(f"kquants-host-{key}"):
+    lib = out_dir / f"blockquants-host-{key}.so"
+    with file_lock(f"blockquants-host-{key}"):
         if not lib.exists():
             with tempfile.TemporaryDirectory(dir=out_dir) as td:
                 tmp = Path(td) / lib.name

@@ -1,4 +1,4 @@
-"""NVRTC build and launch of the k-quant kernels of ``kquants.cu`` on a CUDA device.
+"""NVRTC build and launch of the block-quant kernels of ``blockquants.cu`` on a CUDA device.
 
 Compiled with ``--fmad=false`` (ggml's reference quantizers have no fused multiply-adds) and NVRTC's IEEE
 defaults for division and square root, so the kernels give ggml's bytes. One small program per type and
@@ -24,16 +24,17 @@ import torch
 from quantmix.formats.gpu import driver
 from quantmix.paths import cache_dir
 
-SOURCE = Path(__file__).with_name("kquants.cu")
+SOURCE = Path(__file__).with_name("blockquants.cu")
 OPTIONS = ("--fmad=false", "--prec-div=true", "--prec-sqrt=true", "--ftz=false", "-std=c++17")
-PATHS = [f"{kt.stem}_{m}" for kt in driver.KERNEL_TYPES.values() for m in ("ref", "imat")]
-TPB = 128  # threads per block = groups per block (kquants.cu's TPB)
+ROWSQ = "rowsq"  # the row sums of squares that the 32-weight types' imatrix paths need first
+PATHS = [f"{kt.stem}_{m}" for kt in driver.KERNEL_TYPES.values() for m in ("ref", "imat")] + [ROWSQ]
+TPB = 128  # threads per block = groups per block (blockquants.cu's TPB)
 
 _lock = threading.Lock()
 
 
 class KernelBuildError(RuntimeError):
-    """The k-quant kernels could not be compiled or loaded on this CUDA device."""
+    """The block-quant kernels could not be compiled or loaded on this CUDA device."""
 
 
 def _load_module() -> Any:
@@ -76,7 +77,7 @@ def _compile(src: str, opts: list[str], arch: str, what: str) -> bytes:
     """NVRTC: CUDA C++ source -> cubin for sm_<arch>."""
     lib = _libnvrtc()
     prog = ctypes.c_void_p()
-    if lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"kquants.cu", 0, None, None) != 0:
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"blockquants.cu", 0, None, None) != 0:
         raise KernelBuildError(f"nvrtcCreateProgram failed for {what}")
     try:
         all_opts = [f"--gpu-architecture=sm_{arch}".encode(), *(o.encode() for o in opts)]
@@ -105,9 +106,10 @@ def _arch(device: torch.device) -> str:
 def _cubin(path: str, arch: str, defines: tuple[str, ...]) -> bytes:
     """The cubin of one program, from the cache or NVRTC."""
     src = SOURCE.read_text()
-    opts = [*OPTIONS, f"-DQM_ONLY={path}", *(f"-D{d}" for d in defines)]
+    only = "-DQM_ROWSQ_ONLY" if path == ROWSQ else f"-DQM_ONLY={path}"
+    opts = [*OPTIONS, only, *(f"-D{d}" for d in defines)]
     key = hashlib.sha256("\0".join([src, *opts, arch, _nvrtc_version(), torch.version.cuda or ""]).encode())
-    f = cache_dir() / "gpu" / f"kquants-{path}-sm{arch}-{key.hexdigest()[:16]}.cubin"
+    f = cache_dir() / "gpu" / f"blockquants-{path}-sm{arch}-{key.hexdigest()[:16]}.cubin"
     if f.exists():
         return f.read_bytes()
     cubin = _compile(src, opts, arch, path)

@@ -1,4 +1,5 @@
-// quantmix k-quant kernels (Q2_K .. Q6_K), byte-exact with ggml-quants.c.
+// quantmix block-quant kernels, byte-exact with ggml-quants.c: the k-quants (Q2_K .. Q6_K), the 32-weight
+// block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) and IQ4_XS. (The codebook types are iqgrids.cu.)
 //
 // One source, two compilers:
 //   * NVRTC for the GPU, with --fmad=false (no contraction of a*b+c into an FMA), IEEE division and
@@ -9,11 +10,12 @@
 // right inside one thread, every comparison is C's (NaN compares false), and ggml's nearest_int is
 // reproduced bit for bit (x86's NaN gives 0). Nothing here is faster than exact.
 //
-// Work split (two kernels per type, plus one for the super-block sums of squares):
+// Work split (one fused kernel per type and path, in phases separated by barriers):
 //   search: one thread per sub-block (16 or 32 weights): the per-group scale search of the type
-//           (make_qkx2/3_quants, make_qx_quants, make_q3_quants). Writes the group's scale, min and
-//           weight sum, and its quant levels L (one byte per weight) to scratch buffers.
-//   finish: one thread per super-block (256 weights): the super-block scales (make_qp_quants, ...),
+//           (make_qkx2/3_quants, make_qx_quants, make_q3_quants, iq4_nl's 15 tries). Writes the group's
+//           scale, min and weight sum, and its quant levels L (one byte per weight) to shared memory.
+//   finish: one thread per super-block (256 weights; for the 32-weight types the block itself, SBW = 32):
+//           the super-block scales (make_qp_quants, ...),
 //           fp16 rounding, re-quantization with the final scales and bit packing into the block bytes;
 //           then either writes the bytes or dequantizes them (as ggml's to_float) and accumulates the
 //           per-super-block error sums sum w e^2, sum w x^2, sum a e in float64 (the fused quant_error).
@@ -485,16 +487,18 @@ struct Args {
     double* err;          // per super-block sum w e^2 (error mode)
     double* ref;          // per super-block sum w x^2
     double* bias;         // per super-block sum a e
-    int sb_per_row;       // super-blocks per row
+    float* rowx2;         // per row sequential sum of x^2 (qm_kq_rowsq writes it; Q4_0..Q5_1 with an imatrix)
+    int sb_per_row;       // super-blocks per row (a super-block: SBW weights, 256 or 32)
+    int n_per_row;        // weights per row
     int has_qw;           // imatrix given (quantizer and error weights)
     int has_act;          // error mode: compute the bias
 };
 
-template <int SUB>
+template <int SUB, int SBW_ = QK_K>
 struct Smem {
-    enum { G = QK_K / SUB, NSB = TPB / (QK_K / SUB) };
+    enum { SBW = SBW_, G = SBW_ / SUB, NSB = TPB / (SBW_ / SUB) };
     float x[TPB][SUB + 1];  // +1: conflict-free column access by the group threads
-    u8 L[NSB][QK_K];        // levels, super-block element order
+    u8 L[NSB][SBW_];        // levels, super-block element order
     float scale[TPB], mn[TPB], sw[TPB];
     float deff[TPB], meff[TPB];  // the dequantizer's per-group factors (also those of the requantization)
     float sumx2[NSB];
@@ -502,9 +506,9 @@ struct Smem {
     double e_err[TPB], e_ref[TPB], e_bias[TPB];
 };
 
-template <int SUB>
+template <int SUB, int SBW = QK_K>
 QM_DEV void load_qw(const Args& a, i64 sub, float* qw) {
-    const int sub_per_row = a.sb_per_row * (QK_K / SUB);
+    const int sub_per_row = a.sb_per_row * (SBW / SUB);
     const float* p = a.qw + (i64)(sub % sub_per_row) * SUB;
 #ifdef QM_CUDA  // 16-byte loads (the driver passes 16-byte aligned buffers)
     QM_UNROLL
@@ -520,15 +524,15 @@ QM_DEV void load_qw(const Args& a, i64 sub, float* qw) {
 #endif
 }
 
-template <int SUB>
-QM_DEV void group_x(const Smem<SUB>& sm, int t, float* x) {
+template <int SUB, int SBW = QK_K>
+QM_DEV void group_x(const Smem<SUB, SBW>& sm, int t, float* x) {
     QM_UNROLL
     for (int i = 0; i < SUB; ++i) x[i] = sm.x[t][i];
 }
 
-template <int SUB>
-QM_DEV void put_L(Smem<SUB>& sm, int t, const u8* L) {
-    const int G = QK_K / SUB;
+template <int SUB, int SBW = QK_K>
+QM_DEV void put_L(Smem<SUB, SBW>& sm, int t, const u8* L) {
+    const int G = SBW / SUB;
     u8* p = sm.L[t / G] + SUB * (t % G);
     for (int i = 0; i < SUB; ++i) p[i] = L[i];
 }
@@ -553,8 +557,8 @@ QM_DEV void get_scale_min_k4(int j, const u8* q, u8* d, u8* m) {
     }
 }
 
-template <int SUB>
-QM_DEV void load_x_block(Smem<SUB>& sm, const float* xb, int t, int nloc) {
+template <int SUB, int SBW>
+QM_DEV void load_x_block(Smem<SUB, SBW>& sm, const float* xb, int t, int nloc) {
     for (int e = 4 * t; e < nloc * SUB; e += 4 * TPB) {
 #ifdef QM_CUDA
         float4 v = *(const float4*)(xb + e);
@@ -948,6 +952,349 @@ struct Q6K {
     }
 };
 
+// ================================================================================================
+// the 32-weight block types (Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, IQ4_NL: a "super-block" is one block of 32,
+// SBW = 32, one thread each) and IQ4_XS (8 blocks of 32 under one fp16 scale, SBW = 256)
+// ================================================================================================
+
+// C's (int) of a float as x86-64 computes it (cvttss2si): NaN and out-of-range values give INT_MIN.
+// ggml's (int8_t)/(uint8_t) casts are this, then the low byte (an infinite x*id in a tiny block reads 0).
+QM_DEV int x86_f2i(float v) { return (v >= -2147483648.f && v < 2147483648.f) ? (int)v : (int)0x80000000; }
+
+// The row's sigma2 of ggml's quantize_row_q{4,5}_{0,1}_impl: (sequential sum of x^2 over the row) / n.
+QM_DEV float row_sigma2(const Args& a, i64 sub) {
+    return a.rowx2[sub / a.sb_per_row] / (float)a.n_per_row;
+}
+
+#ifdef QM_CUDA
+#define QM_CONSTANT __constant__
+#else
+#define QM_CONSTANT static const
+#endif
+QM_CONSTANT signed char KV_IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+// ggml's best_index_int8(16, kvalues_iq4nl, x), without table loads: its binary search ends at the last value
+// <= x (ml) and the next one; here both come from one pass of compares and selects over immediates (a table
+// read with a different index per thread would serialize in the constant cache). NaN gives 15, as there.
+#define QM_IQ4_STEP(V, NEXT)     \
+    {                            \
+        const bool c = x >= (V); \
+        lo = c ? (V) : lo;       \
+        hi = c ? (NEXT) : hi;    \
+        ml += c;                 \
+    }
+QM_DEV int best_index_iq4(float x, float* value) {
+    if (x <= -127.f) {
+        *value = -127.f;
+        return 0;
+    }
+    if (x >= 113.f || x != x) {
+        *value = 113.f;
+        return 15;
+    }
+    float lo = -127.f, hi = -104.f;
+    int ml = 0;
+    QM_IQ4_STEP(-104.f, -83.f) QM_IQ4_STEP(-83.f, -65.f) QM_IQ4_STEP(-65.f, -49.f) QM_IQ4_STEP(-49.f, -35.f)
+    QM_IQ4_STEP(-35.f, -22.f) QM_IQ4_STEP(-22.f, -10.f) QM_IQ4_STEP(-10.f, 1.f) QM_IQ4_STEP(1.f, 13.f)
+    QM_IQ4_STEP(13.f, 25.f) QM_IQ4_STEP(25.f, 38.f) QM_IQ4_STEP(38.f, 53.f) QM_IQ4_STEP(53.f, 69.f)
+    QM_IQ4_STEP(69.f, 89.f) QM_IQ4_STEP(89.f, 113.f)
+    const bool up = !(x - lo < hi - x);
+    *value = up ? hi : lo;
+    return ml + up;
+}
+#undef QM_IQ4_STEP
+
+// The per-block scale search of quantize_row_iq4_nl_impl with ntry = 7 (its first loop), finite x.
+QM_DEV float iq4_block_scale(const float* x, const float* w) {
+    float amax = 0, mx = 0;
+    for (int j = 0; j < 32; ++j) {
+        const float ax = fabsf(x[j]);
+        if (ax > amax) {
+            amax = ax;
+            mx = x[j];
+        }
+    }
+    if (amax < GROUP_MAX_EPS) return 0.f;
+    float d = -mx / (float)KV_IQ4NL[0];
+    float id = 1.f / d;
+    float sumqx = 0, sumq2 = 0;
+    for (int j = 0; j < 32; ++j) {
+        float q;
+        best_index_iq4(id * x[j], &q);
+        sumqx += w[j] * q * x[j];
+        sumq2 += w[j] * q * q;
+    }
+    d = sumq2 > 0 ? sumqx / sumq2 : 0.f;
+    float best = d * sumqx;
+    for (int itry = -7; itry <= 7; ++itry) {
+        id = (float)(itry + KV_IQ4NL[0]) / mx;
+        sumqx = 0;
+        sumq2 = 0;
+        for (int j = 0; j < 32; ++j) {
+            float q;
+        best_index_iq4(id * x[j], &q);
+            sumqx += w[j] * q * x[j];
+            sumq2 += w[j] * q * q;
+        }
+        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+            d = sumqx / sumq2;
+            best = d * sumqx;
+        }
+    }
+    return d;
+}
+
+// qw * sqrtf(sigma2 + x^2): the imatrix paths' quantizer weights.
+QM_DEV void imat_weights(const float* qw, const float* x, float sigma2, float* w) {
+    QM_UNROLL
+    for (int j = 0; j < 32; ++j) w[j] = qw[j] * sqrtf(sigma2 + x[j] * x[j]);
+}
+
+// Q4_0 / Q5_0 qs: low nibbles of elements j and j+16; Q5_0 / Q5_1 qh: bit 4 of element i at bit i.
+QM_DEV u8 pack_nibbles(const u8* L, int j) { return (u8)((L[j] & 0xF) | ((L[j + 16] & 0xF) << 4)); }
+QM_DEV u8 pack_fifth_bits(const u8* L, int byte) {
+    int v = 0;
+    for (int b = 0; b < 8; ++b) v |= ((L[8 * byte + b] & 0x10) >> 4) << b;
+    return (u8)v;
+}
+
+// ---- Q8_0: d, 32 int8 (ignores the imatrix: IM only weights the errors) --------------------------
+template <bool IM>
+struct Q80 {
+    enum { SUB = 32, TS = 34, SUMX2 = 0 };
+    typedef Smem<32, 32> S;
+    static QM_MEMBER void search(const Args& a, S& sm, int t, i64 sub) {
+        float x[32];
+        u8 L[32];
+        group_x<32, 32>(sm, t, x);
+        float amax = 0;
+        for (int j = 0; j < 32; ++j) amax = amax > fabsf(x[j]) ? amax : fabsf(x[j]);
+        const float d = amax / 127.f;
+        const float id = d != 0.f ? 1.f / d : 0.f;
+        for (int j = 0; j < 32; ++j) L[j] = (u8)x86_f2i(roundf(x[j] * id));
+        sm.scale[t] = d;
+        put_L<32, 32>(sm, t, L);
+    }
+    static QM_MEMBER void sb_level(S& sm, int s) {
+        wr_fp16(sm.hdr[s], fp32_to_fp16(sm.scale[s]));
+        sm.deff[s] = rd_fp16(sm.hdr[s]);
+    }
+    static QM_MEMBER void requant(S&, int) {}
+    static QM_MEMBER float deq(const S& sm, int t, int i) { return (float)(signed char)sm.L[t][i] * sm.deff[t]; }
+    static QM_MEMBER u8 pack(const S& sm, int s, int k) { return k < 2 ? sm.hdr[s][k] : sm.L[s][k - 2]; }
+};
+
+// ---- Q4_0 (NMAX 8) / Q5_0 (NMAX 16): d, [qh], qs; value = (L - NMAX) * d -------------------------
+template <int NMAX, bool IM>
+struct QSym {
+    enum { SUB = 32, TS = NMAX == 8 ? 18 : 22, SUMX2 = 0, MASK = 2 * NMAX - 1 };
+    typedef Smem<32, 32> S;
+    static QM_MEMBER void search(const Args& a, S& sm, int t, i64 sub) {
+        float x[32];
+        u8 L[32];
+        group_x<32, 32>(sm, t, x);
+        float d;
+        if (IM) {  // quantize_row_q{4,5}_0_impl: make_qx_quants(32, NMAX, rmse_type 1, weights)
+            float qw[32], w[32];
+            load_qw<32, 32>(a, sub, qw);
+            imat_weights(qw, x, row_sigma2(a, sub), w);
+            d = make_qx_fast<32, NMAX>(x, w, L);
+        } else {  // quantize_row_q{4,5}_0_ref: d = max / -NMAX, L = MIN(MASK, (int8_t)(x*id + NMAX + 0.5))
+            float amax = 0, mx = 0;
+            for (int j = 0; j < 32; ++j) {
+                if (amax < fabsf(x[j])) {
+                    amax = fabsf(x[j]);
+                    mx = x[j];
+                }
+            }
+            d = mx / (float)(-NMAX);
+            const float id = d != 0.f ? 1.f / d : 0.f;
+            for (int j = 0; j < 32; ++j) {
+                const float x0 = x[j] * id;
+                const int xi = (signed char)x86_f2i(x0 + ((float)NMAX + 0.5f));
+                L[j] = (u8)(xi < MASK ? xi : MASK);
+            }
+        }
+        sm.scale[t] = d;
+        put_L<32, 32>(sm, t, L);
+    }
+    static QM_MEMBER void sb_level(S& sm, int s) {
+        wr_fp16(sm.hdr[s], fp32_to_fp16(sm.scale[s]));
+        sm.deff[s] = rd_fp16(sm.hdr[s]);
+    }
+    static QM_MEMBER void requant(S&, int) {}
+    static QM_MEMBER float deq(const S& sm, int t, int i) {
+        return (float)((int)(sm.L[t][i] & MASK) - NMAX) * sm.deff[t];
+    }
+    static QM_MEMBER u8 pack(const S& sm, int s, int k) {
+        if (k < 2) return sm.hdr[s][k];
+        const u8* L = sm.L[s];
+        if (NMAX == 8) return (u8)(L[k - 2] | (L[k - 2 + 16] << 4));
+        if (k < 6) return pack_fifth_bits(L, k - 2);
+        return pack_nibbles(L, k - 6);
+    }
+};
+
+// ---- Q4_1 (NMAX 15) / Q5_1 (NMAX 31): d, m, [qh], qs; value = L * d + m ---------------------------
+template <int NMAX, bool IM>
+struct QAff {
+    enum { SUB = 32, TS = NMAX == 15 ? 20 : 24, SUMX2 = 0 };
+    typedef Smem<32, 32> S;
+    static QM_MEMBER void search(const Args& a, S& sm, int t, i64 sub) {
+        float x[32];
+        u8 L[32];
+        group_x<32, 32>(sm, t, x);
+        float d, m;
+        if (IM) {  // quantize_row_q{4,5}_1_impl: make_qkx3_quants(32, NMAX, weights, -0.9, 0.05, 36)
+            float qw[32], w[32], the_min;
+            load_qw<32, 32>(a, sub, qw);
+            imat_weights(qw, x, row_sigma2(a, sub), w);
+            d = make_qkx<32, NMAX, false>(x, w, -0.9f, 0.05f, 36, &the_min, L);
+            m = -the_min;
+        } else {  // quantize_row_q{4,5}_1_ref: d = (max - min) / NMAX, m = min
+            float mn = 3.402823466e+38f, mx = -3.402823466e+38f;
+            for (int j = 0; j < 32; ++j) {
+                if (x[j] < mn) mn = x[j];
+                if (x[j] > mx) mx = x[j];
+            }
+            d = (mx - mn) / (float)NMAX;
+            const float id = d != 0.f ? 1.f / d : 0.f;
+            m = mn;
+            for (int j = 0; j < 32; ++j) {
+                const float x0 = (x[j] - mn) * id;
+                const int v = x86_f2i(x0 + 0.5f);
+                if (NMAX == 15) {  // MIN(15, (int8_t)v)
+                    const int xi = (signed char)v;
+                    L[j] = (u8)(xi < 15 ? xi : 15);
+                } else {  // (uint8_t)v
+                    L[j] = (u8)v;
+                }
+            }
+        }
+        sm.scale[t] = d;
+        sm.mn[t] = m;
+        put_L<32, 32>(sm, t, L);
+    }
+    static QM_MEMBER void sb_level(S& sm, int s) {
+        wr_fp16(sm.hdr[s], fp32_to_fp16(sm.scale[s]));
+        wr_fp16(sm.hdr[s] + 2, fp32_to_fp16(sm.mn[s]));
+        sm.deff[s] = rd_fp16(sm.hdr[s]);
+        sm.meff[s] = rd_fp16(sm.hdr[s] + 2);
+    }
+    static QM_MEMBER void requant(S&, int) {}
+    static QM_MEMBER float deq(const S& sm, int t, int i) {
+        return (float)(sm.L[t][i] & NMAX) * sm.deff[t] + sm.meff[t];
+    }
+    static QM_MEMBER u8 pack(const S& sm, int s, int k) {
+        if (k < 4) return sm.hdr[s][k];
+        const u8* L = sm.L[s];
+        if (NMAX == 15) return pack_nibbles(L, k - 4);
+        if (k < 8) return pack_fifth_bits(L, k - 4);
+        return pack_nibbles(L, k - 8);
+    }
+};
+
+// ---- IQ4_NL: d, qs on the kvalues_iq4nl grid (quantize_iq4_nl: ntry 7, with or without an imatrix) ----
+template <bool IM>
+struct IQ4NL {
+    enum { SUB = 32, TS = 18, SUMX2 = 0 };
+    typedef Smem<32, 32> S;
+    static QM_MEMBER void search(const Args& a, S& sm, int t, i64 sub) {
+        float x[32], w[32];
+        group_x<32, 32>(sm, t, x);
+        float sigma2 = 0;
+        for (int j = 0; j < 32; ++j) sigma2 += x[j] * x[j];
+        sigma2 *= 2.f / 32.f;
+        if (IM) {
+            float qw[32];
+            load_qw<32, 32>(a, sub, qw);
+            imat_weights(qw, x, sigma2, w);
+        } else {
+            for (int j = 0; j < 32; ++j) w[j] = x[j] * x[j];
+        }
+        sm.scale[t] = iq4_block_scale(x, w);
+    }
+    static QM_MEMBER void sb_level(S& sm, int s) {
+        wr_fp16(sm.hdr[s], fp32_to_fp16(sm.scale[s]));
+        sm.deff[s] = rd_fp16(sm.hdr[s]);
+    }
+    static QM_MEMBER void requant(S& sm, int t) {  // the levels of the unrounded scale
+        const float d = sm.scale[t];
+        const float id = d != 0.f ? 1.f / d : 0.f;
+        float q;
+        for (int j = 0; j < 32; ++j) sm.L[t][j] = (u8)best_index_iq4(id * sm.x[t][j], &q);
+    }
+    static QM_MEMBER float deq(const S& sm, int t, int i) { return sm.deff[t] * (float)KV_IQ4NL[sm.L[t][i]]; }
+    static QM_MEMBER u8 pack(const S& sm, int s, int k) {
+        return k < 2 ? sm.hdr[s][k] : (u8)(sm.L[s][k - 2] | (sm.L[s][k - 2 + 16] << 4));
+    }
+};
+
+// ---- IQ4_XS: d, scales_h, scales_l[4], qs[128]: 8 blocks of 32, 6-bit block scales under an fp16 d ----
+template <bool IM>
+struct IQ4XS {
+    enum { SUB = 32, TS = 136, SUMX2 = 1 };
+    typedef Smem<32, 256> S;
+    static QM_MEMBER void search(const Args& a, S& sm, int t, i64 sub) {
+        float x[32], w[32];
+        group_x<32, 256>(sm, t, x);
+        if (IM) {
+            float qw[32];
+            load_qw<32, 256>(a, sub, qw);
+            imat_weights(qw, x, sm.sumx2[t / 8] * (2.f / 256.f), w);
+        } else {
+            for (int j = 0; j < 32; ++j) w[j] = x[j] * x[j];
+        }
+        sm.scale[t] = iq4_block_scale(x, w);
+    }
+    static QM_MEMBER void sb_level(S& sm, int s) {
+        const int t0 = s * 8;
+        u8* h = sm.hdr[s];  // d, scales_h, scales_l[4]
+        float max_scale = 0, amax_scale = 0;
+        for (int ib = 0; ib < 8; ++ib) {
+            const float ad = fabsf(sm.scale[t0 + ib]);
+            if (ad > amax_scale) {
+                amax_scale = ad;
+                max_scale = sm.scale[t0 + ib];
+            }
+        }
+        const float d = -max_scale / 32.f;
+        wr_fp16(h, fp32_to_fp16(d));
+        const float id = d != 0.f ? 1.f / d : 0.f;
+        const float d16 = rd_fp16(h);
+        int sh = 0;
+        for (int k = 4; k < 8; ++k) h[k] = 0;
+        for (int ib = 0; ib < 8; ++ib) {
+            int l = nearest_int(id * sm.scale[t0 + ib]);
+            l = l < 31 ? l : 31;
+            l = l > -32 ? l : -32;
+            const float dl = d * (float)l;
+            sm.mn[t0 + ib] = dl != 0.f ? 1.f / dl : 0.f;  // the requantization's idl
+            sm.deff[t0 + ib] = d16 * (float)l;           // dequantize_row_iq4_xs: d * (ls - 32)
+            const int ls = l + 32;
+            h[4 + ib / 2] = (u8)(h[4 + ib / 2] | ((ls & 0xF) << (4 * (ib % 2))));
+            sh |= (ls >> 4) << (2 * ib);
+        }
+        h[2] = (u8)(sh & 0xFF);
+        h[3] = (u8)(sh >> 8);
+    }
+    static QM_MEMBER void requant(S& sm, int t) {
+        u8* p = sm.L[t / 8] + 32 * (t % 8);
+        const float idl = sm.mn[t];
+        float q;
+        for (int j = 0; j < 32; ++j) p[j] = (u8)best_index_iq4(idl * sm.x[t][j], &q);
+    }
+    static QM_MEMBER float deq(const S& sm, int t, int i) {
+        return sm.deff[t] * (float)KV_IQ4NL[sm.L[t / 8][32 * (t % 8) + i]];
+    }
+    static QM_MEMBER u8 pack(const S& sm, int s, int k) {
+        if (k < 8) return sm.hdr[s][k];
+        const int q = k - 8, i = q / 16, j = q % 16;
+        const u8* L = sm.L[s];
+        return (u8)(L[32 * i + j] | (L[32 * i + 16 + j] << 4));
+    }
+};
+
 // ---- the phases of one block (separated by barriers on the GPU, plain loops on the host) ----------
 #ifdef QM_CUDA
 #define QM_PHASE(...)                  \
@@ -965,19 +1312,19 @@ struct Q6K {
 
 template <typename T>
 QM_DEV void kq_block(const Args& a, typename T::S& sm, i64 blk, int nsub, int mode) {
-    enum { SUB = T::SUB, G = QK_K / T::SUB, TS = T::TS };
+    enum { SUB = T::SUB, SBW = T::S::SBW, G = T::S::SBW / T::SUB, TS = T::TS };
     const i64 s0 = blk * TPB;
     const int nloc = (int)((i64)nsub - s0 < TPB ? (i64)nsub - s0 : TPB);  // groups here (whole super-blocks)
     const float* xb = a.x + s0 * SUB;
     // 1. the block's weights into shared memory, coalesced
-    QM_PHASE(load_x_block<SUB>(sm, xb, t, nloc);)
+    QM_PHASE(load_x_block(sm, xb, t, nloc);)
     // 2. sum of x^2 per super-block, in element order (imatrix paths of Q2_K..Q5_K). Super-block work goes
     //    to threads 0..NSB-1 (one warp), not to the first thread of each group: a quarter of the issue slots.
     if (T::SUMX2) {
         QM_PHASE(
             if (t < nloc / G) {
                 float s = 0;
-                for (int e = 0; e < QK_K; ++e) {
+                for (int e = 0; e < SBW; ++e) {
                     const float v = sm.x[t * G + e / SUB][e % SUB];
                     s += v * v;
                 }
@@ -993,7 +1340,7 @@ QM_DEV void kq_block(const Args& a, typename T::S& sm, i64 blk, int nsub, int mo
         if (t < nloc) {
             T::requant(sm, t);
             if (mode == 1) {
-                const i64 col0 = (((s0 + t) / G) % a.sb_per_row) * QK_K + (t % G) * SUB;
+                const i64 col0 = (((s0 + t) / G) % a.sb_per_row) * SBW + (t % G) * SUB;
                 double se = 0, sx = 0, sa = 0;
                 for (int i = 0; i < SUB; ++i) {
                     const double xi = (double)sm.x[t][i];
@@ -1043,11 +1390,42 @@ typedef Q45K<31, false> T_q5k_ref;
 typedef Q45K<31, true> T_q5k_imat;
 typedef Q6K<false> T_q6k_ref;
 typedef Q6K<true> T_q6k_imat;
+typedef Q80<false> T_q8_0_ref;
+typedef Q80<true> T_q8_0_imat;
+typedef QSym<8, false> T_q4_0_ref;
+typedef QSym<8, true> T_q4_0_imat;
+typedef QSym<16, false> T_q5_0_ref;
+typedef QSym<16, true> T_q5_0_imat;
+typedef QAff<15, false> T_q4_1_ref;
+typedef QAff<15, true> T_q4_1_imat;
+typedef QAff<31, false> T_q5_1_ref;
+typedef QAff<31, true> T_q5_1_imat;
+typedef IQ4NL<false> T_iq4_nl_ref;
+typedef IQ4NL<true> T_iq4_nl_imat;
+typedef IQ4XS<false> T_iq4_xs_ref;
+typedef IQ4XS<true> T_iq4_xs_imat;
 
 #define QM_FOR_TYPES(X) \
-    X(q2k_ref) X(q2k_imat) X(q3k_ref) X(q3k_imat) X(q4k_ref) X(q4k_imat) X(q5k_ref) X(q5k_imat) X(q6k_ref) X(q6k_imat)
+    X(q2k_ref) X(q2k_imat) X(q3k_ref) X(q3k_imat) X(q4k_ref) X(q4k_imat) X(q5k_ref) X(q5k_imat) X(q6k_ref) X(q6k_imat) \
+    X(q8_0_ref) X(q8_0_imat) X(q4_0_ref) X(q4_0_imat) X(q5_0_ref) X(q5_0_imat) X(q4_1_ref) X(q4_1_imat)          \
+    X(q5_1_ref) X(q5_1_imat) X(iq4_nl_ref) X(iq4_nl_imat) X(iq4_xs_ref) X(iq4_xs_imat)
+
+// qm_kq_rowsq: the sequential sum of x^2 of each row (sigma2 of the 32-weight types' imatrix paths), one
+// thread per row, in element order as ggml adds it.
+QM_DEV void rowsq_one(const Args& a, i64 r) {
+    const float* p = a.x + r * (i64)a.n_per_row;
+    float s = 0;
+    for (int j = 0; j < a.n_per_row; ++j) s += p[j] * p[j];
+    a.rowx2[r] = s;
+}
 
 #ifdef QM_CUDA
+
+#define QM_ROWSQ_KERNEL                                                                          \
+    QM_GLOBAL void __launch_bounds__(TPB) qm_kq_rowsq(const Args* ap, int nrows, int mode) {    \
+        const i64 r = (i64)blockIdx.x * TPB + threadIdx.x;                                        \
+        if (r < nrows) rowsq_one(*ap, r);                                                         \
+    }
 
 #define QM_KERNEL(NAME)                                                                          \
     QM_GLOBAL void __launch_bounds__(TPB) qm_kq_##NAME(const Args* ap, int nsub, int mode) {    \
@@ -1055,11 +1433,14 @@ typedef Q6K<true> T_q6k_imat;
         kq_block<T_##NAME>(*ap, sm, blockIdx.x, nsub, mode);                                      \
     }
 
-#ifdef QM_ONLY  // one type and path per NVRTC program: smaller programs, compiled in parallel
+#if defined(QM_ROWSQ_ONLY)
+QM_ROWSQ_KERNEL
+#elif defined(QM_ONLY)  // one type and path per NVRTC program: smaller programs, compiled in parallel
 #define QM_KERNEL_EXPANDED(NAME) QM_KERNEL(NAME)
 QM_KERNEL_EXPANDED(QM_ONLY)
 #else
 QM_FOR_TYPES(QM_KERNEL)
+QM_ROWSQ_KERNEL
 #endif
 
 #else
@@ -1071,5 +1452,8 @@ QM_FOR_TYPES(QM_KERNEL)
         delete sm;                                                                                \
     }
 QM_FOR_TYPES(QM_HOST)
+extern "C" void qm_kq_rowsq(const Args* ap, int nrows, int mode) {
+    for (i64 r = 0; r < nrows; ++r) rowsq_one(*ap, r);
+}
 
 #endif
