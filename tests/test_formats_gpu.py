@@ -94,6 +94,27 @@ def test_host_kernels_32_weight_rows(qtype: str, host) -> None:  # type: ignore[
         _assert_same(ours.numpy(), oracle_quantize(x, qtype, m), f"{qtype} host kernels 2880-wide rows")
 
 
+def test_host_iq4_index_table_equals_ggml_search(host) -> None:  # type: ignore[no-untyped-def]
+    """The IQ4 kernels' grid index by table (floor(2x) picks an interval) equals ggml's best_index_int8 on every
+    float within 2^16 ulps of each grid value and midpoint, on specials, and on a spread of the rest."""
+    import ctypes
+
+    from quantmix.formats.gpu import hostbuild
+    from quantmix.formats.iq4 import KVALUES_IQ4NL
+
+    kv = np.array(KVALUES_IQ4NL, dtype=np.float32)
+    marks = np.concatenate([kv, (kv[:-1] + kv[1:]) / 2, [0.0]]).astype(np.float32)
+    near = np.arange(-(1 << 16), 1 << 16, dtype=np.int64)
+    xs = [(marks.view(np.int32).astype(np.int64)[:, None] + near[None, :]).astype(np.int32).view(np.float32).ravel()]
+    xs.append(np.array([0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 3e38, -3e38, 127.5, -127.5], np.float32))
+    xs.append((np.random.default_rng(69).standard_normal(1 << 20) * 60).astype(np.float32))
+    x = np.ascontiguousarray(np.concatenate(xs)[np.isfinite(np.concatenate(xs)) | np.isinf(np.concatenate(xs))])
+    lib = ctypes.CDLL(str(hostbuild.library_path()))
+    lib.qm_iq4_index_mismatches.restype = ctypes.c_longlong
+    bad = lib.qm_iq4_index_mismatches(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_longlong(x.size))
+    assert bad == 0, f"{bad} of {x.size} floats get another IQ4 index from the table"
+
+
 @pytest.mark.parametrize("qtype", TYPES)
 def test_host_fused_errors_match_torch(qtype: str, host, rows: np.ndarray) -> None:  # type: ignore[no-untyped-def]
     x = torch.from_numpy(rows[np.abs(rows).max(axis=1) < 1e20])  # 1e30 rows give inf errors on both sides

@@ -44,6 +44,7 @@ KERNEL_TYPES: dict[str, KernelType] = {
     "Q8_0": KernelType("q8_0", 32, 34, 32),
     "IQ4_NL": KernelType("iq4_nl", 32, 18, 32),
     "IQ4_XS": KernelType("iq4_xs", 32, 136),
+    "MXFP4": KernelType("mxfp4", 32, 17, 32),
 }
 
 
