@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from quantmix.calibration.imatrix_io import Imatrix, ImatrixEntry, write_imatrix
+from quantmix.formats import staging
 from quantmix.formats.api import supported_types
 from quantmix.measurement import error_table as et
 
@@ -318,8 +319,8 @@ def slab_breakdown(gguf_path: Path, im_path: Path, device: torch.device, types: 
         out["new_copy_to_pinned_s"] = med(lambda: np.copyto(pinned.numpy(), raw))
         out["new_h2d_pinned_raw_s"] = med(lambda: pinned.to(device, non_blocking=True))
         raw_dev = pinned.to(device)
-        out["new_convert_on_device_s"] = med(lambda: et._to_f32(raw_dev, s.type_name))
-        x = et._to_f32(raw_dev, s.type_name).reshape(rows, ne0)
+        out["new_convert_on_device_s"] = med(lambda: staging.to_f32(raw_dev, s.type_name))
+        x = staging.to_f32(raw_dev, s.type_name).reshape(rows, ne0)
         assert torch.equal(x.cpu(), x_host), "device conversion differs from the host's"
     else:
         x = x_host
@@ -350,6 +351,46 @@ def warm_up(device: torch.device, types: list[str]) -> float:
         quant_error(x, q, w, w.double())
     _sync(device)
     return time.perf_counter() - t0
+
+
+def write_phase(gguf_path: Path, im_path: Path, device: torch.device, work: Path, ftypes: list[str]) -> dict:
+    """The GGUF writer (``quantmix quantize``'s quantize_gguf) on ``device``: seconds and bytes per mix."""
+    from quantmix.export.gguf_writer import quantize_gguf
+    from quantmix.planning.recipe import RecipeSpec
+
+    out: dict = {}
+    for ft in ftypes:
+        dst = work / f"out-{ft}.gguf"
+        _sync(device)
+        t0 = time.perf_counter()
+        quantize_gguf(gguf_path, RecipeSpec(ftype=ft), dst, im_path, device=device, progress=False)
+        _sync(device)
+        out[ft] = {"s": time.perf_counter() - t0, "bytes": dst.stat().st_size}
+        dst.unlink()
+    return out
+
+
+def write_check(work: Path, device: torch.device, dtype: str, seed: int, ftypes: list[str]) -> dict:
+    """The writer's bytes on ``device`` equal the CPU path's (small glm4moe GGUF, 8 experts): sha256 of each."""
+    import hashlib
+
+    from quantmix.export.gguf_writer import quantize_gguf
+    from quantmix.planning.recipe import RecipeSpec
+
+    specs = small_layer(0, 8)
+    g = work / "wcheck.gguf"
+    write_gguf(g, "glm4moe", PRESETS["glm4.6"][4], 8, 2, specs, dtype, seed + 9, torch.device("cpu"))
+    im = write_synthetic_imatrix(work / "wcheck.imatrix.gguf", specs, 8, 2, seed + 9, chunks=4)
+    res = {}
+    for ft in ftypes:
+        digests = {}
+        for dev in ("cpu", device):
+            dst = work / f"wcheck-{ft}-{torch.device(dev).type}.gguf"
+            quantize_gguf(g, RecipeSpec(ftype=ft), dst, im, device=dev, progress=False)
+            digests[torch.device(dev).type] = hashlib.sha256(dst.read_bytes()).hexdigest()
+            dst.unlink()
+        res[ft] = {"same_bytes": len(set(digests.values())) == 1, **digests}
+    return res
 
 
 def check_against_cpu(work: Path, device: torch.device, dtype: str, seed: int) -> dict:
@@ -403,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", default=None, help="write every figure here")
+    ap.add_argument("--write", default="", help="also time the GGUF writer for these file types (comma list, "
+                    "e.g. Q4_K_M,IQ4_XS), and check its bytes on --device against the CPU's on a small GGUF")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -438,6 +481,15 @@ def main(argv: list[str] | None = None) -> int:
                    "weights": n_w, "bytes": gpath.stat().st_size, "build_s": time.perf_counter() - t0}
     print("gguf:", json.dumps(res["gguf"]), flush=True)
     dump()
+
+    if a.write:
+        fts = a.write.split(",")
+        if device.type == "cuda":
+            res["write_check"] = write_check(work, device, a.dtype, a.seed, fts)
+            print("writer bytes vs CPU:", json.dumps(res["write_check"]), flush=True)
+        res["write"] = write_phase(gpath, ipath, device, work, fts)
+        print("writer:", json.dumps(res["write"]), flush=True)
+        dump()
 
     if a.breakdown:
         res["breakdown"] = slab_breakdown(gpath, ipath, device, all_types)

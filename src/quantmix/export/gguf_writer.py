@@ -41,6 +41,7 @@ import torch
 from quantmix.calibration.imatrix_io import Imatrix, read_imatrix
 from quantmix.formats.ggml_backend import preferred_backend
 from quantmix.formats.registry import get_type
+from quantmix.formats.staging import SlabFeeder
 from quantmix.model.gguf_header import GGUFHeaderError, read_gguf_header
 from quantmix.paths import remove_stale_temps
 from quantmix.planning.llama_rules import llama_tensor_order
@@ -416,8 +417,10 @@ def _to_f32(raw: np.ndarray, type_name: str) -> np.ndarray:
     return dequantize(torch.from_numpy(np.array(raw)), t, t.block_size).numpy().reshape(-1)
 
 
-def _write_tensor(fh, p: _Planned, device: torch.device, on_weights: Callable[[int], None]) -> int:
-    """Write one tensor's data (unpadded); returns the bytes written."""
+def _write_tensor(fh, p: _Planned, device: torch.device, on_weights: Callable[[int], None],
+                  feeder: SlabFeeder | None = None) -> int:
+    """Write one tensor's data (unpadded); returns the bytes written. On CUDA the source slabs travel raw through
+    ``feeder`` (pinned buffers, the next one staged while this one is quantized) and are converted there."""
     from quantmix.formats.api import quantize
 
     st = p.src
@@ -442,35 +445,42 @@ def _write_tensor(fh, p: _Planned, device: torch.device, on_weights: Callable[[i
     step = max(1, slab // ne0)
     written = 0
     backend = preferred_backend(p.qtype, device)  # ggml's C on a CPU where it is faster: same bytes
-    for e in range(n_mat):
+    parts = [(e, r0, min(rows_per_mat, r0 + step)) for e in range(n_mat) for r0 in range(0, rows_per_mat, step)]
+    raws = [st.data[(e * rows_per_mat + r0) * src_rb:(e * rows_per_mat + r1) * src_rb] for e, r0, r1 in parts]
+    if feeder is not None and feeder.cuda:
+        slabs = feeder.slabs(raws, st.type_name, ne0)
+    else:
+        slabs = (torch.from_numpy(_to_f32(raw, st.type_name).reshape(-1, ne0)).to(device) for raw in raws)
+    ims: dict[int, torch.Tensor] = {}
+    for (e, r0, r1), x in zip(parts, slabs):
         im = None
         if p.imatrix is not None:
-            im = torch.from_numpy(p.imatrix[e if p.imatrix.shape[0] > 1 else 0].copy()).to(device)
-        for r0 in range(0, rows_per_mat, step):
-            r1 = min(rows_per_mat, r0 + step)
-            g0, g1 = e * rows_per_mat + r0, e * rows_per_mat + r1
-            x = _to_f32(st.data[g0 * src_rb:g1 * src_rb], st.type_name).reshape(r1 - r0, ne0)
-            q = quantize(torch.from_numpy(x).to(device), p.qtype, im, name=st.name, backend=backend)
-            qb = q.cpu().numpy()  # (a non-finite source is refused by quantize itself)
-            _check_finite(st.name, p.qtype, qb, _overflow_hint(p.qtype, x))
-            b = qb.tobytes()
-            fh.write(b)
-            written += len(b)
-            on_weights((r1 - r0) * ne0)
+            k = e if p.imatrix.shape[0] > 1 else 0
+            if k not in ims:
+                ims.clear()
+                ims[k] = torch.from_numpy(p.imatrix[k].copy()).to(device)
+            im = ims[k]
+        q = quantize(x, p.qtype, im, name=st.name, backend=backend)
+        qb = q.cpu().numpy()  # (a non-finite source is refused by quantize itself)
+        _check_finite(st.name, p.qtype, qb, lambda x=x: _overflow_hint(p.qtype, x))
+        b = qb.tobytes()
+        fh.write(b)
+        written += len(b)
+        on_weights((r1 - r0) * ne0)
     if isinstance(st, _CheckpointTensor):
         st.drop()
     return written
 
 
-def _overflow_hint(qtype: str, x: np.ndarray) -> str:
-    big = float(np.abs(x).max()) if x.size else 0.0
+def _overflow_hint(qtype: str, x: torch.Tensor) -> str:
+    big = float(x.abs().max()) if x.numel() else 0.0
     what = "F16's range" if qtype == "F16" else "the type's f16 block scale"
     return (f"cannot be stored as {qtype}: its largest magnitude {big:.3g} overflows {what}, so it would "
             f"dequantize to inf / NaN (llama-quantize: 'quantized data validation failed'); keep it in F32 or "
             f"BF16 (--pin 'NAME=BF16')")
 
 
-def _check_finite(name: str, type_name: str, data: np.ndarray, why: str) -> None:
+def _check_finite(name: str, type_name: str, data: np.ndarray, why: str | Callable[[], str]) -> None:
     """Refuse what llama.cpp would refuse to load: blocks whose values or scales are inf / NaN (ggml's own
     ``ggml_validate_row_data`` where ggml's library is built, else a dequantize-and-look, same verdict)."""
     from quantmix.formats.ggml_backend import built
@@ -483,7 +493,7 @@ def _check_finite(name: str, type_name: str, data: np.ndarray, why: str) -> None
     else:
         ok = bool(np.isfinite(_to_f32(np.asarray(data).view(np.uint8).reshape(-1), type_name)).all())
     if not ok:
-        raise GGUFWriteError(f"tensor {name} {why}")
+        raise GGUFWriteError(f"tensor {name} {why if isinstance(why, str) else why()}")
 
 
 def _umask() -> int:
@@ -672,6 +682,7 @@ def quantize_gguf(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, unit="w", unit_scale=True, desc=out.name, disable=not progress, leave=False)
+    feeder = SlabFeeder(dev)
     saved = state is not None
     if state is not None and progress:
         _warn(f"{out}: resuming after {sum(len(sh) for sh in shards[:state['shard']]) + state['tensors']} of "
@@ -702,7 +713,7 @@ def quantize_gguf(
                     if on_tensor is not None:
                         on_tensor(i_tensor, p.src.name)
                     bar.set_postfix_str(p.src.name, refresh=False)
-                    n = _write_tensor(fh, p, dev, bar.update)
+                    n = _write_tensor(fh, p, dev, bar.update, feeder)
                     if n != p.n_bytes:
                         raise RuntimeError(f"tensor {p.src.name}: wrote {n} bytes, expected {p.n_bytes}")
                     fh.write(b"\0" * (_pad(n, align) - n))
@@ -725,5 +736,6 @@ def quantize_gguf(
             state_path.unlink(missing_ok=True)
         raise
     finally:
+        feeder.close()
         bar.close()
     return paths[0]

@@ -46,6 +46,7 @@ from quantmix.calibration.imatrix_io import Imatrix, read_imatrix
 from quantmix.formats import api as _api
 from quantmix.formats.api import quant_error, supported_types
 from quantmix.formats.registry import RELEASE_QUANT_TYPES, get_type
+from quantmix.formats.staging import SlabFeeder
 from quantmix.model.catalog import catalog_from_gguf
 from quantmix.paths import cache_dir
 
@@ -193,82 +194,6 @@ def _hash_arrays(*arrays: np.ndarray | None) -> str:
     return h.hexdigest()
 
 
-def _to_f32(raw: torch.Tensor, type_name: str) -> torch.Tensor:
-    """Raw little-endian bytes (uint8, on any device) -> float32, exactly as the GGUF writer converts them
-    (BF16: the 16 bits become the high half of a float32; F16: IEEE half -> single; MXFP4: ggml's to_float)."""
-    if type_name == "F32":
-        return raw.view(torch.float32)
-    if type_name == "F16":
-        return raw.view(torch.float16).float()
-    if type_name == "BF16":
-        return (raw.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
-    if type_name in RELEASE_QUANT_TYPES:  # MXFP4 experts: independent blocks, dequantized as one-block rows
-        t = get_type(type_name)
-        return _api.dequantize(raw, t, t.block_size).reshape(-1)
-    raise AssertionError(type_name)
-
-
-def _host_f32(raw: np.ndarray, type_name: str) -> torch.Tensor:
-    """The CPU path's conversion (a fresh float32 array; the memmap is read-only): numpy's shift for BF16, torch
-    for F16, whichever is faster on the host."""
-    if type_name == "BF16":
-        return torch.from_numpy((raw.view("<u2").astype(np.uint32) << 16).view(np.float32))
-    return _to_f32(torch.from_numpy(np.array(raw)), type_name)
-
-
-class _Feeder:
-    """Moves raw slab bytes to the device once and converts them there. On CUDA the bytes go through two pinned
-    staging buffers: a worker thread copies the next slab into one while the device works on the current one
-    from the other (an event guards each buffer's reuse until its upload is done)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self._bufs: list[torch.Tensor] = []
-        self._events: list[torch.cuda.Event | None] = [None, None]
-        self._pool = ThreadPoolExecutor(1) if self.cuda else None
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-
-    def _buffers(self, nbytes: int) -> None:
-        if not self._bufs or self._bufs[0].numel() < nbytes:
-            for ev in self._events:
-                if ev is not None:
-                    ev.synchronize()
-            self._bufs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            self._events = [None, None]
-
-    def slabs(self, raws: list[np.ndarray], src_type: str, ne0: int):  # type: ignore[no-untyped-def]
-        """Yield each raw slab as float32 [rows, ne0] on the device, in order."""
-        if not self.cuda:
-            for raw in raws:
-                yield _host_f32(raw, src_type).reshape(-1, ne0)
-            return
-        assert self._pool is not None
-        self._buffers(max(r.size for r in raws))
-
-        def stage(k: int) -> torch.Tensor:
-            buf = self._bufs[k % 2][:raws[k].size]
-            np.copyto(buf.numpy(), raws[k])
-            return buf
-
-        fut = self._pool.submit(stage, 0)
-        for k in range(len(raws)):
-            host = fut.result()
-            dev = host.to(self.device, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-            self._events[k % 2] = ev
-            if k + 1 < len(raws):
-                nxt = self._events[(k + 1) % 2]
-                if nxt is not None:
-                    nxt.synchronize()  # the upload that last read that buffer is done
-                fut = self._pool.submit(stage, k + 1)
-            yield _to_f32(dev, src_type).reshape(-1, ne0)
-
-
 def _backend(qtype: str, device: torch.device) -> str:
     """The backend that measures ``qtype`` on ``device``: ggml's C for the codebook types on a CPU when
     llama.cpp is built (same bytes, ~10x faster than the torch numerics there), else CUDA kernels or torch."""
@@ -309,7 +234,7 @@ def _stats(im: Imatrix | None, name: str, shape: tuple[int, ...]) -> _Stats:
 
 
 def _measure(data: np.ndarray, src_type: str, shape: tuple[int, ...], qtypes: list[str], st: _Stats,
-             device: torch.device, name: str, feeder: _Feeder | None = None) -> dict[str, dict]:
+             device: torch.device, name: str, feeder: SlabFeeder | None = None) -> dict[str, dict]:
     """Error sums of one tensor quantized to each of ``qtypes``, per matrix, combined (see the module docstring).
 
     One pass over the tensor: each slab goes to the device once and every type is measured while it is there;
@@ -345,7 +270,7 @@ def _measure(data: np.ndarray, src_type: str, shape: tuple[int, ...], qtypes: li
     backends: list[set[str]] = [set() for _ in qtypes]
     chosen = [_backend(q, device) for q in qtypes]
     own = feeder is None
-    feeder = feeder if feeder is not None else _Feeder(device)
+    feeder = feeder if feeder is not None else SlabFeeder(device)
     try:
         for (e, _, _), x in zip(slabs, feeder.slabs(raws, src_type, ne0), strict=True):
             w, wa, a2 = w_dev[e], wa_dev[e], wa2.get(e, 0.0)
@@ -492,7 +417,7 @@ def error_table(
         from tqdm import tqdm
 
         bar = tqdm(total=sum(_n_bytes(src[t.name]) for t in todo), unit="B", unit_scale=True, desc="error table")
-    feeder = _Feeder(dev)
+    feeder = SlabFeeder(dev)
     memos: dict[Path, object] = {}  # shard -> its remembered tensor hashes (model.fingerprint.VersionMemo)
     try:
         for t in todo:
