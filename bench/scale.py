@@ -264,6 +264,41 @@ def phase(name: str, model_dir: Path, dtype_name: str) -> dict:
     return out
 
 
+class RssSampler:
+    """Peak anonymous and file-backed resident memory (/proc/self/status RssAnon, RssFile), sampled every 50 ms:
+    ru_maxrss counts the checkpoint's memory-mapped pages too, which the kernel drops under pressure; the
+    anonymous part is what a run really holds."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.anon = self.file = 0.0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _read(self) -> None:
+        try:
+            with open("/proc/self/status") as fh:
+                for ln in fh:
+                    if ln.startswith("RssAnon:"):
+                        self.anon = max(self.anon, int(ln.split()[1]) / 2**20)
+                    elif ln.startswith("RssFile:"):
+                        self.file = max(self.file, int(ln.split()[1]) / 2**20)
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._read()
+
+    def stop(self) -> tuple[float, float]:
+        self._stop.set()
+        self._t.join()
+        self._read()
+        return self.anon, self.file
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="glm46", choices=sorted(PRESETS))
@@ -277,7 +312,10 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.phase:
-        print("RESULT " + json.dumps(phase(a.phase, a.model, a.dtype)), flush=True)
+        rss = RssSampler()
+        rec = phase(a.phase, a.model, a.dtype)
+        rec["peak_rss_anon_gib"], rec["peak_rss_file_gib"] = rss.stop()
+        print("RESULT " + json.dumps(rec), flush=True)
         return
     t0 = time.time()
     dirs = build(a.preset, max(a.layers), a.work)
