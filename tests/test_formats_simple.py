@@ -14,7 +14,7 @@ import torch
 from formats_data import edge_rows, heavy_tailed, imatrices, imatrix_for, real_tensor_slices
 from quantmix.formats import api
 from quantmix.formats import common as C
-from quantmix.formats.api import dequantize, quant_error, quantize, supported_types
+from quantmix.formats.api import check_inputs, dequantize, quant_error, quantize, supported_types
 from quantmix.formats.registry import UnknownTypeError, get_type
 from quantmix.tools.ggml_oracle import oracle_dequantize, oracle_quantize, oracle_row_bytes
 
@@ -324,3 +324,22 @@ def test_cuda_matches_ggml(qtype: str, random_rows: np.ndarray, special_rows: np
     for im in (None, imatrix_for(N, seed=26)):
         ours = quantize(torch.from_numpy(x).cuda(), qtype, None if im is None else torch.from_numpy(im).cuda())
         _assert_bytes_equal(ours.cpu().numpy(), oracle_quantize(x, qtype, im), x, f"{qtype} cuda imatrix={im is not None}")
+
+
+def test_checked_inputs_give_the_same_results() -> None:
+    """check_inputs validates once for many calls: same bytes and sums as passing the arrays, same errors."""
+    g = np.random.default_rng(70)
+    x = torch.from_numpy((g.standard_t(3, (6, 512)) * 0.02).astype(np.float32))
+    im = torch.from_numpy(g.random(512).astype(np.float32))
+    a = torch.from_numpy(g.standard_normal(512).astype(np.float32))
+    ci = check_inputs(x, im, a, name="blk.0.ffn_down.weight")
+    for q in ("Q4_0", "Q4_K", "IQ4_NL"):
+        assert torch.equal(quantize(ci, q), quantize(x, q, im))
+        r, s = quant_error(ci, q), quant_error(x, q, im, a)
+        assert torch.equal(r.err_w, s.err_w) and torch.equal(r.bias, s.bias)
+    with pytest.raises(ValueError, match="give the imatrix and act_mean to check_inputs"):
+        quant_error(ci, "Q4_0", im)
+    bad = x.clone()
+    bad[2, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"blk.0.ffn_down.weight.*row 2, column 7"):
+        check_inputs(bad, im, name="blk.0.ffn_down.weight")

@@ -201,6 +201,53 @@ def _check_imatrix(imatrix: Tensor | np.ndarray | None, n: int, x: Tensor, lab: 
     return im.contiguous()
 
 
+def _check_act(act_mean: Tensor | np.ndarray | None, n: int, x: Tensor, lab: str) -> Tensor | None:
+    if act_mean is None:
+        return None
+    a = _as_tensor(act_mean, f"{lab} act_mean").to(device=x.device, dtype=torch.float64).reshape(-1)
+    if a.numel() != n:
+        raise ValueError(f"{lab}: act_mean has {a.numel()} values, the rows have {n}")
+    if not bool(torch.isfinite(a).all()):
+        raise ValueError(f"{lab}: act_mean has non-finite values")
+    return a
+
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    """Weights, imatrix and act_mean already validated by :func:`check_inputs`: quantize and quant_error take
+    this in place of ``x`` and skip their own checks (each is a pass over the data and a device sync), so a
+    caller that measures many types on one slab checks it once."""
+
+    x: Tensor
+    imatrix: Tensor | None
+    act_mean: Tensor | None
+    name: str | None
+
+
+def check_inputs(
+    x: Tensor | np.ndarray,
+    imatrix: Tensor | np.ndarray | None = None,
+    act_mean: Tensor | np.ndarray | None = None,
+    *,
+    name: str | None = None,
+) -> CheckedInputs:
+    """Validate rows ``x`` (finite float32, 2-D), ``imatrix`` and ``act_mean`` once (the errors quantize and
+    quant_error would raise), for any number of quantize / quant_error calls on them."""
+    lab = _label(name)
+    xc = _check_weights(x, name)
+    n = xc.shape[1]
+    return CheckedInputs(xc, _check_imatrix(imatrix, n, xc, lab), _check_act(act_mean, n, xc, lab), name)
+
+
+def _unpack(x: Tensor | np.ndarray | CheckedInputs, imatrix: Tensor | np.ndarray | None,
+            act_mean: Tensor | np.ndarray | None, name: str | None) -> CheckedInputs:
+    if isinstance(x, CheckedInputs):
+        if imatrix is not None or act_mean is not None:
+            raise ValueError(f"{_label(x.name)}: give the imatrix and act_mean to check_inputs, not here")
+        return x
+    return check_inputs(x, imatrix, act_mean, name=name)
+
+
 def _chunk_rows(n: int, device: torch.device) -> int:
     budget = CHUNK_WEIGHTS if device.type == "cpu" else max(CHUNK_WEIGHTS, CHUNK_WEIGHTS_GPU)
     return max(1, budget // max(n, 1))
@@ -250,7 +297,7 @@ def _pick_backend(backend: str, t: type[GGMLType], device: torch.device, lab: st
 
 
 def quantize(
-    x: Tensor | np.ndarray,
+    x: Tensor | np.ndarray | CheckedInputs,
     qtype: str | type[GGMLType],
     imatrix: Tensor | np.ndarray | None = None,
     *,
@@ -264,15 +311,15 @@ def quantize(
     column). Raises ValueError, naming ``name``, for non-finite weights, a row length the type's block does
     not divide, a type that needs an imatrix without one, a malformed imatrix, or an unusable backend."""
     t = get_type(qtype)
-    lab = _label(name)
-    if t.requires_imatrix and imatrix is None:
-        raise ValueError(f"{lab}: {t.name} cannot be made without an importance matrix (imatrix)")
     num = numerics(t)
-    x = _check_weights(x, name)
+    ci = _unpack(x, imatrix, None, name)
+    lab = _label(ci.name)
+    x, im = ci.x, ci.imatrix
+    if t.requires_imatrix and im is None:
+        raise ValueError(f"{lab}: {t.name} cannot be made without an importance matrix (imatrix)")
     rows, n = x.shape
     if not t.fits_row(n):
         raise ValueError(f"{lab}: row length {n} is not a multiple of {t.name}'s block size {t.block_size}")
-    im = _check_imatrix(imatrix, n, x, lab)
     if not num.uses_imatrix:
         im = None
     rb = t.row_bytes(n)
@@ -326,7 +373,7 @@ def dequantize(q: Tensor | np.ndarray, qtype: str | type[GGMLType], n_per_row: i
 
 
 def quant_error(
-    x: Tensor | np.ndarray,
+    x: Tensor | np.ndarray | CheckedInputs,
     qtype: str | type[GGMLType],
     imatrix: Tensor | np.ndarray | None = None,
     act_mean: Tensor | np.ndarray | None = None,
@@ -340,17 +387,10 @@ def quant_error(
     memory; the cuda backend computes the same errors inside the quantization kernels (never writing the
     bytes). Both use ggml's quantization of x (the imatrix paths when ``imatrix`` is given)."""
     t = get_type(qtype)
-    lab = _label(name)
-    x = _check_weights(x, name)
+    ci = _unpack(x, imatrix, act_mean, name)
+    lab = _label(ci.name)
+    x, im, a = ci.x, ci.imatrix, ci.act_mean
     rows, n = x.shape
-    im = _check_imatrix(imatrix, n, x, lab)
-    a = None
-    if act_mean is not None:
-        a = _as_tensor(act_mean, f"{lab} act_mean").to(device=x.device, dtype=torch.float64).reshape(-1)
-        if a.numel() != n:
-            raise ValueError(f"{lab}: act_mean has {a.numel()} values, the rows have {n}")
-        if not bool(torch.isfinite(a).all()):
-            raise ValueError(f"{lab}: act_mean has non-finite values")
     chosen = _pick_backend(backend, t, x.device, lab)
     if chosen == "cuda":
         from quantmix.formats import gpu
@@ -375,7 +415,7 @@ def quant_error(
         step = max(step, step * ggml_backend.threads())  # one chunk feeds every thread
     for r0 in range(0, rows, step):
         xc = x[r0:r0 + step]
-        q = quantize(xc, t, im, name=name, backend=chosen)
+        q = quantize(CheckedInputs(xc, im, None, ci.name), t, backend=chosen)
         if chosen == "ggml":
             e = torch.from_numpy(ggml_backend.dequantize_rows(t.name, q.numpy(), n)).double() - xc.double()
         else:

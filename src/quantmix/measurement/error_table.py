@@ -274,9 +274,9 @@ def _measure(data: np.ndarray, src_type: str, shape: tuple[int, ...], qtypes: li
     try:
         for (e, _, _), x in zip(slabs, feeder.slabs(raws, src_type, ne0), strict=True):
             w, wa, a2 = w_dev[e], wa_dev[e], wa2.get(e, 0.0)
+            ci = _api.check_inputs(x, w, wa if a2 > 0 else None, name=name)  # once for every type
             for i, q in enumerate(qtypes):
-                r = quant_error(x, q, w, wa if a2 > 0 else None, name=name,
-                                backend="ggml" if chosen[i] == "ggml" else "auto")
+                r = quant_error(ci, q, backend="ggml" if chosen[i] == "ggml" else "auto")
                 backends[i].add(r.backend)
                 acc[i, e, 0] += r.err_w.sum()
                 acc[i, e, 1] += r.ref_w.sum()
