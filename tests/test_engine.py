@@ -141,6 +141,32 @@ def test_streamed_base_state(probes) -> None:  # noqa: ANN001
         assert p.kld({}) < 1e-12
 
 
+def test_base_without_kept_float_copies(probes) -> None:  # noqa: ANN001
+    """With no memory for the float copies of image-holding tensors, they are read again from the checkpoint:
+    the same KLDs (a move over a base tensor, a probe of another), and the float weights come back exactly."""
+    resident, _ = probes
+    base = {"blk.0.ffn_up_exps.weight": "Q3_K", "blk.2.attn_v.weight": "Q2_K", "blk.1.ffn_gate_exps.weight": "Q4_K"}
+    probes_ = [{"blk.0.ffn_up_exps.weight": "Q2_K"}, {"blk.1.attn_k.weight": "Q2_K"}, {}]
+    resident.set_base(base)
+    try:
+        want = [resident.kld(c) for c in probes_]
+    finally:
+        resident.set_base({})
+    kept = resident.originals_bytes, resident.originals_host_bytes
+    resident.originals_bytes = resident.originals_host_bytes = 0
+    try:
+        resident.set_base(base)
+        try:
+            got = [resident.kld(c) for c in probes_]
+            assert resident._reread and not resident._originals  # nothing kept: all read again
+        finally:
+            resident.set_base({})
+        assert got == want
+        assert resident.kld({}) < 1e-12 and not resident._reread
+    finally:
+        resident.originals_bytes, resident.originals_host_bytes = kept
+
+
 def test_fingerprint_is_remembered_per_file_version(tmp_path, monkeypatch) -> None:
     """A model's files are hashed once; an unchanged file is not read again, any change is seen."""
     import os

@@ -109,7 +109,10 @@ class KLDProbe:
         self.state_bytes = self.engine.hidden_pool.budget if state_bytes is None else state_bytes
         self._originals: dict[str, Tensor] = {}  # float weights of present tensors that hold an image now
         self._orig_device = 0  # bytes of those kept on the (CUDA) device
-        self.originals_bytes = 8 << 30
+        self._orig_host = 0  # bytes of those kept in host memory
+        self.originals_bytes = 8 << 30  # device memory for them
+        self.originals_host_bytes = 8 << 30  # host memory for them; beyond both, read again from the checkpoint
+        self._reread: set[str] = set()  # present tensors holding an image, float weights not kept: re-read them
         self._base: dict[str, str] = {}  # tensor -> type held in the model between measurements
         self._images: OrderedDict[tuple[str, str], Tensor] = OrderedDict()
         self._image_bytes = 0
@@ -177,9 +180,24 @@ class KLDProbe:
 
     def _drop_originals(self, layer: int) -> None:
         for n in [n for n in self._originals if tensor_layer(n) == layer]:
-            t = self._originals.pop(n)
-            if t.device == self.device and self.device.type != "cpu":
-                self._orig_device -= t.numel() * t.element_size()
+            self._pop_original(n)
+        self._reread -= {n for n in self._reread if tensor_layer(n) == layer}
+
+    def _pop_original(self, name: str) -> Tensor:
+        t = self._originals.pop(name)
+        n = t.numel() * t.element_size()
+        if t.device.type == "cpu":
+            self._orig_host -= n
+        else:
+            self._orig_device -= n
+        return t
+
+    def _checkpoint_param(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        """Tensor ``name``'s whole parameter as the checkpoint stores it, in the compute dtype, on the host."""
+        w = self.engine.weights.load(self._target(name).param, shape)
+        w = w.to(self.engine.dtype if w.is_floating_point() else w.dtype)
+        self.engine.weights.ckpt.close()  # drop the mapping (its pages are the page cache's, not ours)
+        return w
 
     # -------------------------------------------------------------------------------------------- tensors
 
@@ -203,10 +221,8 @@ class KLDProbe:
         if name in self._originals:  # the float weights, while an image is held in the model
             return tgt.to_gguf(self._originals[name].to(self.device))
         data = self._data(name)
-        if data.device.type == "meta":
-            w = self.engine.weights.load(tgt.param, tuple(data.shape))
-            data = w.to(self.engine.dtype if w.is_floating_point() else w.dtype)
-            self.engine.weights.ckpt.close()
+        if data.device.type == "meta" or name in self._reread:  # not loaded, or holding an image
+            data = self._checkpoint_param(name, tuple(data.shape))
         return tgt.read(data)
 
     def image(self, name: str, qtype: str, src_type: str = "F32") -> Tensor:
@@ -239,22 +255,27 @@ class KLDProbe:
             if name in self._base:
                 value_gguf_order = self.image(name, self._base[name])
             elif name in self._originals:
-                t = self._originals.pop(name)
-                v.copy_(t.to(v.device))
-                if t.device == v.device and v.device.type != "cpu":
-                    self._orig_device -= t.numel() * t.element_size()
+                v.copy_(self._pop_original(name).to(v.device))
+                return
+            elif name in self._reread:
+                self._reread.discard(name)
+                v.copy_(tgt.view(self._checkpoint_param(name, tuple(data.shape))).to(v.device))
                 return
             else:
                 return
-        if name not in self._originals:
-            # on the device while they fit ``originals_bytes`` (a probe changes one tensor at a time), else on the
-            # host: a whole base recipe's float copies would double a layer's device memory (GLM-4.6: 15 GB)
+        if name not in self._originals and name not in self._reread:
+            # on the device while they fit ``originals_bytes`` (a probe changes one tensor at a time), then in host
+            # memory up to ``originals_host_bytes``, then not kept at all (read again from the checkpoint when
+            # needed): a whole base recipe's float copies would double a layer's memory (GLM-4.6: 15 GB a layer)
             n = v.numel() * v.element_size()
-            if v.device.type == "cpu" or self._orig_device + n <= self.originals_bytes:
+            if v.device.type != "cpu" and self._orig_device + n <= self.originals_bytes:
                 self._originals[name] = v.detach().clone()
-                self._orig_device += n if v.device.type != "cpu" else 0
-            else:
+                self._orig_device += n
+            elif self._orig_host + n <= self.originals_host_bytes:
                 self._originals[name] = v.detach().to("cpu", copy=True)
+                self._orig_host += n
+            else:
+                self._reread.add(name)
         tgt.write(data, value_gguf_order)
 
     @contextlib.contextmanager
