@@ -418,9 +418,9 @@ def _to_f32(raw: np.ndarray, type_name: str) -> np.ndarray:
 
 
 def _write_tensor(fh, p: _Planned, device: torch.device, on_weights: Callable[[int], None],
-                  feeder: SlabFeeder | None = None) -> int:
-    """Write one tensor's data (unpadded); returns the bytes written. On CUDA the source slabs travel raw through
-    ``feeder`` (pinned buffers, the next one staged while this one is quantized) and are converted there."""
+                  feeder: SlabFeeder) -> int:
+    """Write one tensor's data (unpadded); returns the bytes written. The source slabs come as float32 through
+    ``feeder`` (the error table's conversion; on CUDA raw through pinned buffers, converted on the device)."""
     from quantmix.formats.api import quantize
 
     st = p.src
@@ -447,19 +447,10 @@ def _write_tensor(fh, p: _Planned, device: torch.device, on_weights: Callable[[i
     backend = preferred_backend(p.qtype, device)  # ggml's C on a CPU where it is faster: same bytes
     parts = [(e, r0, min(rows_per_mat, r0 + step)) for e in range(n_mat) for r0 in range(0, rows_per_mat, step)]
     raws = [st.data[(e * rows_per_mat + r0) * src_rb:(e * rows_per_mat + r1) * src_rb] for e, r0, r1 in parts]
-    if feeder is not None and feeder.cuda:
-        slabs = feeder.slabs(raws, st.type_name, ne0)
-    else:
-        slabs = (torch.from_numpy(_to_f32(raw, st.type_name).reshape(-1, ne0)).to(device) for raw in raws)
-    ims: dict[int, torch.Tensor] = {}
-    for (e, r0, r1), x in zip(parts, slabs):
-        im = None
-        if p.imatrix is not None:
-            k = e if p.imatrix.shape[0] > 1 else 0
-            if k not in ims:
-                ims.clear()
-                ims[k] = torch.from_numpy(p.imatrix[k].copy()).to(device)
-            im = ims[k]
+    im, im_of = None, -1  # the imatrix row on the device, and which matrix (expert) it is for
+    for (e, r0, r1), x in zip(parts, feeder.slabs(raws, st.type_name, ne0)):
+        if p.imatrix is not None and (k := e if p.imatrix.shape[0] > 1 else 0) != im_of:
+            im, im_of = torch.from_numpy(p.imatrix[k].copy()).to(device), k
         q = quantize(x, p.qtype, im, name=st.name, backend=backend)
         qb = q.cpu().numpy()  # (a non-finite source is refused by quantize itself)
         _check_finite(st.name, p.qtype, qb, lambda x=x: _overflow_hint(p.qtype, x))
