@@ -271,7 +271,7 @@ def run_llama_kld(base_gguf: Path, quant_ggufs: Sequence[Path], text_file: Path,
                                 f"{(proc.stdout + proc.stderr)[-3000:]}")
         for q in quant_ggufs:
             proc = lc.run_until("llama-perplexity", "-m", q, *common, "--kl-divergence-base", base,
-                                "--kl-divergence", done="====== KL divergence statistics",
+                                "--kl-divergence", done="Same top p:",  # the summary's last line parsed
                                 stdin=subprocess.DEVNULL)
             log = proc.stdout + proc.stderr
             if proc.returncode != 0:
