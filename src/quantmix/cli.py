@@ -216,7 +216,64 @@ def _texts(files: Sequence[str] | None, default: str, flag: str) -> "TextSource"
         raise CliError(f"{flag}: {e}") from None
 
 
+def _optimize_exl3(args: argparse.Namespace) -> int:
+    """``optimize --format exl3``: the exact rate per linear from a measurement of exllamav3's quantizer, written as
+    exllamav3's recipe (its convert.py builds the model from it)."""
+    from quantmix.formats.exl3 import Exl3Error
+    from quantmix.planning.budget import BudgetError, parse_size
+    from quantmix.formats.exl3 import exl3_model
+    from quantmix.measurement.exl3_measure import read_measurement
+    from quantmix.planning.exl3_plan import plan_exl3, write_exl3_recipe
+
+    check_output(args.output)
+    if args.exl3_measurement is None:
+        raise CliError("--format exl3 needs --exl3-measurement FILE (per-linear errors of exllamav3's quantizer, "
+                       "from quantmix measure-exl3 on a GPU)")
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise CliError(f"{model_dir}: --format exl3 reads a Hugging Face directory (config.json + safetensors)")
+    if (args.vram is None) == (args.target_bpw is None and args.target_size is None) or \
+            (args.target_bpw is not None and args.target_size is not None):
+        raise CliError("give exactly one budget: --target-bpw, --target-size or --vram (with --ctx)")
+    if args.vram is not None and args.ctx is None:
+        raise CliError("--vram needs --ctx (the context length to leave cache room for)")
+    try:
+        model = exl3_model(model_dir)
+        meas = read_measurement(args.exl3_measurement)
+        plan = plan_exl3(model, meas, target_bpw=float(args.target_bpw) if args.target_bpw else None,
+                         target_bytes=parse_size(args.target_size) if args.target_size else None,
+                         vram=parse_size(args.vram) if args.vram else None, ctx=args.ctx or 0,
+                         kv_cache=args.kv_cache, head_bits=args.head_bits, mtp_bits=args.mtp_bits,
+                         vram_overhead=parse_size(args.vram_overhead), time_limit=args.time_limit)
+    except (Exl3Error, BudgetError, ValueError) as e:
+        raise CliError(str(e)) from None
+    write_exl3_recipe(plan, args.output, float(args.target_bpw) if args.target_bpw else None)
+    print(plan.summary())
+    for n in plan.notes:
+        print(f"  note: {n}")
+    print(f"wrote {args.output} (exllamav3: python -m exllamav3.conversion.convert_model -i {model_dir} -o OUT "
+          f"-w WORK --recipe {args.output})")
+    return 0
+
+
+def _cmd_measure_exl3(args: argparse.Namespace) -> int:
+    from quantmix.formats.exl3 import RATES, Exl3Error, parse_rate
+    from quantmix.measurement.exl3_measure import measure_exl3
+
+    check_output(args.output)
+    try:
+        rates = tuple(parse_rate(r) for r in args.rates.split(",")) if args.rates else RATES
+        meas = measure_exl3(args.model, args.output, imatrix=args.imatrix, rates=rates, device=args.device,
+                            progress=not args.quiet)
+    except Exl3Error as e:
+        raise CliError(str(e)) from None
+    print(f"wrote {args.output}: {len(meas.costs)} linears x {len(rates)} rates")
+    return 0
+
+
 def _cmd_optimize(args: argparse.Namespace) -> int:
+    if getattr(args, "format", "gguf") == "exl3":
+        return _optimize_exl3(args)
     from quantmix.evaluation.evaluate import TextSourceError
     from quantmix.job import CALIB_TEXT, check_plan, check_text, measure, plan_recipe, resolve_model, write_plan
     from quantmix.model.catalog import catalog_from_gguf
@@ -524,6 +581,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_quantize)
 
+    me = sub.add_parser("measure-exl3", help="exllamav3's quantizer on every linear at every EXL3 rate (GPU)",
+                        description="Quantize each linear of a Hugging Face checkpoint at each EXL3 bitrate with "
+                                    "exllamav3's own quantize_exl3 (CUDA; pip install exllamav3), its Hessian "
+                                    "diag(imatrix), and write the per-linear costs that optimize --format exl3 "
+                                    "plans from. Resumable: finished linears are journaled beside the output.")
+    me.add_argument("model", help="Hugging Face model directory")
+    me.add_argument("-o", "--output", type=Path, required=True, help="measurement JSON to write")
+    me.add_argument("--imatrix", type=Path, help="importance matrix of the model (GGUF names; default: none)")
+    me.add_argument("--rates", help="comma-separated bitrates (default: 1-8 and 1.5, 2.5, 3.5)")
+    me.add_argument("--device", default="cuda", help="CUDA device (exllamav3 has no CPU quantizer)")
+    me.add_argument("--quiet", action="store_true", help="no progress bar")
+    me.set_defaults(func=_cmd_measure_exl3)
+
     o = sub.add_parser("optimize", help="lowest predicted-KLD recipe at an exact size (+ refinement)",
                        description="Measure every candidate type's importance-weighted error on every tensor of a "
                                    "float GGUF (cached, resumable); calibrate it to measured output KLD per tensor "
@@ -563,6 +633,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype of the sensitivity and refinement probes: bfloat16 halves a layer's device "
                         "memory (default float32)")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
+    x = o.add_argument_group("EXL3 (--format exl3: a recipe for exllamav3's convert.py instead of a GGUF recipe)")
+    x.add_argument("--format", choices=("gguf", "exl3"), default="gguf",
+                   help="gguf: llama.cpp types (default); exl3: ExLlamaV3 bitrates 1-8 and 1.5/2.5/3.5 per linear, "
+                        "MODEL a Hugging Face directory; --target-bpw averages the decoder's linears as exllamav3 "
+                        "counts bits")
+    x.add_argument("--exl3-measurement", type=Path, metavar="FILE",
+                   help="per-linear, per-rate errors of exllamav3's quantizer (quantmix-exl3-measurement JSON)")
+    x.add_argument("--kv-cache", default="fp16", help="with --vram: ExLlamaV3's cache, fp16 or kNvM (e.g. k6v5)")
+    x.add_argument("--head-bits", default="6", help="bitrate of the output head (exllamav3's --head_bits, default 6)")
+    x.add_argument("--mtp-bits", default="4", help="bitrate of MTP/NextN layers (exllamav3's --mtp_bits, default 4)")
     add_budget_arguments(o)
     add_constraint_arguments(o)
     add_solver_arguments(o)

@@ -64,10 +64,11 @@ class Option:
     usage: tuple[int, ...]
     reserve: tuple[int, ...]
     cost: float
+    rank: tuple[int, ...] = ()  # tie-break order for choices that are no GGUF type (EXL3 rates)
 
     @property
     def order(self) -> tuple[int, ...]:
-        return tuple(type_order(t) for t in self.types)
+        return self.rank or tuple(type_order(t) for t in self.types)
 
 
 @dataclass

@@ -1,0 +1,208 @@
+"""EXL3 on the CPU: exllamav3's storage layout and bytes, the linears of real checkpoints, the exact plan within
+bpw / byte / VRAM budgets, and the recipe exllamav3's convert.py reads. (The numerics are exllamav3's own and run
+on a GPU: bench/exl3_device.py.)"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from quantmix.fixtures.tiny import build_tiny
+from quantmix.formats.exl3 import RATES, Exl3Error, linear_bytes, parse_rate, read_exl3_dir
+from quantmix.formats.exl3 import exl3_model
+from quantmix.measurement.exl3_measure import Measurement, read_measurement, write_measurement
+from quantmix.planning.exl3_plan import (exl3_cache_bytes, parse_kv_cache, plan_exl3,
+                                         read_exl3_recipe, write_exl3_recipe)
+from quantmix.planning.solver import Group, Option, Problem, solve_dp
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = {}
+    for name in ("tiny-llama", "tiny-glm4-moe"):
+        d = tmp_path_factory.mktemp(name)
+        build_tiny(name, d, seed=0)
+        out[name] = d
+    return out
+
+
+def _measurement(model_dir: Path) -> Measurement:
+    """Costs with the shape of a rate-distortion curve (error ~ |W|^2 2^(-2r)), scaled per linear by its norm."""
+    from safetensors import safe_open
+    costs = {}
+    m = exl3_model(model_dir)
+    norms = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for n in fh.keys():
+                if n.endswith(".weight"):
+                    norms[n[:-7]] = float(fh.get_tensor(n).double().pow(2).sum())
+    for lin in m.budgeted():
+        w = norms[lin.key] * (1 + (hash(lin.key) % 7) / 10)
+        costs[lin.key] = {r: w * 2.0 ** (-2 * r) for r in RATES}
+    return Measurement(costs, {"kind": "test curve"})
+
+
+def test_rates_and_bytes() -> None:
+    assert parse_rate("2.5") == 2.5 and parse_rate(4) == 4 and parse_rate("16") == 16
+    for bad in ("9", "2.25", "x", "0"):
+        with pytest.raises(Exl3Error):
+            parse_rate(bad)
+    # trellis 256x512 at 4 bpw: 16x32 tiles x 64 int16 words; suh 256, svh 512 fp16; mul1 marker
+    assert linear_bytes(256, 512, 4) == 16 * 32 * 64 * 2 + 2 * 256 + 2 * 512 + 4
+    assert linear_bytes(256, 512, 2.5) == 16 * 32 * 40 * 2 + 2 * 768 + 4
+    assert linear_bytes(256, 512, 16) == 2 * 256 * 512
+    with pytest.raises(Exl3Error, match="tile"):
+        linear_bytes(250, 512, 4)
+    with pytest.raises(Exl3Error, match="mul1"):
+        linear_bytes(256, 512, 3.5, codebook="mcg")
+
+
+def _write_exl3_dir(d: Path, rates: dict[str, tuple[int, int, float]], *, bad: str | None = None) -> None:
+    tensors = {}
+    for key, (k, n, rate) in rates.items():
+        words = round(16 * rate)
+        tensors[f"{key}.trellis"] = torch.zeros(k // 16, n // 16, words, dtype=torch.int16)
+        tensors[f"{key}.suh"] = torch.ones(k, dtype=torch.float16)
+        tensors[f"{key}.svh"] = torch.ones(n if bad != "svh" else n + 1, dtype=torch.float16)
+        tensors[f"{key}.mul1"] = torch.tensor(0, dtype=torch.int32)
+    tensors["model.norm.weight"] = torch.ones(256, dtype=torch.float16)
+    save_file(tensors, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "quantization_config": {
+        "quant_method": "exl3", "version": "1.6.5", "bits": 3.0, "head_bits": 6, "codebook": "mul1"}}))
+
+
+def test_read_exl3_dir(tmp_path: Path) -> None:
+    layout = {"model.layers.0.self_attn.q_proj": (256, 256, 2.5), "model.layers.0.mlp.down_proj": (512, 256, 4),
+              "lm_head": (256, 512, 6)}
+    _write_exl3_dir(tmp_path, layout)
+    qc, linears = read_exl3_dir(tmp_path)
+    assert qc["quant_method"] == "exl3"
+    got = {s.key: (s.in_features, s.out_features, s.rate, s.n_bytes, s.codebook) for s in linears}
+    for key, (k, n, rate) in layout.items():
+        assert got[key] == (k, n, rate, linear_bytes(k, n, rate), "mul1"), key
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _write_exl3_dir(bad, layout, bad="svh")
+    with pytest.raises(Exl3Error, match=r"svh must be fp16 \["):
+        read_exl3_dir(bad)
+
+
+def test_fixture_from_exllamav3() -> None:
+    """Tensors exllamav3 1.6.5 itself wrote on an H100 (bench/exl3_device.py): the layout read here is theirs."""
+    f = Path(__file__).parent / "data" / "exl3-fixture.safetensors"
+    if not f.exists():
+        pytest.skip("no exllamav3 fixture checked in")
+    from safetensors import safe_open
+    with safe_open(str(f), "pt") as fh:
+        keys = set(fh.keys())
+        w = fh.get_tensor("weight")
+        for rate in (2, 3.5, 4):
+            tr = fh.get_tensor(f"k{rate}.trellis")
+            assert tr.dtype == torch.int16 and tuple(tr.shape) == (w.shape[0] // 16, w.shape[1] // 16, round(16 * rate))
+            n = sum(fh.get_tensor(f"k{rate}.{s}").numel() * fh.get_tensor(f"k{rate}.{s}").element_size()
+                    for s in ("trellis", "suh", "svh", "mul1") if f"k{rate}.{s}" in keys)
+            assert n == linear_bytes(w.shape[0], w.shape[1], rate)
+            err = (fh.get_tensor(f"k{rate}.weight_q") - w).pow(2).sum() / w.pow(2).sum()
+            assert 0 < float(err) < 2.0 ** (-1.5 * rate) * 4
+
+
+def test_model_linears(tiny_dirs: dict[str, Path]) -> None:
+    m = exl3_model(tiny_dirs["tiny-llama"])
+    keys = {lin.key: lin for lin in m.linears}
+    assert "lm_head" in keys and keys["lm_head"].role == "head_bits"  # tied: exllamav3 writes one
+    q = keys["model.layers.0.self_attn.q_proj"]
+    assert (q.in_features, q.out_features, q.role) == (256, 256, "bits")
+    assert len(m.budgeted()) == 2 * 7
+    g = exl3_model(tiny_dirs["tiny-glm4-moe"])
+    roles = {lin.role for lin in g.linears}
+    assert roles == {"bits", "head_bits", "mtp_bits", "fp16"}, roles
+    assert all(lin.key.endswith("mlp.gate") for lin in g.linears if lin.role == "fp16")
+    assert any(".experts.3.down_proj" in lin.key for lin in g.budgeted())
+
+
+def test_measurement_roundtrip(tmp_path: Path, tiny_dirs: dict[str, Path]) -> None:
+    meas = _measurement(tiny_dirs["tiny-llama"])
+    p = write_measurement(tmp_path / "m.json", meas)
+    again = read_measurement(p)
+    assert again.costs == meas.costs
+    assert write_measurement(tmp_path / "m2.json", again).read_bytes() == p.read_bytes()
+    doc = json.loads(p.read_text())
+    doc["linears"][next(iter(doc["linears"]))]["cost"]["2"] = "nan"
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(Exl3Error, match="bad.json: linear .*rate 2"):
+        read_measurement(tmp_path / "bad.json")
+
+
+def _brute(model, meas, capacity_bits: int) -> float:
+    groups = [Group((lin.key,), [Option((str(r),), (round(lin.numel * r),), (0,), meas.costs[lin.key][r],
+                                        (RATES.index(r),)) for r in RATES]) for lin in model.budgeted()]
+    return solve_dp(Problem(("bits",), (capacity_bits,), groups)).objective
+
+
+@pytest.mark.parametrize("bpw", [2.0, 3.3, 4.75, 6.0])
+def test_plan_bpw_exact(tiny_dirs: dict[str, Path], bpw: float) -> None:
+    d = tiny_dirs["tiny-llama"]
+    m, meas = exl3_model(d), _measurement(d)
+    plan = plan_exl3(m, meas, target_bpw=bpw)
+    assert plan.bpw <= bpw + 1e-12
+    assert set(plan.rates.values()) <= set(RATES)
+    # the exact optimum: the dynamic program over the same choices finds no cheaper plan
+    cap = math.floor(bpw * sum(lin.numel for lin in m.budgeted()))
+    assert plan.cost <= _brute(m, meas, cap) * (1 + 1e-9)
+    # and no greedy upgrade-only allocator beats it: a uniform plan at floor(bpw) costs at least as much
+    uniform = max(r for r in RATES if r <= bpw)
+    assert plan.cost <= sum(c[uniform] for c in meas.costs.values()) + 1e-12
+
+
+def test_plan_vram_and_recipe(tmp_path: Path, tiny_dirs: dict[str, Path]) -> None:
+    d = tiny_dirs["tiny-glm4-moe"]
+    m, meas = exl3_model(d), _measurement(d)
+    cfg = json.loads((d / "config.json").read_text())
+    fp16 = exl3_cache_bytes(cfg, 1000, 16, 16)
+    k6v5 = exl3_cache_bytes(cfg, 1000, *parse_kv_cache("k6v5"))
+    dim = cfg["num_key_value_heads"] * cfg["head_dim"]
+    assert fp16 == cfg["num_hidden_layers"] * 1024 * 4 * dim
+    assert k6v5 == cfg["num_hidden_layers"] * 1024 * (dim * 11 // 8 + 4 * (dim // 32))
+    lin_bytes = sum(lin.n_bytes(16 if lin.role == "fp16" else 6 if lin.role == "head_bits" else 4)
+                    for lin in m.linears)
+    vram = lin_bytes + m.other_vram_bytes + k6v5 + 512 * 2**20
+    plan = plan_exl3(m, meas, vram=vram, ctx=1000, kv_cache="k6v5")
+    used = plan.n_bytes + m.other_vram_bytes + k6v5 + 512 * 2**20
+    assert used <= vram
+    assert plan.cost <= sum(meas.costs[lin.key][4] for lin in m.budgeted()) + 1e-12
+    assert all(plan.rates[lin.key] == 4 for lin in m.linears if lin.role == "mtp_bits")
+    with pytest.raises(Exl3Error, match="too small"):
+        plan_exl3(m, meas, vram=k6v5, ctx=1000, kv_cache="k6v5")
+    r = write_exl3_recipe(plan, tmp_path / "recipe.yaml", target_bpw=None)
+    got = read_exl3_recipe(r)
+    assert got == {lin.key: plan.rates[lin.key] for lin in m.budgeted()}
+    (tmp_path / "again").mkdir()
+    assert write_exl3_recipe(plan, tmp_path / "again" / "recipe.yaml").read_bytes() == r.read_bytes()
+
+
+def test_kv_cache_option() -> None:
+    assert parse_kv_cache("fp16") == (16, 16) and parse_kv_cache("k6v5") == (6, 5) and parse_kv_cache("q4") == (4, 4)
+    with pytest.raises(Exl3Error, match="k6v5"):
+        parse_kv_cache("k9v5")
+
+
+def test_cli_optimize_exl3(tmp_path: Path, tiny_dirs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    from quantmix.cli import main
+    d = tiny_dirs["tiny-llama"]
+    meas = write_measurement(tmp_path / "meas.json", _measurement(d))
+    out = tmp_path / "recipe.yaml"
+    assert main(["optimize", str(d), "--format", "exl3", "--exl3-measurement", str(meas), "--target-bpw", "3.5",
+                 "-o", str(out)]) == 0
+    rates = read_exl3_recipe(out)
+    plan = plan_exl3(exl3_model(d), read_measurement(meas), target_bpw=3.5)
+    assert rates == {k: v for k, v in plan.rates.items() if k != "lm_head"}
+    assert "3.5000 bpw" in capsys.readouterr().out or plan.bpw < 3.5
+    rc = main(["optimize", str(d), "--format", "exl3", "--target-bpw", "3.5", "-o", str(tmp_path / "r2.yaml")])
+    assert rc != 0 and not (tmp_path / "r2.yaml").exists()
+    assert "--exl3-measurement" in capsys.readouterr().err
