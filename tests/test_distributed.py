@@ -1,0 +1,71 @@
+"""The error table over 2 and 3 gloo processes (torchrun) equals one process's, byte for byte; a rank killed
+mid-run (SIGKILL) leaves its finished entries cached, and the rerun finishes with the same table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantmix.measurement.distributed import shard_tensors
+
+WORKER = Path(__file__).with_name("dist_error_table.py")
+
+
+def _torchrun(n: int, model: Path, out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, QUANTMIX_CACHE=str(cache), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", str(WORKER),
+           str(model), str(out), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_shard_tensors_balanced_and_deterministic() -> None:
+    sizes = [("a", 10), ("b", 7), ("c", 7), ("d", 3), ("e", 1)]
+    shares = shard_tensors(sizes, 2)
+    assert shares == shard_tensors(list(reversed(sizes)), 2)
+    assert sorted(n for s in shares for n in s) == ["a", "b", "c", "d", "e"]
+    assert shares == [["a", "d", "e"], ["b", "c"]]
+    assert shard_tensors(sizes, 8)[5:] == [[], [], []]
+
+
+@pytest.fixture(scope="module")
+def model() -> Path:
+    from quantmix.fixtures.tiny import get_tiny
+    return get_tiny("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def single(model: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    d = tmp_path_factory.mktemp("single")
+    r = _torchrun(1, model, d / "out", d / "cache")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return (d / "out" / "table-rank0.json").read_bytes()
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_ranks_equal_one_process(n: int, model: Path, single: bytes, tmp_path: Path) -> None:
+    r = _torchrun(n, model, tmp_path / "out", tmp_path / "cache")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for k in range(n):
+        assert (tmp_path / "out" / f"table-rank{k}.json").read_bytes() == single, k
+    computed = [int((tmp_path / "out" / f"computed-rank{k}.txt").read_text()) for k in range(n)]
+    assert len(set(computed)) == 1 and computed[0] > 0  # the gathered count of all ranks' measurements
+
+
+def test_killed_rank_resumes(model: Path, single: bytes, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    r = _torchrun(2, model, tmp_path / "killed", cache, "1", "4")
+    assert r.returncode != 0
+    assert not (tmp_path / "killed" / "table-rank1.json").exists()
+    done = sum(1 for _ in (cache / "errors").rglob("*.json"))
+    assert done > 0  # what finished before the kill is kept
+    r = _torchrun(2, model, tmp_path / "again", cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "again" / "table-rank0.json").read_bytes() == single
+    total = int((tmp_path / "again" / "computed-rank0.txt").read_text())
+    first = len(__import__("json").loads(single)["rows"])
+    assert 0 < total < first  # only the missing entries were measured again
