@@ -128,8 +128,8 @@ def measure_exl3(model_dir: str | Path, out: str | Path, *, imatrix: str | Path 
         for line in journal.read_text().splitlines():
             try:
                 rec = json.loads(line)
-                done[rec["key"]] = {float(r) if "." in r else int(r): v for r, v in rec["cost"].items()}
-            except (json.JSONDecodeError, KeyError):
+                done[rec["key"]] = {parse_rate(r): v for r, v in rec["cost"].items()}
+            except (json.JSONDecodeError, KeyError, Exl3Error):
                 break  # a torn last line from a kill: redo that linear
     ck = Checkpoint(model_dir)
     todo = [m for m in model.budgeted() if m.key not in done]
@@ -152,7 +152,7 @@ def measure_exl3(model_dir: str | Path, out: str | Path, *, imatrix: str | Path 
             jf.write(json.dumps({"key": m.key, "cost": cost}) + "\n")
             jf.flush()
             os.fsync(jf.fileno())
-            done[m.key] = {float(r) if "." in r else int(r): v for r, v in cost.items()}
+            done[m.key] = {parse_rate(r): v for r, v in cost.items()}
     meas = Measurement(done, {"model": str(model_dir), "imatrix": str(imatrix) if imatrix else None,
                               "quantizer": f"exllamav3 {version} quantize_exl3, mul1, H = diag(imatrix)",
                               "rates": list(rates), "key": key})
