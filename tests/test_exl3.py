@@ -206,3 +206,49 @@ def test_cli_optimize_exl3(tmp_path: Path, tiny_dirs: dict[str, Path], capsys: p
     rc = main(["optimize", str(d), "--format", "exl3", "--target-bpw", "3.5", "-o", str(tmp_path / "r2.yaml")])
     assert rc != 0 and not (tmp_path / "r2.yaml").exists()
     assert "--exl3-measurement" in capsys.readouterr().err
+
+
+def _grid_quantize(w: torch.Tensor, imp: torch.Tensor | None, rate: float, _scratch: str) -> tuple[torch.Tensor, float]:
+    """A CPU stand-in for exllamav3's quantizer (which needs CUDA): round each row to 2^rate levels over its range;
+    the cost is the importance-weighted squared error, as exllamav3's proxy_err * trace(W^T H W) is."""
+    lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    step = (hi - lo).clamp_min(1e-12) / (2 ** rate - 1)
+    q = lo + torch.round((w - lo) / step) * step
+    d = imp.to(w.dtype) if imp is not None else torch.ones(w.shape[1], dtype=w.dtype)
+    return q, float((((w - q) ** 2) * d[None, :]).sum())
+
+
+def test_exl3_sensitivity_probes(tmp_path: Path) -> None:
+    """Each budgeted linear gets KLD / cost from a probe through the streaming engine; the journal makes a rerun
+    probe nothing; the plan then weighs costs by these coefficients, and they survive the measurement file."""
+    from quantmix.measurement.exl3_sensitivity import exl3_coefficients
+    hf = tmp_path / "hf"
+    build_tiny("tiny-llama", hf, seed=0, vocab=True)
+    text = tmp_path / "calib.txt"
+    text.write_text(Path(__file__).read_text() * 4)
+    kw = dict(probe_rate=3, n_ctx=64, chunks=2, texts=[text], device="cpu", progress=False)
+    coef = exl3_coefficients(hf, "k1", tmp_path / "m.json.sensitivity", quantize=_grid_quantize, **kw)
+    budgeted = {m.key for m in exl3_model(hf).budgeted()}
+    assert set(coef) == budgeted and all(math.isfinite(c) and c >= 0 for c in coef.values())
+    assert len({round(c, 12) for c in coef.values()}) > len(coef) // 2  # tensors differ, not one constant
+
+    def refuse(*_a: object) -> None:
+        raise AssertionError("a journaled tensor was probed again")
+    assert exl3_coefficients(hf, "k1", tmp_path / "m.json.sensitivity", quantize=refuse, **kw) == coef
+    # another measurement key is another journal: probed afresh, same numbers (deterministic)
+    assert exl3_coefficients(hf, "k2", tmp_path / "m.json.sensitivity", quantize=_grid_quantize, **kw) == coef
+
+    m = _measurement(hf)
+    weighted = Measurement(m.costs, m.source, coef)
+    p = write_measurement(tmp_path / "meas.json", weighted)
+    back = read_measurement(p)
+    assert back.coefficients == coef
+    key = sorted(coef)[0]
+    assert back.predicted(key, 3) == coef[key] * m.costs[key][3]
+    plan = plan_exl3(exl3_model(hf), back, target_bpw=3.0)
+    assert plan.cost == pytest.approx(sum(coef[k] * m.costs[k][plan.rates[k]] for k in budgeted))
+    bad = json.loads(p.read_text())
+    bad["linears"][key]["kld_per_cost"] = -1
+    p.write_text(json.dumps(bad))
+    with pytest.raises(Exl3Error, match=f"{key}: kld_per_cost"):
+        read_measurement(p)

@@ -264,10 +264,13 @@ def _cmd_measure_exl3(args: argparse.Namespace) -> int:
     try:
         rates = tuple(parse_rate(r) for r in args.rates.split(",")) if args.rates else RATES
         meas = measure_exl3(args.model, args.output, imatrix=args.imatrix, rates=rates, device=args.device,
-                            progress=not args.quiet)
+                            progress=not args.quiet, sensitivity=args.sensitivity,
+                            probe_rate=parse_rate(args.probe_rate), chunks=args.chunks, n_ctx=args.ctx,
+                            texts=args.text)
     except Exl3Error as e:
         raise CliError(str(e)) from None
-    print(f"wrote {args.output}: {len(meas.costs)} linears x {len(rates)} rates")
+    extra = f", KLD per cost of {len(meas.coefficients)} linears" if meas.coefficients else ""
+    print(f"wrote {args.output}: {len(meas.costs)} linears x {len(rates)} rates{extra}")
     return 0
 
 
@@ -591,6 +594,14 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--imatrix", type=Path, help="importance matrix of the model (GGUF names; default: none)")
     me.add_argument("--rates", help="comma-separated bitrates (default: 1-8 and 1.5, 2.5, 3.5)")
     me.add_argument("--device", default="cuda", help="CUDA device (exllamav3 has no CPU quantizer)")
+    me.add_argument("--sensitivity", action="store_true",
+                    help="also measure each tensor's output KLD at --probe-rate through the streaming engine, so the "
+                         "plan minimizes predicted KLD instead of summed proxy error")
+    me.add_argument("--probe-rate", default="3", help="EXL3 rate of the sensitivity probes (default 3)")
+    me.add_argument("--chunks", type=int, default=2, help="calibration chunks of the sensitivity probes (default 2)")
+    me.add_argument("--ctx", type=int, default=512, help="tokens per calibration chunk (default 512)")
+    me.add_argument("--text", type=Path, nargs="+", metavar="FILE",
+                    help="calibration text of the probes (default: the built-in wiki-calib)")
     me.add_argument("--quiet", action="store_true", help="no progress bar")
     me.set_defaults(func=_cmd_measure_exl3)
 

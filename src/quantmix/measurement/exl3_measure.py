@@ -35,6 +35,22 @@ class Measurement:
 
     costs: dict[str, dict[float, float]]
     source: dict = field(default_factory=dict)
+    # measured output KLD per unit of cost (measurement.exl3_sensitivity); empty: costs are taken as they are
+    coefficients: dict[str, float] = field(default_factory=dict)
+    _median: float | None = field(default=None, repr=False, compare=False)
+
+    def predicted(self, key: str, rate: float) -> float:
+        """The objective of the plan for ``key`` at ``rate``: predicted KLD where coefficients were measured
+        (linears without one take their median), else the proxy cost itself."""
+        c = self.costs[key][rate]
+        if not self.coefficients:
+            return c
+        if key in self.coefficients:
+            return self.coefficients[key] * c
+        if self._median is None:
+            vals = sorted(self.coefficients.values())
+            self._median = vals[len(vals) // 2]
+        return self._median * c
 
 
 def read_measurement(path: str | Path) -> Measurement:
@@ -46,7 +62,13 @@ def read_measurement(path: str | Path) -> Measurement:
     if doc.get("format") != MEASUREMENT_FORMAT:
         raise Exl3Error(f"{p}: format is {doc.get('format')!r}, expected {MEASUREMENT_FORMAT!r}")
     costs: dict[str, dict[float, float]] = {}
+    coefs: dict[str, float] = {}
     for key, entry in (doc.get("linears") or {}).items():
+        if "kld_per_cost" in entry:
+            c = entry["kld_per_cost"]
+            if not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+                raise Exl3Error(f"{p}: linear {key}: kld_per_cost {c!r} is not a finite non-negative number")
+            coefs[key] = float(c)
         row = {}
         for r, v in (entry.get("cost") or {}).items():
             try:
@@ -59,14 +81,18 @@ def read_measurement(path: str | Path) -> Measurement:
         costs[key] = row
     if not costs:
         raise Exl3Error(f"{p}: no linears measured")
-    return Measurement(costs, doc.get("source") or {})
+    return Measurement(costs, doc.get("source") or {}, coefs)
 
 
 def write_measurement(path: str | Path, m: Measurement) -> Path:
     """Atomically (temporary file, then rename), keys and rates in a fixed order: same inputs, same bytes."""
     p = Path(path)
-    doc = {"format": MEASUREMENT_FORMAT, "version": 1, "source": m.source,
-           "linears": {k: {"cost": {str(r): m.costs[k][r] for r in sorted(m.costs[k])}} for k in sorted(m.costs)}}
+    linears = {}
+    for k in sorted(m.costs):
+        linears[k] = {"cost": {str(r): m.costs[k][r] for r in sorted(m.costs[k])}}
+        if k in m.coefficients:
+            linears[k]["kld_per_cost"] = m.coefficients[k]
+    doc = {"format": MEASUREMENT_FORMAT, "version": 1, "source": m.source, "linears": linears}
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, p)
@@ -105,8 +131,12 @@ def _key(model_dir: Path, imatrix_path: Path | None, rates: tuple[float, ...], v
 
 
 def measure_exl3(model_dir: str | Path, out: str | Path, *, imatrix: str | Path | None = None,
-                 rates: tuple[float, ...] = RATES, device: str = "cuda", progress: bool = True) -> Measurement:
-    """Quantize each budgeted linear at each rate with exllamav3 and write the measurement file ``out``."""
+                 rates: tuple[float, ...] = RATES, device: str = "cuda", progress: bool = True,
+                 sensitivity: bool = False, probe_rate: float = 3, chunks: int = 2, n_ctx: int = 512,
+                 texts: list[str | Path] | None = None) -> Measurement:
+    """Quantize each budgeted linear at each rate with exllamav3 and write the measurement file ``out``.
+    ``sensitivity``: also measure each tensor's output KLD at ``probe_rate`` (measurement.exl3_sensitivity), so
+    that the plan minimizes predicted KLD rather than the summed proxy error."""
     try:
         import exllamav3
         from exllamav3.modules.quant.exl3_lib.quantize import quantize_exl3
@@ -153,8 +183,17 @@ def measure_exl3(model_dir: str | Path, out: str | Path, *, imatrix: str | Path 
             jf.flush()
             os.fsync(jf.fileno())
             done[m.key] = {parse_rate(r): v for r, v in cost.items()}
-    meas = Measurement(done, {"model": str(model_dir), "imatrix": str(imatrix) if imatrix else None,
-                              "quantizer": f"exllamav3 {version} quantize_exl3, mul1, H = diag(imatrix)",
-                              "rates": list(rates), "key": key})
+    source = {"model": str(model_dir), "imatrix": str(imatrix) if imatrix else None,
+              "quantizer": f"exllamav3 {version} quantize_exl3, mul1, H = diag(imatrix)",
+              "rates": list(rates), "key": key}
+    coefs: dict[str, float] = {}
+    if sensitivity:
+        from quantmix.measurement.exl3_sensitivity import exl3_coefficients
+        coefs = exl3_coefficients(model_dir, key, journal.with_name(out.name + ".sensitivity"), imatrix=imatrix,
+                                  probe_rate=probe_rate, n_ctx=n_ctx, chunks=chunks, texts=texts, device=device,
+                                  progress=progress)
+        source["sensitivity"] = {"probe_rate": probe_rate, "chunks": chunks, "n_ctx": n_ctx,
+                                 "texts": [str(t) for t in texts] if texts else ["wiki-calib"]}
+    meas = Measurement(done, source, coefs)
     write_measurement(out, meas)
     return meas

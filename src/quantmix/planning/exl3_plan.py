@@ -135,9 +135,9 @@ def plan_exl3(model: Exl3Model, measurement: Measurement, *, target_bpw: float |
     for m in budgeted:
         opts = []
         for r in rates:
-            c = measurement.costs[m.key].get(r)
-            if c is None:
+            if r not in measurement.costs[m.key]:
                 continue
+            c = measurement.predicted(m.key, r)
             opts.append(Option((str(r),), (usage(m, r),), (0,), c, (RATES.index(r),)))
         if not opts:
             raise Exl3Error(f"the measurement has no cost for {m.key} at any of the rates {rates}")
@@ -154,7 +154,7 @@ def plan_exl3(model: Exl3Model, measurement: Measurement, *, target_bpw: float |
     n_bytes = sum(m.n_bytes(chosen[m.key], codebook) for m in model.linears)
     numel = sum(m.numel for m in budgeted)
     bpw = sum(m.numel * chosen[m.key] for m in budgeted) / numel
-    cost = sum(measurement.costs[m.key][chosen[m.key]] for m in budgeted)
+    cost = sum(measurement.predicted(m.key, chosen[m.key]) for m in budgeted)
     return Exl3Plan(model, chosen, head_bits, mtp_bits, n_bytes, bpw, cost, sol.status, notes)
 
 

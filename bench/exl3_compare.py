@@ -1,0 +1,182 @@
+"""quantmix's EXL3 mix against exllamav3's own measure + optimize and its uniform quants, on the lent GPU.
+
+  bench/exl3_device.sh --compare [--gguf .whl/smollm2-10l.gguf] [--bpw 2.5,3,3.5,4,5]
+
+Model: a Hugging Face directory built there, from a GGUF of real weights (bench/smollm2_truncate.py) or the tiny
+random Llama. Then:
+  1. quantmix imatrix (wiki-calib), quantmix measure-exl3 --sensitivity (exllamav3's quantizer at every rate, KLD per
+     unit of cost measured at rate 3 through quantmix's streaming engine);
+  2. exllamav3 convert_model at the uniform --bits of --uniform (these are also the inputs of its optimizer), then
+     exllamav3 measure_model over them and optimize_model at each --bpw;
+  3. quantmix's plan at each --bpw (with the measured coefficients, and proxy-only for comparison), built by
+     exllamav3's convert_model --recipe;
+  4. every model's KLD (both ways) and top-1/top-5 agreement against the float model (transformers, fp32) on wiki-eval
+     tokens, computed from exllamav3 inference.
+Writes $OUT/exl3-compare.json and prints one line per model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from exl3_tiny import convert  # noqa: E402
+
+
+def run(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    print(" ".join(cmd), flush=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(r.stdout[-4000:], r.stderr[-4000:], flush=True)
+        raise SystemExit(f"failed: rc {r.returncode}: {' '.join(cmd[:4])}")
+    return time.perf_counter() - t0
+
+
+def build_from_gguf(gguf_path: Path, hf: Path) -> None:
+    from safetensors.numpy import save_file
+
+    from quantmix.fixtures.smollm2 import _base_config, _save_tokenizer, noisy_weights
+    hf.mkdir(parents=True, exist_ok=True)
+    weights, hp = noisy_weights(path=gguf_path)
+    cfg = _base_config(gguf_path)
+    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", dtype="float32",
+               tie_word_embeddings="lm_head.weight" not in weights,
+               rms_norm_eps=float(hp["attention.layer_norm_rms_epsilon"]))
+    (hf / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    save_file({k: weights[k] for k in sorted(weights)}, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    _save_tokenizer(hf, gguf_path)
+
+
+def exl3_logits(model_dir: Path, ids: torch.Tensor, batch: int = 4) -> torch.Tensor:
+    """Logits of an EXL3 directory through exllamav3's own inference (no cache), loaded once."""
+    from exllamav3 import Config, Model
+    model = Model.from_config(Config.from_directory(str(model_dir)))
+    model.load("cuda:0")
+    try:
+        with torch.inference_mode():
+            return torch.cat([model.forward(ids[i:i + batch], {"attn_mode": "flash_attn_nc"}).float()
+                              for i in range(0, ids.shape[0], batch)])
+    finally:
+        model.unload()
+
+
+def metrics(ref: torch.Tensor, q: torch.Tensor) -> dict:
+    lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(q.double(), -1)
+    k = (lp.exp() * (lp - lq)).sum(-1)
+    kr = (lq.exp() * (lq - lp)).sum(-1)
+    top5 = ref.topk(5, -1).indices
+    return {"kld": float(k.mean()), "kld_reverse": float(kr.mean()), "kld_p99": float(k.flatten().quantile(0.99)),
+            "top1": float((ref.argmax(-1) == q.argmax(-1)).double().mean()),
+            "top5": float((top5 == q.argmax(-1, keepdim=True)).any(-1).double().mean())}
+
+
+def model_bpw(d: Path) -> float:
+    """Bits per weight over the decoder linears as stored (exllamav3's measure; the head not counted)."""
+    from quantmix.formats.exl3 import read_exl3_dir
+    _qc, linears = read_exl3_dir(d)
+    body = [s for s in linears if s.key != "lm_head"]
+    return sum(s.rate * s.numel for s in body) / sum(s.numel for s in body)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--gguf", type=Path, help="real weights (bench/smollm2_truncate.py); default: the tiny Llama")
+    ap.add_argument("--bpw", default="2.5,3,4")
+    ap.add_argument("--rates", default="2,2.5,3,3.5,4,5,6", help="EXL3 rates quantmix measures and plans over")
+    ap.add_argument("--ablation", action="store_true", help="also build the plan from the proxy costs alone")
+    ap.add_argument("--uniform", default="2,3,4,5,6")
+    ap.add_argument("--eval-chunks", type=int, default=16)
+    ap.add_argument("--work", default=".exl3build/compare", help="kept between calls on a warm machine")
+    args = ap.parse_args()
+    out, work = Path(args.out), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantmix.fixtures.text import read_text
+    from quantmix.formats.exl3 import exl3_model
+    from quantmix.measurement.exl3_measure import Measurement, measure_exl3
+    from quantmix.planning.exl3_plan import plan_exl3, write_exl3_recipe
+    hf = work / "hf"
+    if not (hf / "config.json").exists():
+        if args.gguf:
+            build_from_gguf(args.gguf, hf)
+        else:
+            from quantmix.fixtures.tiny import build_tiny
+            build_tiny("tiny-llama", hf, seed=0, vocab=True)
+    res: dict = {"model": str(args.gguf or "tiny-llama"), "seconds": {}}
+    py = sys.executable
+    im = work / "imatrix.gguf"
+    if not im.exists():
+        res["seconds"]["imatrix"] = round(run([py, "-m", "quantmix.cli", "imatrix", str(hf), "-o", str(im),
+                                               "--chunks", "32"]), 1)
+    t0 = time.perf_counter()
+    from quantmix.formats.exl3 import parse_rate
+    rates = tuple(parse_rate(r) for r in args.rates.split(","))
+    meas = measure_exl3(hf, work / "meas.json", imatrix=im, rates=rates, sensitivity=True, progress=False)
+    res["seconds"]["measure_exl3"] = round(time.perf_counter() - t0, 1)
+    model = exl3_model(hf)
+    proxy = Measurement(meas.costs, meas.source)
+    uniform = [float(b) for b in args.uniform.split(",")]
+    dirs: dict[str, Path] = {}
+    for b in uniform:
+        d = work / f"uniform-{b:g}"
+        if not (d / "config.json").exists():
+            res["seconds"][f"convert uniform {b:g}"] = round(convert(hf, d, work / f"w-u{b:g}", ["--bits", str(b)]), 1)
+        dirs[f"exllamav3 uniform {b:g}"] = d
+    xmeas = work / "exllamav3-measurement.json"
+    if not xmeas.exists():
+        res["seconds"]["exllamav3 measure"] = round(run(
+            [py, "-m", "exllamav3.conversion.measure_model", "-i", *[str(dirs[f"exllamav3 uniform {b:g}"])
+                                                                    for b in uniform],
+             "-r", str(hf), "-o", str(xmeas)]), 1)
+    for bpw in (float(b) for b in args.bpw.split(",")):
+        d = work / f"exllamav3-opt-{bpw:g}"
+        if not (d / "config.json").exists():
+            res["seconds"][f"exllamav3 optimize {bpw:g}"] = round(run(
+                [py, "-m", "exllamav3.conversion.optimize_model", "-m", str(xmeas), "-b", str(bpw), "-o", str(d)]), 1)
+        dirs[f"exllamav3 optimize {bpw:g}"] = d
+        for name, m in (("quantmix", meas), ("quantmix proxy-only", proxy))[:2 if args.ablation else 1]:
+            plan = plan_exl3(model, m, target_bpw=bpw, rates=rates)
+            tag = name.replace(" ", "-")
+            d = work / f"{tag}-{bpw:g}"
+            if not (d / "config.json").exists():
+                recipe = write_exl3_recipe(plan, work / f"{tag}-{bpw:g}.yaml", bpw)
+                res["seconds"][f"convert {name} {bpw:g}"] = round(
+                    convert(hf, d, work / f"w-{tag}-{bpw:g}", ["--recipe", str(recipe)]), 1)
+            dirs[f"{name} {bpw:g}"] = d
+            res.setdefault("plans", {})[f"{name} {bpw:g}"] = plan.summary()
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    ids = tok(read_text("wiki-eval"), return_tensors="pt").input_ids[0]
+    n = min(args.eval_chunks, ids.numel() // 512)
+    ids = ids[: n * 512].reshape(n, 512)
+    ref_model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).cuda().eval()
+    with torch.inference_mode():
+        ref = torch.cat([ref_model(ids[i:i + 4].cuda()).logits.float() for i in range(0, n, 4)])
+    del ref_model
+    res["eval_tokens"] = int(ids.numel())
+    res["models"] = {}
+    for name, d in dirs.items():
+        entry: dict = {"bpw": round(model_bpw(d), 4)}
+        try:
+            q = exl3_logits(d, ids)
+            entry.update(metrics(ref.reshape(q.shape), q))
+        except Exception as e:  # the figures of the other models still count
+            entry["error"] = f"{type(e).__name__}: {e}"
+        res["models"][name] = entry
+        print(f"{name:28s} " + json.dumps(entry), flush=True)
+        (out / "exl3-compare.json").write_text(json.dumps(res, indent=1))
+    (work / "meas.json").is_file() and (out / "exl3-measurement.json").write_text((work / "meas.json").read_text())
+    (out / "exl3-compare.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
