@@ -4,6 +4,7 @@ mid-run (SIGKILL) leaves its finished entries cached, and the rerun finishes wit
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,24 @@ def test_killed_rank_resumes(model: Path, single: bytes, tmp_path: Path) -> None
     total = int((tmp_path / "again" / "computed-rank0.txt").read_text())
     first = len(__import__("json").loads(single)["rows"])
     assert 0 < total < first  # only the missing entries were measured again
+
+
+def test_optimize_under_torchrun(llamacpp, tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 -m quantmix.cli optimize ...`: the ranks share the error table, rank 1 stops
+    after its share, rank 0 writes the same recipe and plan as one process does."""
+    from test_catalog import _converted_tiny
+    src = _converted_tiny(llamacpp, "tiny-qwen2-moe")
+    env = dict(os.environ, OMP_NUM_THREADS="1", QUANTMIX_CACHE=str(tmp_path / "cache"))
+    outs = {}
+    for n in (2, 1):  # the ranks measure in a fresh cache; one process then plans from the same entries
+        out = tmp_path / f"n{n}" / "recipe.txt"
+        out.parent.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m",
+               "quantmix.cli", "optimize", str(src), "--target-bpw", "5.0", "-o", str(out), "--types",
+               "Q4_0,Q4_K,Q6_K,Q8_0", "--device", "cpu", "--quiet"]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[n] = (r, out.read_bytes(), out.with_suffix(".plan.json").read_bytes())
+    assert outs[2][1:] == outs[1][1:]
+    assert "rank 0 plans and writes the outputs" in outs[2][0].stderr
+    assert re.search(r"\(0 from the cache, [1-9]\d* measured\)", outs[2][0].stderr), outs[2][0].stderr[-2000:]

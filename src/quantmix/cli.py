@@ -317,9 +317,16 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     check_plan(cat, budget, constraints, tuple(cands) if cands else None, args.device)  # before the long work
     if args.gguf_out:
         check_space(Path(args.gguf_out), sum(p.capacity for p in budget.pools), "--gguf-out")
+    from quantmix.measurement.distributed import init_from_env, rank_device, world
+    distributed = init_from_env(args.device)  # under torchrun: the error table is shared out, rank 0 goes on
+    if distributed:
+        args.device = rank_device(args.device)
     try:
         m = measure(inputs, args.imatrix, tuple(cands) if cands else None, profile=profile,
                     device=args.device, progress=not args.quiet, calib=calib, dtype=args.dtype)
+        if distributed and world()[0] != 0:
+            print("error table share done; rank 0 plans and writes the outputs", file=sys.stderr)
+            return 0
         for n in m.notes:
             print(f"note: {n}", file=sys.stderr)
         oc = plan_recipe(m, budget, constraints, refine_time=args.refine_time if profile != "large" else 0.0,

@@ -253,7 +253,7 @@ def measure(inputs: ModelInputs, imatrix: Path | None, candidates: tuple[str, ..
     (default wiki-calib), which refinement's probes then use too. ``sensitivity_chunks``: calibration chunks of
     512 tokens the probes run on (default: the profile's)."""
     from quantmix.evaluation.evaluate import load_texts
-    from quantmix.measurement.error_table import error_table
+    from quantmix.measurement.distributed import in_group, leave_group, sharded_error_table
     from quantmix.measurement.sensitivity import fit_sensitivity
 
     cat = catalog_from_gguf(inputs.gguf)
@@ -268,11 +268,13 @@ def measure(inputs: ModelInputs, imatrix: Path | None, candidates: tuple[str, ..
         elif candidates is None or SLOW_ON_CPU.intersection(c.upper() for c in candidates):
             _log("warning: without ggml's quantizer the codebook IQ types take hours on a CPU (torch numerics)")
     t0 = time.time()
-    table = error_table(inputs.tensors, imatrix, candidates=list(candidates) if candidates else None, device=device,
-                        progress=progress)
+    table = sharded_error_table(inputs.tensors, imatrix, candidates=list(candidates) if candidates else None,
+                                device=device, progress=progress)  # one process: error_table itself
     _log(f"error table: {len(table.rows)} (tensor, type) errors ({len(table.rows) - table.computed} from the cache, "
          f"{table.computed} measured) in {time.time() - t0:.0f} s")
     m = Measured(inputs, cat, imatrix, table, None, dtype=dtype)
+    if in_group() and not leave_group():  # torchrun: the other ranks' part ends with the table
+        return m
     if not table.bias:
         m.notes.append(table.bias_note)
     if profile and inputs.hf_dir is not None:

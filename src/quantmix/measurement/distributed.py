@@ -18,7 +18,8 @@ import torch
 
 from quantmix.measurement.error_table import ErrorTable, _n_bytes, _sources, error_table
 
-__all__ = ["world", "init_from_env", "is_rank_zero", "shard_tensors", "sharded_error_table"]
+__all__ = ["world", "init_from_env", "is_rank_zero", "in_group", "rank_device", "leave_group", "shard_tensors",
+           "sharded_error_table"]
 
 
 def world() -> tuple[int, int]:
@@ -27,6 +28,12 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def in_group() -> bool:
+    """Whether this process has joined a process group (init_from_env under torchrun)."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
 
 
 def is_rank_zero() -> bool:
@@ -45,6 +52,24 @@ def init_from_env(device: str | None = None) -> bool:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if cuda else "gloo")
     return True
+
+
+def rank_device(device: str | None) -> str:
+    """This rank's device: its LOCAL_RANK's GPU where the job runs on CUDA (``cuda`` or unset with a GPU present)."""
+    if device in (None, "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device or "cpu"
+
+
+def leave_group() -> bool:
+    """After the sharded work: wait for every rank, then leave the group (a gloo rank left with its group alive can
+    abort at exit). True on rank 0, which carries on alone."""
+    import torch.distributed as dist
+    rank = world()[0]
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return rank == 0
 
 
 def shard_tensors(sizes: list[tuple[str, int]], n: int) -> list[list[str]]:
