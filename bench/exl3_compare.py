@@ -10,8 +10,8 @@ random Llama. Then:
      exllamav3 measure_model over them and optimize_model at each --bpw;
   3. quantmix's plan at each --bpw (with the measured coefficients, and proxy-only for comparison), built by
      exllamav3's convert_model --recipe;
-  4. every model's KLD (both ways) and top-1/top-5 agreement against the float model (transformers, fp32) on wiki-eval
-     tokens, computed from exllamav3 inference.
+  4. every model through `quantmix eval --exl3` (evaluation.evaluate with exllamav3's logits against the streaming
+     engine's float reference): KLD both ways, PPL, top-K agreement on wiki-eval tokens.
 Writes $OUT/exl3-compare.json and prints one line per model.
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from exl3_tiny import convert  # noqa: E402
@@ -55,29 +54,6 @@ def build_from_gguf(gguf_path: Path, hf: Path) -> None:
     _save_tokenizer(hf, gguf_path)
 
 
-def exl3_logits(model_dir: Path, ids: torch.Tensor, batch: int = 4) -> torch.Tensor:
-    """Logits of an EXL3 directory through exllamav3's own inference (no cache), loaded once."""
-    from exllamav3 import Config, Model
-    model = Model.from_config(Config.from_directory(str(model_dir)))
-    model.load("cuda:0")
-    try:
-        with torch.inference_mode():
-            return torch.cat([model.forward(ids[i:i + batch], {"attn_mode": "flash_attn_nc"}).float()
-                              for i in range(0, ids.shape[0], batch)])
-    finally:
-        model.unload()
-
-
-def metrics(ref: torch.Tensor, q: torch.Tensor) -> dict:
-    lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(q.double(), -1)
-    k = (lp.exp() * (lp - lq)).sum(-1)
-    kr = (lq.exp() * (lq - lp)).sum(-1)
-    top5 = ref.topk(5, -1).indices
-    return {"kld": float(k.mean()), "kld_reverse": float(kr.mean()), "kld_p99": float(k.flatten().quantile(0.99)),
-            "top1": float((ref.argmax(-1) == q.argmax(-1)).double().mean()),
-            "top5": float((top5 == q.argmax(-1, keepdim=True)).any(-1).double().mean())}
-
-
 def model_bpw(d: Path) -> float:
     """Bits per weight over the decoder linears as stored (exllamav3's measure; the head not counted)."""
     from quantmix.formats.exl3 import read_exl3_dir
@@ -99,9 +75,6 @@ def main() -> None:
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from quantmix.fixtures.text import read_text
     from quantmix.formats.exl3 import exl3_model
     from quantmix.measurement.exl3_measure import Measurement, measure_exl3
     from quantmix.planning.exl3_plan import plan_exl3, write_exl3_recipe
@@ -154,23 +127,17 @@ def main() -> None:
                     convert(hf, d, work / f"w-{tag}-{bpw:g}", ["--recipe", str(recipe)]), 1)
             dirs[f"{name} {bpw:g}"] = d
             res.setdefault("plans", {})[f"{name} {bpw:g}"] = plan.summary()
-    tok = AutoTokenizer.from_pretrained(str(hf))
-    ids = tok(read_text("wiki-eval"), return_tensors="pt").input_ids[0]
-    n = min(args.eval_chunks, ids.numel() // 512)
-    ids = ids[: n * 512].reshape(n, 512)
-    ref_model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).cuda().eval()
-    with torch.inference_mode():
-        ref = torch.cat([ref_model(ids[i:i + 4].cuda()).logits.float() for i in range(0, n, 4)])
-    del ref_model
-    res["eval_tokens"] = int(ids.numel())
+    from quantmix.evaluation.evaluate import evaluate, exl3_source
     res["models"] = {}
+    keep = ("bpw", "size_bytes", "types", "kld", "kld_se", "kld_rev", "kld_p99", "ppl_q", "ppl_base", "top1", "top5",
+            "n_tokens")
     for name, d in dirs.items():
-        entry: dict = {"bpw": round(model_bpw(d), 4)}
-        try:
-            q = exl3_logits(d, ids)
-            entry.update(metrics(ref.reshape(q.shape), q))
+        try:  # quantmix eval --exl3: exllamav3's logits against the streaming engine's float reference
+            row = evaluate(hf, exl3_source(d, label=name), "wiki-eval", n_ctx=512, max_chunks=args.eval_chunks,
+                           device="cuda").row()
+            entry = {k: row[k] for k in keep if k in row}
         except Exception as e:  # the figures of the other models still count
-            entry["error"] = f"{type(e).__name__}: {e}"
+            entry = {"bpw": round(model_bpw(d), 4), "error": f"{type(e).__name__}: {e}"}
         res["models"][name] = entry
         print(f"{name:28s} " + json.dumps(entry), flush=True)
         (out / "exl3-compare.json").write_text(json.dumps(res, indent=1))

@@ -252,3 +252,25 @@ def test_exl3_sensitivity_probes(tmp_path: Path) -> None:
     p.write_text(json.dumps(bad))
     with pytest.raises(Exl3Error, match=f"{key}: kld_per_cost"):
         read_measurement(p)
+
+
+def test_eval_exl3_fields_and_refusals(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An EXL3 directory's evaluation row: size from the stored tensors, bpw as exllamav3 counts it (decoder
+    linears, the head apart); `quantmix eval --exl3` refuses a CPU device and a non-EXL3 directory at once (exit 2)."""
+    from quantmix.cli import main
+    from quantmix.evaluation.exl3_logits import exl3_applied
+    layout = {"model.layers.0.self_attn.q_proj": (256, 256, 2.5), "model.layers.0.mlp.down_proj": (512, 256, 4),
+              "lm_head": (256, 512, 6)}
+    q = tmp_path / "q"
+    q.mkdir()
+    _write_exl3_dir(q, layout)
+    a = exl3_applied(q)
+    assert a["size_bytes"] == sum(linear_bytes(*v) for v in layout.values())
+    assert a["bpw"] == pytest.approx((256 * 256 * 2.5 + 512 * 256 * 4) / (256 * 256 + 512 * 256))
+    assert a["types"] == "EXL3 2.5,4 head 6"
+    hf = tmp_path / "hf"
+    build_tiny("tiny-llama", hf, seed=0, vocab=True)
+    assert main(["eval", str(hf), "--exl3", str(q), "--device", "cpu", "--quiet"]) == 2
+    assert "CUDA only" in capsys.readouterr().err
+    assert main(["eval", str(hf), "--exl3", str(hf), "--device", "cpu", "--quiet"]) == 2
+    assert str(hf) in capsys.readouterr().err

@@ -413,7 +413,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from quantmix.evaluation.evaluate import DEFAULT_TEXT, TextSourceError, evaluate, gguf_source, recipe_source
+    from quantmix.evaluation.evaluate import (DEFAULT_TEXT, TextSourceError, evaluate, exl3_source, gguf_source,
+                                              recipe_source)
     from quantmix.evaluation.runs import append_run, comparable_runs
     from quantmix.reports.eval_table import render_eval_table, render_llama_table
 
@@ -422,9 +423,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise CliError(f"{model}: eval runs the Hugging Face model as the reference; give its directory or a "
                        f"fixture name (the quantized side can be a GGUF: --gguf FILE)")
     has_recipe = bool(args.recipe or args.mix or args.ftype or args.tensor_type)
-    if args.gguf and has_recipe:
-        raise CliError("give either --gguf FILE... or a recipe (--recipe/--mix/--ftype), not both")
-    if args.gguf:
+    if sum(map(bool, (args.gguf, args.exl3, has_recipe))) > 1:
+        raise CliError("give one of --gguf FILE..., --exl3 DIR... or a recipe (--recipe/--mix/--ftype)")
+    if args.exl3:
+        try:
+            sources = [exl3_source(d, label=args.label or "") for d in args.exl3]
+        except FileNotFoundError as e:
+            raise CliError(str(e)) from None
+    elif args.gguf:
         if args.imatrix:
             raise CliError("--imatrix applies to a recipe; a GGUF is evaluated as written")
         sources = [gguf_source(g, label=args.label or "") for g in args.gguf]
@@ -684,6 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "  quantmix eval ./Qwen3-4B --gguf q4.gguf q3.gguf --eval-text my-eval.txt --chunks 0")
     e.add_argument("model", help="the float model: a Hugging Face directory or a built-in fixture name")
     e.add_argument("--gguf", type=Path, nargs="+", metavar="FILE", help="quantized GGUF file(s) to evaluate")
+    e.add_argument("--exl3", type=Path, nargs="+", metavar="DIR",
+                   help="EXL3 model director(ies) to evaluate, run by exllamav3 (CUDA; pip install exllamav3)")
     _add_recipe_args(e)
     e.add_argument("--imatrix", type=Path, help="with a recipe: the importance matrix to quantize with")
     e.add_argument("--label", help="name of the quantization in tables (default: file name or recipe)")

@@ -58,28 +58,39 @@ DEFAULT_TEXT = "wiki-eval"
 
 @dataclass(frozen=True)
 class QuantSource:
-    """What is evaluated: a recipe applied in torch (``spec``, optional ``imatrix``) or a GGUF file."""
+    """What is evaluated: a recipe applied in torch (``spec``, optional ``imatrix``), a GGUF file, or an EXL3
+    directory (run by exllamav3)."""
 
     spec: RecipeSpec | None = None
     gguf: Path | None = None
     imatrix: Path | None = None
     label: str = ""
+    exl3: Path | None = None
 
     @property
     def kind(self) -> str:
-        return "gguf" if self.gguf is not None else "recipe"
+        return "gguf" if self.gguf is not None else "exl3" if self.exl3 is not None else "recipe"
 
     def describe(self) -> str:
         if self.label:
             return self.label
         if self.gguf is not None:
             return self.gguf.name.removesuffix(".gguf")
+        if self.exl3 is not None:
+            return self.exl3.name
         assert self.spec is not None
         return self.spec.describe() + (" + imatrix" if self.imatrix else "")
 
 
 def recipe_source(spec: RecipeSpec, imatrix: str | Path | None = None, label: str = "") -> QuantSource:
     return QuantSource(spec=spec, imatrix=Path(imatrix) if imatrix else None, label=label)
+
+
+def exl3_source(path: str | Path, label: str = "") -> QuantSource:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p}: not an EXL3 model directory (no config.json)")
+    return QuantSource(exl3=p, label=label)
 
 
 def gguf_source(path: str | Path, label: str = "") -> QuantSource:
@@ -311,6 +322,10 @@ def evaluate_tokens(model_dir: str | Path, quant: QuantSource, text: EvalText, p
     model_dir = _check_model_dir(model_dir)
     dev = _device(device)
     et = text
+    if quant.exl3 is not None:  # a bad directory or no GPU: said before the reference pass, not after it
+        from quantmix.evaluation.exl3_logits import check_exl3
+
+        check_exl3(quant.exl3, dev)
     with LayerEngine(model_dir, dev, torch.float32, resident_bytes=resident_bytes) as engine:
         model = engine.model
         if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
@@ -342,15 +357,30 @@ def evaluate_tokens(model_dir: str | Path, quant: QuantSource, text: EvalText, p
         if nextn is not None:
             nextn_ref = _nextn_reference(engine, nextn, et, float_pass(), rows)
         float_final.clear()
-        _log(progress, f"applying {quant.describe()}")
-        qz = _Quantizer(engine, model_dir, quant, dev, nextn)
-        final = _quantized_pass(engine, batches, qz, act_quant, progress)
         acc = MetricsAccumulator()
         acc_nextn = MetricsAccumulator()
-        with _head_numerics(engine, qz, act_quant):
-            for c, (j, r) in enumerate(rows):
-                q_logits = engine.logits(final[j][r, et.first:-1]).cpu()
-                acc.add(token_metrics(ref.logits(c, head).cpu(), q_logits, et.chunks[c, et.first + 1:]))
+        if quant.exl3 is not None:  # the quantized side runs in exllamav3; the reference stays ours
+            from quantmix.evaluation.exl3_logits import Exl3Logits
+
+            _log(progress, f"loading {quant.describe()} in exllamav3")
+            x = Exl3Logits(quant.exl3, dev)
+            try:
+                for c in range(et.n_chunks):
+                    q_logits = x.logits(et.chunks[c:c + 1])[0, et.first:-1].cpu()  # exllamav3 reads ids on the host
+                    acc.add(token_metrics(ref.logits(c, head).cpu(), q_logits, et.chunks[c, et.first + 1:]))
+            finally:
+                x.close()
+            applied = x.applied
+            nextn = None  # exllamav3 does not run the NextN head for scoring
+        else:
+            _log(progress, f"applying {quant.describe()}")
+            qz = _Quantizer(engine, model_dir, quant, dev, nextn)
+            final = _quantized_pass(engine, batches, qz, act_quant, progress)
+            with _head_numerics(engine, qz, act_quant):
+                for c, (j, r) in enumerate(rows):
+                    q_logits = engine.logits(final[j][r, et.first:-1]).cpu()
+                    acc.add(token_metrics(ref.logits(c, head).cpu(), q_logits, et.chunks[c, et.first + 1:]))
+            applied = qz.applied
         if nextn is not None and nextn_ref is not None:
             with contextlib.ExitStack() as stack:
                 if act_quant == "llama-cpu":
@@ -363,7 +393,6 @@ def evaluate_tokens(model_dir: str | Path, quant: QuantSource, text: EvalText, p
                     acc_nextn.add(token_metrics(nextn_ref.head(nextn_ref.hidden[c]),
                                                 nextn.layer.shared_head.head(q_h).float().cpu(),
                                                 et.chunks[c, et.first + 2:]))
-        applied = qz.applied
     stats = acc.summary()
     ref_el = catalog_from_config(model_dir).n_elements
     fp = ref.meta["model_sha256"]
@@ -384,7 +413,7 @@ def evaluate_tokens(model_dir: str | Path, quant: QuantSource, text: EvalText, p
         "n_chunks": et.n_chunks,
         "scoring": "all-positions" if et.all_positions else "second-half",
         "reference_precision": precision,
-        "act_quant": act_quant,
+        "act_quant": act_quant if quant.exl3 is None else "exllamav3",
         "device": dev.type,
     }
     stats_nextn = acc_nextn.summary() if nextn is not None else None
