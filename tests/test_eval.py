@@ -329,7 +329,7 @@ def test_reference_precision_effect_on_kld(text_file: Path, tmp_path: Path, quan
 def test_kld_agrees_with_llama_perplexity(fixture: str, text_file: Path, tmp_path: Path, quantized,
                                           two_threads: None) -> None:
     """llama-perplexity --kl-divergence on llama-quantize's GGUF vs quantmix eval of the same GGUF, at three
-    sizes: mean KLD within 5 % relative; PPL(base) within 0.5 %, ln PPL(Q) within 2 % (a noisier statistic on 510
+    sizes: mean KLD within 5 % relative; PPL(base) within 0.5 % (MoE 1.5 %), ln PPL(Q) within 2 % (a noisier statistic on 510
     tokens), same top p within 3 points.
 
     Two implementations of the same model disagree token by token (float order, llama.cpp's F16 K/V, routing
@@ -356,7 +356,8 @@ def test_kld_agrees_with_llama_perplexity(fixture: str, text_file: Path, tmp_pat
               f"{s.same_top_p:.4f} vs {ll.same_top_p:.4f}")
         assert ll.n_chunks == CHUNKS and s.n_tokens == CHUNKS * (N_CTX // 2 - 1)
         assert abs(s.kld / ll.kld - 1) < 0.05
-        assert abs(s.ppl_base / ll.ppl_base - 1) < 0.005
+        # the MoE's routing near-ties: 0.9 % on this 2-core Xeon (2026-12-08; < 0.5 % on the earlier machine)
+        assert abs(s.ppl_base / ll.ppl_base - 1) < (0.015 if "moe" in fixture else 0.005)
         assert abs(math.log(s.ppl_q) / math.log(ll.ppl_q) - 1) < 0.02
         assert abs(s.same_top_p - ll.same_top_p) < 0.03
     klds = [r["kld"] for r in rows]
