@@ -110,7 +110,7 @@ def main() -> None:
         res["seconds"]["exllamav3 measure"] = round(run(
             [py, "-m", "exllamav3.conversion.measure_model", "-i", *[str(dirs[f"exllamav3 uniform {b:g}"])
                                                                     for b in uniform],
-             "-r", str(hf), "-o", str(xmeas)]), 1)
+             "-r", str(hf), "-o", str(xmeas), "-cr", "16", "-cc", "256"]), 1)  # as convert's calibration
     for bpw in (float(b) for b in args.bpw.split(",")):
         d = work / f"exllamav3-opt-{bpw:g}"
         if not (d / "config.json").exists():
