@@ -98,6 +98,23 @@ def main() -> None:
     res["seconds"]["measure_exl3"] = round(time.perf_counter() - t0, 1)
     model = exl3_model(hf)
     proxy = Measurement(meas.costs, meas.source)
+    from quantmix.evaluation.evaluate import evaluate, exl3_source
+    res["models"] = {}
+    keep = ("bpw", "size_bytes", "types", "kld", "kld_se", "kld_rev", "kld_p99", "ppl_q", "ppl_base", "top1", "top5",
+            "n_tokens")
+
+    def score(name: str, d: Path) -> None:
+        """quantmix eval --exl3: exllamav3's logits against the streaming engine's float reference (cached)."""
+        try:
+            row = evaluate(hf, exl3_source(d, label=name), "wiki-eval", n_ctx=512, max_chunks=args.eval_chunks,
+                           device="cuda").row()
+            entry = {k: row[k] for k in keep if k in row}
+        except Exception as e:  # the figures of the other models still count
+            entry = {"bpw": round(model_bpw(d), 4), "error": f"{type(e).__name__}: {e}"}
+        res["models"][name] = entry
+        print(f"{name:28s} " + json.dumps(entry), flush=True)
+        (out / "exl3-compare.json").write_text(json.dumps(res, indent=1))
+
     uniform = [float(b) for b in args.uniform.split(",")]
     dirs: dict[str, Path] = {}
     for b in uniform:
@@ -105,6 +122,19 @@ def main() -> None:
         if not (d / "config.json").exists():
             res["seconds"][f"convert uniform {b:g}"] = round(convert(hf, d, work / f"w-u{b:g}", ["--bits", str(b)]), 1)
         dirs[f"exllamav3 uniform {b:g}"] = d
+    for bpw in (float(b) for b in args.bpw.split(",")):  # quantmix first: the figure this bench is for
+        for name, m in (("quantmix", meas), ("quantmix proxy-only", proxy))[:2 if args.ablation else 1]:
+            plan = plan_exl3(model, m, target_bpw=bpw, rates=rates)
+            tag = name.replace(" ", "-")
+            d = work / f"{tag}-{bpw:g}"
+            if not (d / "config.json").exists():
+                recipe = write_exl3_recipe(plan, work / f"{tag}-{bpw:g}.yaml", bpw)
+                res["seconds"][f"convert {name} {bpw:g}"] = round(
+                    convert(hf, d, work / f"w-{tag}-{bpw:g}", ["--recipe", str(recipe)]), 1)
+            res.setdefault("plans", {})[f"{name} {bpw:g}"] = plan.summary()
+            score(f"{name} {bpw:g}", d)
+        if bpw in uniform:
+            score(f"exllamav3 uniform {bpw:g}", dirs[f"exllamav3 uniform {bpw:g}"])
     xmeas = work / "exllamav3-measurement.json"
     if not xmeas.exists():
         res["seconds"]["exllamav3 measure"] = round(run(
@@ -116,31 +146,10 @@ def main() -> None:
         if not (d / "config.json").exists():
             res["seconds"][f"exllamav3 optimize {bpw:g}"] = round(run(
                 [py, "-m", "exllamav3.conversion.optimize_model", "-m", str(xmeas), "-b", str(bpw), "-o", str(d)]), 1)
-        dirs[f"exllamav3 optimize {bpw:g}"] = d
-        for name, m in (("quantmix", meas), ("quantmix proxy-only", proxy))[:2 if args.ablation else 1]:
-            plan = plan_exl3(model, m, target_bpw=bpw, rates=rates)
-            tag = name.replace(" ", "-")
-            d = work / f"{tag}-{bpw:g}"
-            if not (d / "config.json").exists():
-                recipe = write_exl3_recipe(plan, work / f"{tag}-{bpw:g}.yaml", bpw)
-                res["seconds"][f"convert {name} {bpw:g}"] = round(
-                    convert(hf, d, work / f"w-{tag}-{bpw:g}", ["--recipe", str(recipe)]), 1)
-            dirs[f"{name} {bpw:g}"] = d
-            res.setdefault("plans", {})[f"{name} {bpw:g}"] = plan.summary()
-    from quantmix.evaluation.evaluate import evaluate, exl3_source
-    res["models"] = {}
-    keep = ("bpw", "size_bytes", "types", "kld", "kld_se", "kld_rev", "kld_p99", "ppl_q", "ppl_base", "top1", "top5",
-            "n_tokens")
-    for name, d in dirs.items():
-        try:  # quantmix eval --exl3: exllamav3's logits against the streaming engine's float reference
-            row = evaluate(hf, exl3_source(d, label=name), "wiki-eval", n_ctx=512, max_chunks=args.eval_chunks,
-                           device="cuda").row()
-            entry = {k: row[k] for k in keep if k in row}
-        except Exception as e:  # the figures of the other models still count
-            entry = {"bpw": round(model_bpw(d), 4), "error": f"{type(e).__name__}: {e}"}
-        res["models"][name] = entry
-        print(f"{name:28s} " + json.dumps(entry), flush=True)
-        (out / "exl3-compare.json").write_text(json.dumps(res, indent=1))
+        score(f"exllamav3 optimize {bpw:g}", d)
+    for b in uniform:
+        if f"exllamav3 uniform {b:g}" not in res["models"]:
+            score(f"exllamav3 uniform {b:g}", dirs[f"exllamav3 uniform {b:g}"])
     (work / "meas.json").is_file() and (out / "exl3-measurement.json").write_text((work / "meas.json").read_text())
     (out / "exl3-compare.json").write_text(json.dumps(res, indent=1))
 
