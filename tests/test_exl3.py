@@ -274,3 +274,48 @@ def test_eval_exl3_fields_and_refusals(tmp_path: Path, capsys: pytest.CaptureFix
     assert "CUDA only" in capsys.readouterr().err
     assert main(["eval", str(hf), "--exl3", str(hf), "--device", "cpu", "--quiet"]) == 2
     assert str(hf) in capsys.readouterr().err
+
+
+def test_measure_exl3_resumes_and_samples_experts(tmp_path: Path) -> None:
+    """measure_exl3 with a CPU stand-in quantizer: one cost per linear and rate; a rerun reads the journal and
+    quantizes nothing; a torn last journal line is redone; with --expert-sample 2 of 4 experts only those are
+    quantized and the others get their group's relative error times their own trace(W^T W)."""
+    from quantmix.measurement.exl3_measure import expert_samples, measure_exl3
+    hf = tmp_path / "moe"
+    build_tiny("tiny-qwen3-moe", hf, seed=0)
+    rates = (2, 3, 4)
+    calls: list[str] = []
+
+    def q(w: torch.Tensor, imp: torch.Tensor | None, rate: float, scratch: str) -> tuple[torch.Tensor, float]:
+        calls.append(f"{tuple(w.shape)}@{rate}")
+        return _grid_quantize(w, imp, rate, scratch)
+
+    out = tmp_path / "m.json"
+    m = measure_exl3(hf, out, rates=rates, device="cpu", progress=False, quantize=q)
+    keys = [x.key for x in exl3_model(hf).budgeted()]
+    assert sorted(m.costs) == sorted(keys) and len(calls) == 3 * len(keys)
+    assert all(m.costs[k][2] > m.costs[k][3] > m.costs[k][4] > 0 for k in keys)
+    journal = next(tmp_path.glob("m.json.*.jsonl"))
+    calls.clear()
+    assert measure_exl3(hf, out, rates=rates, device="cpu", progress=False, quantize=q).costs == m.costs
+    assert calls == []
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join(lines[:-1]) + lines[-1][:10])  # a kill mid-write
+    assert measure_exl3(hf, out, rates=rates, device="cpu", progress=False, quantize=q).costs == m.costs
+    assert len(calls) == 3
+    assert journal.read_text().splitlines(keepends=True) == lines  # cut back, then the redone line on its own
+    assert read_measurement(out).costs == m.costs
+
+    stand = expert_samples(keys, 2)
+    experts = [k for k in keys if ".experts." in k]
+    assert len(stand) == len(experts) // 2 and all(".experts." in k for k in stand)
+    calls.clear()
+    s = measure_exl3(hf, tmp_path / "s.json", rates=rates, device="cpu", progress=False, quantize=q,
+                     expert_sample=2)
+    assert len(calls) == 3 * (len(keys) - len(stand))
+    for k in keys:
+        if k not in stand:
+            assert s.costs[k] == m.costs[k]
+        else:  # near the exact figure: experts of one layer have like error curves
+            assert all(0.5 < s.costs[k][r] / m.costs[k][r] < 2 for r in rates), k
+    assert s.source["expert_sample"] == {"per_group": 2, "stand_ins": len(stand)}

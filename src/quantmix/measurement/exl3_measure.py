@@ -15,6 +15,8 @@ import hashlib
 import json
 import math
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,8 @@ import torch
 
 from quantmix.formats.exl3 import RATES, Exl3Error, exl3_model, parse_rate
 
-__all__ = ["Measurement", "read_measurement", "write_measurement", "measure_exl3", "input_weights"]
+__all__ = ["Measurement", "read_measurement", "write_measurement", "measure_exl3", "input_weights", "read_journal",
+           "exl3_quantize", "expert_samples"]
 
 MEASUREMENT_FORMAT = "quantmix-exl3-measurement"
 
@@ -130,19 +133,129 @@ def _key(model_dir: Path, imatrix_path: Path | None, rates: tuple[float, ...], v
     return h.hexdigest()[:24]
 
 
+Quantizer = Callable[[torch.Tensor, "torch.Tensor | None", float, str], tuple[torch.Tensor, float]]
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def exl3_quantize(w_out_in: torch.Tensor, imp: torch.Tensor | None, rate: float, scratch: str
+                  ) -> tuple[torch.Tensor, float]:
+    """exllamav3's quantize_exl3 on one [out, in] weight (on a CUDA device) with H = diag(imp): the dequantized
+    weight in the same layout, and its cost proxy_err * trace(W^T H W)."""
+    from exllamav3.modules.quant.exl3_lib.quantize import quantize_exl3
+
+    dev = w_out_in.device
+    w = w_out_in.float().T.contiguous()  # exllamav3 holds linears as [in, out]
+    d = imp.to(dev).float() if imp is not None else torch.ones(w.shape[0], device=dev)
+    hd = {"H": torch.diag(d.clamp_min(1e-8)), "packed": False, "n": w.shape[0], "first_key": "x", "count": 1,
+          "finalized": False, "num_total": 0, "device": dev, "inf_nan": torch.zeros(2, dtype=torch.long, device=dev)}
+    qa = {"seed": 0, "K": rate, "devices": [dev.index or 0], "device_ratios": None, "apply_out_scales": None,
+          "debug_dir": scratch, "mul1": True}
+    wq, proxy, _t = quantize_exl3(w, hd, qa, return_weight_q=True)
+    base = float(torch.sum((w * w) * d[:, None]))
+    return wq.float().T.contiguous(), float(proxy) * base
+
+
+def expert_samples(keys: list[str], n: int) -> dict[str, str]:
+    """With ``n`` > 0: for each layer's expert linears of one role (``...experts.E.gate_proj``), ``n`` experts evenly
+    spaced over E are measured; every other expert key maps to its group's name, whose measured experts stand for it.
+    Returns key -> group for the keys that are not measured."""
+    if n <= 0:
+        return {}
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for k in keys:
+        m = _EXPERT.search(k)
+        if m:
+            groups.setdefault(k[:m.start()] + ".experts.*." + k[m.end():], []).append((int(m.group(1)), k))
+    out = {}
+    for g, members in groups.items():
+        members.sort()
+        if len(members) <= n:
+            continue
+        pick = {round(i * (len(members) - 1) / (n - 1)) for i in range(n)} if n > 1 else {0}
+        out.update({k: g for j, (_e, k) in enumerate(members) if j not in pick})
+    return out
+
+
+def read_journal(path: Path, check: Callable[[dict], object]) -> list[dict]:
+    """The records of a JSON-lines journal up to the first line that does not parse or pass ``check`` (a kill
+    mid-write), and the file cut back to them, so that the next appended record starts on a line of its own."""
+    if not path.exists():
+        return []
+    recs, good = [], 0
+    data = path.read_bytes()
+    for line in data.splitlines(keepends=True):
+        try:
+            rec = json.loads(line)
+            check(rec)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            break
+        if not line.endswith(b"\n"):
+            break
+        recs.append(rec)
+        good += len(line)
+    if good < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return recs
+
+
+def _journal_row(rec: dict) -> dict:
+    """A journal line as kept in memory: {"cost": rate -> cost} for a measured linear, {"base", "group"} for a
+    stand-in expert; "base" is trace(W^T H W)."""
+    row: dict = {"base": float(rec["base"])}
+    if "cost" in rec:
+        row["cost"] = {parse_rate(r): float(v) for r, v in rec["cost"].items()}
+    else:
+        row["group"] = str(rec["group"])
+    return row
+
+
+def _fill_stand_ins(done: dict[str, dict], keys: list[str]) -> dict[str, dict[float, float]]:
+    """Every key's costs: measured ones as they are; a stand-in's = its base x the mean relative error (cost / base)
+    of its group's measured experts at each rate."""
+    rel: dict[str, dict[float, list[float]]] = {}
+    for k in keys:
+        m = _EXPERT.search(k)
+        if m and "cost" in done[k]:
+            g = k[:m.start()] + ".experts.*." + k[m.end():]
+            for r, c in done[k]["cost"].items():
+                rel.setdefault(g, {}).setdefault(r, []).append(c / done[k]["base"] if done[k]["base"] else 0.0)
+    out: dict[str, dict[float, float]] = {}
+    for k in keys:
+        row = done[k]
+        if "cost" in row:
+            out[k] = row["cost"]
+            continue
+        curve = rel.get(row["group"])
+        if not curve:
+            raise Exl3Error(f"expert {k}: no measured expert in its group {row['group']}")
+        out[k] = {r: row["base"] * sum(v) / len(v) for r, v in sorted(curve.items())}
+    return out
+
+
 def measure_exl3(model_dir: str | Path, out: str | Path, *, imatrix: str | Path | None = None,
                  rates: tuple[float, ...] = RATES, device: str = "cuda", progress: bool = True,
                  sensitivity: bool = False, probe_rate: float = 3, chunks: int = 2, n_ctx: int = 512,
-                 texts: list[str | Path] | None = None) -> Measurement:
+                 texts: list[str | Path] | None = None, expert_sample: int = 0,
+                 quantize: Quantizer | None = None) -> Measurement:
     """Quantize each budgeted linear at each rate with exllamav3 and write the measurement file ``out``.
     ``sensitivity``: also measure each tensor's output KLD at ``probe_rate`` (measurement.exl3_sensitivity), so
-    that the plan minimizes predicted KLD rather than the summed proxy error."""
-    try:
-        import exllamav3
-        from exllamav3.modules.quant.exl3_lib.quantize import quantize_exl3
-    except ImportError as e:
-        raise Exl3Error(f"measuring EXL3 needs exllamav3 (pip install exllamav3; a CUDA toolkit builds its "
-                        f"extension on first use): {e}") from None
+    that the plan minimizes predicted KLD rather than the summed proxy error. ``expert_sample``: measure that many
+    experts per layer and role, the others costed from their measured siblings' relative error curve times their
+    own trace(W^T H W) (quantize_exl3 runs at ~8 M weights/s on an H100: GLM-4.6's experts at 11 rates would take
+    days). ``quantize``: (weight [out, in], importance, rate, scratch dir) -> (dequantized, cost); default
+    :func:`exl3_quantize` (exllamav3, CUDA); the CPU tests give their own."""
+    if quantize is None:
+        try:
+            import exllamav3
+            from exllamav3.modules.quant.exl3_lib.quantize import quantize_exl3  # noqa: F401
+        except ImportError as e:
+            raise Exl3Error(f"measuring EXL3 needs exllamav3 (pip install exllamav3; a CUDA toolkit builds its "
+                            f"extension on first use): {e}") from None
+        version = getattr(exllamav3, "__version__", "?")
+        quantize = exl3_quantize
+    else:
+        version = f"custom:{getattr(quantize, '__name__', 'quantizer')}"
     from tqdm import tqdm
 
     from quantmix.model.checkpoint import Checkpoint
@@ -150,39 +263,27 @@ def measure_exl3(model_dir: str | Path, out: str | Path, *, imatrix: str | Path 
     imatrix = Path(imatrix) if imatrix else None
     model = exl3_model(model_dir)
     imp = input_weights(model_dir, imatrix)
-    version = getattr(exllamav3, "__version__", "?")
-    key = _key(model_dir, imatrix, tuple(rates), version)
+    key = _key(model_dir, imatrix, tuple(rates), f"{version};experts={expert_sample}")
     journal = out.with_name(out.name + f".{key}.jsonl")
-    done: dict[str, dict[float, float]] = {}
-    if journal.exists():
-        for line in journal.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-                done[rec["key"]] = {parse_rate(r): v for r, v in rec["cost"].items()}
-            except (json.JSONDecodeError, KeyError, Exl3Error):
-                break  # a torn last line from a kill: redo that linear
+    done = {rec["key"]: _journal_row(rec) for rec in read_journal(journal, _journal_row)}
     ck = Checkpoint(model_dir)
-    todo = [m for m in model.budgeted() if m.key not in done]
+    keys = [m.key for m in model.budgeted()]
+    stand_in = expert_samples(keys, expert_sample)  # key -> its group, for the experts not quantized
+    todo = [k for k in keys if k not in done]
     with open(journal, "a") as jf:
-        for m in tqdm(todo, desc="exl3 measure", unit="linear", disable=not progress):
-            w = ck.get(m.key + ".weight").to(device=device, dtype=torch.float32).T.contiguous()  # [in, out]
-            d = torch.from_numpy(imp[m.key + ".weight"]).to(device) if m.key + ".weight" in imp \
-                else torch.ones(m.in_features, device=device)
-            h = torch.diag(d.float().clamp_min(1e-8))
-            base = float(torch.sum((w * w) * d[:, None]))  # trace(W^T H W) with H diagonal
-            cost = {}
-            for r in rates:
-                hd = {"H": h.clone(), "packed": False, "n": m.in_features, "first_key": m.key, "count": 1,
-                      "finalized": False, "num_total": 0, "device": torch.device(device),
-                      "inf_nan": torch.zeros(2, dtype=torch.long, device=device)}
-                qa = {"seed": 0, "K": r, "devices": [torch.device(device).index or 0], "device_ratios": None,
-                      "apply_out_scales": None, "debug_dir": str(out.parent), "mul1": True}
-                _wq, proxy, _t = quantize_exl3(w, hd, qa, return_weight_q=False)
-                cost[str(r)] = float(proxy) * base
-            jf.write(json.dumps({"key": m.key, "cost": cost}) + "\n")
+        for k in tqdm(todo, desc="exl3 measure", unit="linear", disable=not progress):
+            w = ck.get(k + ".weight").to(device=device, dtype=torch.float32)  # [out, in]
+            d = torch.from_numpy(imp[k + ".weight"]).to(device).float() if k + ".weight" in imp else None
+            base = float(torch.sum((w * w) * (d[None, :] if d is not None else 1.0)))  # trace(W^T H W)
+            if k in stand_in:  # costed from its group's measured experts
+                rec = {"key": k, "base": base, "group": stand_in[k]}
+            else:
+                rec = {"key": k, "base": base, "cost": {str(r): quantize(w, d, r, str(out.parent))[1] for r in rates}}
+            jf.write(json.dumps(rec) + "\n")
             jf.flush()
             os.fsync(jf.fileno())
-            done[m.key] = {parse_rate(r): v for r, v in cost.items()}
+            done[k] = _journal_row(rec)
+    costs = _fill_stand_ins(done, keys)
     source = {"model": str(model_dir), "imatrix": str(imatrix) if imatrix else None,
               "quantizer": f"exllamav3 {version} quantize_exl3, mul1, H = diag(imatrix)",
               "rates": list(rates), "key": key}
@@ -191,9 +292,11 @@ def measure_exl3(model_dir: str | Path, out: str | Path, *, imatrix: str | Path 
         from quantmix.measurement.exl3_sensitivity import exl3_coefficients
         coefs = exl3_coefficients(model_dir, key, journal.with_name(out.name + ".sensitivity"), imatrix=imatrix,
                                   probe_rate=probe_rate, n_ctx=n_ctx, chunks=chunks, texts=texts, device=device,
-                                  progress=progress)
+                                  progress=progress, quantize=None if quantize is exl3_quantize else quantize)
         source["sensitivity"] = {"probe_rate": probe_rate, "chunks": chunks, "n_ctx": n_ctx,
                                  "texts": [str(t) for t in texts] if texts else ["wiki-calib"]}
-    meas = Measurement(done, source, coefs)
+    if stand_in:
+        source["expert_sample"] = {"per_group": expert_sample, "stand_ins": len(stand_in)}
+    meas = Measurement(costs, source, coefs)
     write_measurement(out, meas)
     return meas

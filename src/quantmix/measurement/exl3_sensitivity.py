@@ -19,38 +19,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from quantmix.formats.exl3 import Exl3Error, exl3_model
+from quantmix.measurement.exl3_measure import Quantizer, exl3_quantize, read_journal
 
 __all__ = ["exl3_coefficients"]
-
-
-def _quantize(w_out_in: torch.Tensor, imp: torch.Tensor | None, rate: float, debug_dir: str) -> tuple[torch.Tensor, float]:
-    """exllamav3's quantize_exl3 on one [out, in] weight with H = diag(imp): the dequantized weight, same layout,
-    and its cost proxy_err * trace(W^T H W)."""
-    from exllamav3.modules.quant.exl3_lib.quantize import quantize_exl3
-
-    dev = w_out_in.device
-    w = w_out_in.float().T.contiguous()  # exllamav3 holds linears as [in, out]
-    d = imp.to(dev).float() if imp is not None else torch.ones(w.shape[0], device=dev)
-    hd = {"H": torch.diag(d.clamp_min(1e-8)), "packed": False, "n": w.shape[0], "first_key": "probe", "count": 1,
-          "finalized": False, "num_total": 0, "device": dev, "inf_nan": torch.zeros(2, dtype=torch.long, device=dev)}
-    qa = {"seed": 0, "K": rate, "devices": [dev.index or 0], "device_ratios": None, "apply_out_scales": None,
-          "debug_dir": debug_dir, "mul1": True}
-    wq, proxy, _t = quantize_exl3(w, hd, qa, return_weight_q=True)
-    base = float(torch.sum((w * w) * d[:, None]))
-    return wq.float().T.contiguous(), float(proxy) * base
 
 
 def exl3_coefficients(model_dir: str | Path, measurement_key: str, journal: Path, *, imatrix: str | Path | None = None,
                       probe_rate: float = 3, n_ctx: int = 512, chunks: int = 2, texts: list[str | Path] | None = None,
                       device: str = "cuda", progress: bool = True,
-                      quantize: Callable[[torch.Tensor, torch.Tensor | None, float, str], tuple[torch.Tensor, float]]
-                      | None = None) -> dict[str, float]:
+                      quantize: Quantizer | None = None) -> dict[str, float]:
     """Per EXL3 linear key (HF name without ``.weight``): KLD per unit of cost, measured at ``probe_rate``.
     ``quantize``: (weight [out, in], importance or None, rate, scratch dir) -> (dequantized weight, its cost);
     default exllamav3's quantize_exl3 (CUDA). The CPU tests give their own."""
@@ -78,14 +60,7 @@ def exl3_coefficients(model_dir: str | Path, measurement_key: str, journal: Path
             members[t.name] = keys
     h = hashlib.sha256(json.dumps([measurement_key, probe_rate, ids.tolist()]).encode()).hexdigest()[:16]
     journal = journal.with_name(journal.name + f".{h}.jsonl")
-    done: dict[str, float] = {}
-    if journal.exists():
-        for line in journal.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-                done[rec["tensor"]] = float(rec["kld_per_cost"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                break  # a torn last line: redo that tensor
+    done = {r["tensor"]: float(r["kld_per_cost"]) for r in read_journal(journal, lambda r: float(r["kld_per_cost"]))}
     todo = [n for n in members if n not in done]
     if todo:
         probe = KLDProbe(model_dir, ids, imatrix, device)
@@ -100,7 +75,7 @@ def exl3_coefficients(model_dir: str | Path, measurement_key: str, journal: Path
                 q, cost = [], 0.0
                 for i, ws in enumerate(slices):
                     imp = None if im is None else torch.as_tensor(im[i] if im.shape[0] == len(slices) else im[0])
-                    wq, c = (quantize or _quantize)(ws.to(probe.device), imp, probe_rate, str(journal.parent))
+                    wq, c = (quantize or exl3_quantize)(ws.to(probe.device), imp, probe_rate, str(journal.parent))
                     q.append(wq)
                     cost += c
                 image = (q[0] if w.dim() == 2 else torch.stack(q)).to(w.dtype)
