@@ -8,8 +8,8 @@ random Llama. Then:
      unit of cost measured at rate 3 through quantmix's streaming engine);
   2. exllamav3 convert_model at the uniform --bits of --uniform (these are also the inputs of its optimizer), then
      exllamav3 measure_model over them and optimize_model at each --bpw;
-  3. quantmix's plan at each --bpw (with the measured coefficients, and proxy-only for comparison), built by
-     exllamav3's convert_model --recipe;
+  3. quantmix's plan at each --bpw (with the measured coefficients; --ablation: proxy-only too), and quantmix's exact
+     plan over exllamav3's own measurement, each built by exllamav3's convert_model --recipe;
   4. every model through `quantmix eval --exl3` (evaluation.evaluate with exllamav3's logits against the streaming
      engine's float reference): KLD both ways, PPL, top-K agreement on wiki-eval tokens.
 Writes $OUT/exl3-compare.json and prints one line per model.
@@ -147,6 +147,16 @@ def main() -> None:
             res["seconds"][f"exllamav3 optimize {bpw:g}"] = round(run(
                 [py, "-m", "exllamav3.conversion.optimize_model", "-m", str(xmeas), "-b", str(bpw), "-o", str(d)]), 1)
         score(f"exllamav3 optimize {bpw:g}", d)
+        # the same measurement, solved exactly (exllamav3's optimizer is greedy and only upgrades)
+        from quantmix.planning.exl3_plan import plan_from_exllamav3
+        plan = plan_from_exllamav3(model, xmeas, bpw)
+        d = work / f"quantmix-on-exllamav3-{bpw:g}"
+        if not (d / "config.json").exists():
+            recipe = write_exl3_recipe(plan, work / f"quantmix-on-exllamav3-{bpw:g}.yaml", bpw)
+            res["seconds"][f"convert quantmix on exllamav3 {bpw:g}"] = round(
+                convert(hf, d, work / f"w-qx-{bpw:g}", ["--recipe", str(recipe)]), 1)
+        res.setdefault("plans", {})[f"quantmix on exllamav3 measurement {bpw:g}"] = plan.summary()
+        score(f"quantmix on exllamav3 measurement {bpw:g}", d)
     for b in uniform:
         if f"exllamav3 uniform {b:g}" not in res["models"]:
             score(f"exllamav3 uniform {b:g}", dirs[f"exllamav3 uniform {b:g}"])

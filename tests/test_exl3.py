@@ -319,3 +319,48 @@ def test_measure_exl3_resumes_and_samples_experts(tmp_path: Path) -> None:
         else:  # near the exact figure: experts of one layer have like error curves
             assert all(0.5 < s.costs[k][r] / m.costs[k][r] < 2 for r in rates), k
     assert s.source["expert_sample"] == {"per_group": 2, "stand_ins": len(stand)}
+
+
+def _exllamav3_measurement(path: Path, layers: list[list[str]], dkld: list[list[float]]) -> Path:
+    """A file in the layout exllamav3 1.6.5's conversion/measure_model.py writes (base, alts, groups, base_kld)."""
+    doc = {"base": {"dir": "/nonexistent/q2", "bpw": 2.0},
+           "alts": [{"dir": "/nonexistent/q3", "bpw": 3.0}, {"dir": "/nonexistent/q4", "bpw": 4.0}],
+           "groups": [{"idx": i, "layers": ls, "candidates": [{"dkld": d, "dbits": 0} for d in dk]}
+                      for i, (ls, dk) in enumerate(zip(layers, dkld))],
+           "base_kld": 0.5, "arch_string": "LlamaForCausalLM"}
+    path.write_text(json.dumps(doc, indent=4))
+    return path
+
+
+def test_plan_from_exllamav3_measurement(tmp_path: Path, tiny_dirs: dict[str, Path],
+                                         capsys: pytest.CaptureFixture) -> None:
+    """exllamav3's own measurement, solved exactly: the least summed dKLD within the bpw, equal to brute force over
+    every choice per group, each group at one quant; the CLI writes the recipe; a measurement of another model is
+    refused naming the group."""
+    import itertools
+
+    from quantmix.cli import main
+    from quantmix.planning.exl3_plan import plan_from_exllamav3
+    hf = tiny_dirs["tiny-llama"]
+    model = exl3_model(hf)
+    layers = [[f"model.layers.{i}.{part}"] for i in range(2) for part in ("self_attn", "mlp")]
+    dkld = [[-0.30, -0.40], [-0.05, -0.08], [-0.20, -0.35], [-0.01, -0.50]]
+    meas = _exllamav3_measurement(tmp_path / "measurement.json", layers, dkld)
+    budgeted = model.budgeted()
+    numel = sum(m.numel for m in budgeted)
+    members = [[m for m in budgeted if m.key.startswith(ls[0] + ".")] for ls in layers]
+    for bpw in (2.5, 3.0, 3.4):
+        plan = plan_from_exllamav3(model, meas, bpw)
+        best = min((sum(dkld[g][c - 1] for g, c in enumerate(ch) if c), ch)
+                   for ch in itertools.product(range(3), repeat=4)
+                   if sum(m.numel * (2 + c) for g, c in enumerate(ch) for m in members[g]) <= bpw * numel)
+        assert plan.cost == pytest.approx(best[0]) and plan.bpw <= bpw + 1e-12
+        for g, ms in enumerate(members):
+            assert {plan.rates[m.key] for m in ms} == {2 + best[1][g]}
+    out = tmp_path / "r.yaml"
+    assert main(["optimize", str(hf), "--format", "exl3", "--exllamav3-measurement", str(meas), "--target-bpw", "3",
+                 "-o", str(out)]) == 0
+    assert read_exl3_recipe(out) == {m.key: plan_from_exllamav3(model, meas, 3.0).rates[m.key] for m in budgeted}
+    other = _exllamav3_measurement(tmp_path / "other.json", [["model.layers.7.mlp"]], [[-0.1, -0.2]])
+    with pytest.raises(Exl3Error, match=r"groups\[0\] \(model.layers.7.mlp\) matches no linear"):
+        plan_from_exllamav3(model, other, 3.0)

@@ -223,15 +223,25 @@ def _optimize_exl3(args: argparse.Namespace) -> int:
     from quantmix.planning.budget import BudgetError, parse_size
     from quantmix.formats.exl3 import exl3_model
     from quantmix.measurement.exl3_measure import read_measurement
-    from quantmix.planning.exl3_plan import plan_exl3, write_exl3_recipe
+    from quantmix.planning.exl3_plan import plan_exl3
 
     check_output(args.output)
-    if args.exl3_measurement is None:
-        raise CliError("--format exl3 needs --exl3-measurement FILE (per-linear errors of exllamav3's quantizer, "
-                       "from quantmix measure-exl3 on a GPU)")
+    if (args.exl3_measurement is None) == (args.exllamav3_measurement is None):
+        raise CliError("--format exl3 needs one of --exl3-measurement FILE (quantmix measure-exl3, on a GPU) or "
+                       "--exllamav3-measurement FILE (exllamav3's measure_model output)")
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise CliError(f"{model_dir}: --format exl3 reads a Hugging Face directory (config.json + safetensors)")
+    if args.exllamav3_measurement is not None:
+        from quantmix.planning.exl3_plan import plan_from_exllamav3
+        if args.target_bpw is None or args.vram is not None or args.target_size is not None:
+            raise CliError("--exllamav3-measurement plans to --target-bpw (exllamav3 measures bits, not bytes)")
+        try:
+            plan = plan_from_exllamav3(exl3_model(model_dir), args.exllamav3_measurement, float(args.target_bpw),
+                                       head_bits=args.head_bits, mtp_bits=args.mtp_bits, time_limit=args.time_limit)
+        except (Exl3Error, ValueError) as e:
+            raise CliError(str(e)) from None
+        return _write_exl3_plan(plan, args, model_dir)
     if (args.vram is None) == (args.target_bpw is None and args.target_size is None) or \
             (args.target_bpw is not None and args.target_size is not None):
         raise CliError("give exactly one budget: --target-bpw, --target-size or --vram (with --ctx)")
@@ -247,6 +257,12 @@ def _optimize_exl3(args: argparse.Namespace) -> int:
                          vram_overhead=parse_size(args.vram_overhead), time_limit=args.time_limit)
     except (Exl3Error, BudgetError, ValueError) as e:
         raise CliError(str(e)) from None
+    return _write_exl3_plan(plan, args, model_dir)
+
+
+def _write_exl3_plan(plan: object, args: argparse.Namespace, model_dir: Path) -> int:
+    from quantmix.planning.exl3_plan import write_exl3_recipe
+
     write_exl3_recipe(plan, args.output, float(args.target_bpw) if args.target_bpw else None)
     print(plan.summary())
     for n in plan.notes:
@@ -667,6 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "counts bits")
     x.add_argument("--exl3-measurement", type=Path, metavar="FILE",
                    help="per-linear, per-rate errors of exllamav3's quantizer (quantmix-exl3-measurement JSON)")
+    x.add_argument("--exllamav3-measurement", type=Path, metavar="FILE",
+                   help="instead: exllamav3's own measure_model JSON (dKLD per module group and quant), solved "
+                        "exactly where its optimize_model is greedy; with --target-bpw")
     x.add_argument("--kv-cache", default="fp16", help="with --vram: ExLlamaV3's cache, fp16 or kNvM (e.g. k6v5)")
     x.add_argument("--head-bits", default="6", help="bitrate of the output head (exllamav3's --head_bits, default 6)")
     x.add_argument("--mtp-bits", default="4", help="bitrate of MTP/NextN layers (exllamav3's --mtp_bits, default 4)")

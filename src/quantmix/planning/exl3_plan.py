@@ -23,7 +23,8 @@ from pathlib import Path
 from quantmix.formats.exl3 import RATES, Exl3Error, Exl3Linear, Exl3Model, _text_config, parse_rate
 from quantmix.measurement.exl3_measure import Measurement
 
-__all__ = ["exl3_cache_bytes", "parse_kv_cache", "Exl3Plan", "plan_exl3", "write_exl3_recipe", "read_exl3_recipe"]
+__all__ = ["exl3_cache_bytes", "parse_kv_cache", "Exl3Plan", "plan_exl3", "plan_from_exllamav3", "write_exl3_recipe",
+           "read_exl3_recipe"]
 
 PAGE = 256  # ExLlamaV3's cache page (tokens)
 
@@ -198,3 +199,86 @@ def read_exl3_recipe(path: str | Path) -> dict[str, float]:
         except Exl3Error as e:
             raise Exl3Error(f"{p}: tensor {k}: {e}") from None
     return out
+
+
+# ------------------------------------------------------------------------------------------ exllamav3's measurement
+
+
+def _nearest_rate(bpw: float) -> float:
+    return min(RATES, key=lambda r: (abs(r - bpw), r))
+
+
+def _alt_rates(entry: object, where: str, model: Exl3Model) -> dict[str, float]:
+    """The rate of each budgeted linear in one of exllamav3's measured models: read from its directory when it is
+    there, else its bpw rounded to the nearest EXL3 rate (exllamav3 measures uniform quants)."""
+    from quantmix.formats.exl3 import read_exl3_dir
+    if not isinstance(entry, dict) or not isinstance(entry.get("bpw"), (int, float)):
+        raise Exl3Error(f"{where}: needs a number 'bpw' (and 'dir')")
+    d = Path(str(entry.get("dir", "")))
+    if entry.get("dir") and (d / "config.json").is_file():
+        got = {s.key: s.rate for s in read_exl3_dir(d)[1]}
+        return {m.key: got.get(m.key, _nearest_rate(float(entry["bpw"]))) for m in model.budgeted()}
+    return {m.key: _nearest_rate(float(entry["bpw"])) for m in model.budgeted()}
+
+
+def plan_from_exllamav3(model: Exl3Model, measurement: str | Path, target_bpw: float, *, head_bits: float = 6,
+                        mtp_bits: float = 4, time_limit: float = 60.0) -> Exl3Plan:
+    """The exact plan over exllamav3's own measurement (``measure_model``'s JSON: per group of modules, the output
+    KLD change and bits of swapping in each alternative quant), where its ``optimize_model`` climbs greedily and
+    only upward. Same objective (the sum of the groups' dKLD), same bpw budget (bits over the budgeted linears)."""
+    import json
+
+    from quantmix.planning.solver import Group, Option, Problem, solve
+    p = Path(measurement)
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise Exl3Error(f"{p}: not a readable exllamav3 measurement ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("groups"), list) or not isinstance(doc.get("alts"), list):
+        raise Exl3Error(f"{p}: not exllamav3's measurement.json (needs 'base', 'alts' and 'groups')")
+    head_bits, mtp_bits = parse_rate(head_bits), parse_rate(mtp_bits)
+    base = _alt_rates(doc.get("base"), f"{p}: base", model)
+    alts = [_alt_rates(a, f"{p}: alts[{i}]", model) for i, a in enumerate(doc["alts"])]
+    budgeted = {m.key: m for m in model.budgeted()}
+    grouped: set[str] = set()
+    groups = []
+    for gi, g in enumerate(doc["groups"]):
+        layers, cands = g.get("layers") if isinstance(g, dict) else None, g.get("candidates") if isinstance(g, dict) else None
+        if not isinstance(layers, list) or not isinstance(cands, list) or len(cands) != len(alts):
+            raise Exl3Error(f"{p}: groups[{gi}] needs 'layers' and one candidate per alt ({len(alts)})")
+        members = tuple(sorted(k for k in budgeted if any(k == x or k.startswith(f"{x}.") for x in layers)))
+        if not members:
+            raise Exl3Error(f"{p}: groups[{gi}] ({', '.join(map(str, layers[:3]))}) matches no linear of "
+                            f"{model.model_dir}: wrong model for this measurement?")
+        if grouped & set(members):
+            raise Exl3Error(f"{p}: groups[{gi}] overlaps an earlier group")
+        grouped.update(members)
+        opts = [Option(tuple(str(base[k]) for k in members), (sum(round(budgeted[k].numel * base[k]) for k in members),),
+                       (0,), 0.0, (0,))]
+        for j, (c, alt) in enumerate(zip(cands, alts)):
+            dkld = c.get("dkld") if isinstance(c, dict) else None
+            if not isinstance(dkld, (int, float)) or not math.isfinite(dkld):
+                raise Exl3Error(f"{p}: groups[{gi}].candidates[{j}]: dkld {dkld!r} is not a number")
+            opts.append(Option(tuple(str(alt[k]) for k in members),
+                               (sum(round(budgeted[k].numel * alt[k]) for k in members),), (0,), float(dkld), (j + 1,)))
+        groups.append(Group(members, opts))
+    fixed = sum(round(m.numel * base[k]) for k, m in budgeted.items() if k not in grouped)
+    capacity = int(math.floor(target_bpw * sum(m.numel for m in budgeted.values())))
+    problem = Problem(("exl3",), (capacity,), groups, (fixed,))
+    if problem.smallest()[0] > capacity:
+        raise Exl3Error(f"{target_bpw} bpw is below the measurement's base quant ({doc['base'].get('bpw')} bpw)")
+    sol = solve(problem, "ilp", time_limit)
+    chosen = {k: base[k] for k in budgeted}
+    cost = 0.0
+    for g, choice in zip(groups, sol.choice):
+        opt = g.options[choice]
+        cost += opt.cost
+        chosen.update({k: parse_rate(t) for k, t in zip(g.members, opt.types)})
+    for m in model.linears:
+        if m.role != "bits":
+            chosen[m.key] = _fixed_rate(m, head_bits, mtp_bits)
+    n_bytes = sum(m.n_bytes(chosen[m.key]) for m in model.linears)
+    bpw = sum(m.numel * chosen[m.key] for m in budgeted.values()) / sum(m.numel for m in budgeted.values())
+    return Exl3Plan(model, chosen, head_bits, mtp_bits, n_bytes, bpw, cost, sol.status,
+                    [f"from exllamav3's measurement {p.name}: {len(groups)} groups x {len(alts) + 1} quants, "
+                     f"predicted dKLD {cost:+.5f} over the base ({doc.get('base_kld', float('nan')):.5f})"])
