@@ -77,7 +77,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     from quantmix.formats.exl3 import exl3_model
     from quantmix.measurement.exl3_measure import Measurement, measure_exl3
-    from quantmix.planning.exl3_plan import plan_exl3, write_exl3_recipe
+    from quantmix.planning.exl3_plan import plan_exl3, plan_from_exllamav3, write_exl3_recipe
     hf = work / "hf"
     if not (hf / "config.json").exists():
         if args.gguf:
@@ -115,6 +115,17 @@ def main() -> None:
         print(f"{name:28s} " + json.dumps(entry), flush=True)
         (out / "exl3-compare.json").write_text(json.dumps(res, indent=1))
 
+    def build_and_score(name: str, plan: object, bpw: float) -> None:
+        """exllamav3's convert_model --recipe from a quantmix plan, then the score."""
+        tag = f"{name.replace(' ', '-')}-{bpw:g}"
+        d = work / tag
+        if not (d / "config.json").exists():
+            recipe = write_exl3_recipe(plan, work / f"{tag}.yaml", bpw)
+            res["seconds"][f"convert {name} {bpw:g}"] = round(convert(hf, d, work / f"w-{tag}",
+                                                                      ["--recipe", str(recipe)]), 1)
+        res.setdefault("plans", {})[f"{name} {bpw:g}"] = plan.summary()
+        score(f"{name} {bpw:g}", d)
+
     uniform = [float(b) for b in args.uniform.split(",")]
     dirs: dict[str, Path] = {}
     for b in uniform:
@@ -124,15 +135,7 @@ def main() -> None:
         dirs[f"exllamav3 uniform {b:g}"] = d
     for bpw in (float(b) for b in args.bpw.split(",")):  # quantmix first: the figure this bench is for
         for name, m in (("quantmix", meas), ("quantmix proxy-only", proxy))[:2 if args.ablation else 1]:
-            plan = plan_exl3(model, m, target_bpw=bpw, rates=rates)
-            tag = name.replace(" ", "-")
-            d = work / f"{tag}-{bpw:g}"
-            if not (d / "config.json").exists():
-                recipe = write_exl3_recipe(plan, work / f"{tag}-{bpw:g}.yaml", bpw)
-                res["seconds"][f"convert {name} {bpw:g}"] = round(
-                    convert(hf, d, work / f"w-{tag}-{bpw:g}", ["--recipe", str(recipe)]), 1)
-            res.setdefault("plans", {})[f"{name} {bpw:g}"] = plan.summary()
-            score(f"{name} {bpw:g}", d)
+            build_and_score(name, plan_exl3(model, m, target_bpw=bpw, rates=rates), bpw)
         if bpw in uniform:
             score(f"exllamav3 uniform {bpw:g}", dirs[f"exllamav3 uniform {bpw:g}"])
     xmeas = work / "exllamav3-measurement.json"
@@ -148,15 +151,7 @@ def main() -> None:
                 [py, "-m", "exllamav3.conversion.optimize_model", "-m", str(xmeas), "-b", str(bpw), "-o", str(d)]), 1)
         score(f"exllamav3 optimize {bpw:g}", d)
         # the same measurement, solved exactly (exllamav3's optimizer is greedy and only upgrades)
-        from quantmix.planning.exl3_plan import plan_from_exllamav3
-        plan = plan_from_exllamav3(model, xmeas, bpw)
-        d = work / f"quantmix-on-exllamav3-{bpw:g}"
-        if not (d / "config.json").exists():
-            recipe = write_exl3_recipe(plan, work / f"quantmix-on-exllamav3-{bpw:g}.yaml", bpw)
-            res["seconds"][f"convert quantmix on exllamav3 {bpw:g}"] = round(
-                convert(hf, d, work / f"w-qx-{bpw:g}", ["--recipe", str(recipe)]), 1)
-        res.setdefault("plans", {})[f"quantmix on exllamav3 measurement {bpw:g}"] = plan.summary()
-        score(f"quantmix on exllamav3 measurement {bpw:g}", d)
+        build_and_score("quantmix on exllamav3 measurement", plan_from_exllamav3(model, xmeas, bpw), bpw)
     for b in uniform:
         if f"exllamav3 uniform {b:g}" not in res["models"]:
             score(f"exllamav3 uniform {b:g}", dirs[f"exllamav3 uniform {b:g}"])
