@@ -238,6 +238,21 @@ def test_exl3_sensitivity_probes(tmp_path: Path) -> None:
     # another measurement key is another journal: probed afresh, same numbers (deterministic)
     assert exl3_coefficients(hf, "k2", tmp_path / "m.json.sensitivity", quantize=_grid_quantize, **kw) == coef
 
+    # a MoE: the stacked experts probed with 2 of 4 experts quantized, every expert linear gets its tensor's figure
+    moe = tmp_path / "moe"
+    build_tiny("tiny-qwen3-moe", moe, seed=0, vocab=True)
+    shapes: list[tuple[int, ...]] = []
+
+    def counted(w: torch.Tensor, *a: object) -> tuple[torch.Tensor, float]:
+        shapes.append(tuple(w.shape))
+        return _grid_quantize(w, *a)
+    mc = exl3_coefficients(moe, "k3", tmp_path / "moe.sensitivity", quantize=counted, expert_sample=2, **kw)
+    moe_keys = {m.key for m in exl3_model(moe).budgeted()}
+    assert set(mc) == moe_keys and all(math.isfinite(c) and c >= 0 for c in mc.values())
+    n_exp_tensors = len({k.split(".experts.")[0] + k.rsplit(".", 1)[1] for k in moe_keys if ".experts." in k})
+    n_dense = len([k for k in moe_keys if ".experts." not in k])
+    assert len(shapes) == n_dense + 2 * n_exp_tensors
+
     m = _measurement(hf)
     weighted = Measurement(m.costs, m.source, coef)
     p = write_measurement(tmp_path / "meas.json", weighted)

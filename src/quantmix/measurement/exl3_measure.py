@@ -26,7 +26,7 @@ import torch
 from quantmix.formats.exl3 import RATES, Exl3Error, exl3_model, parse_rate
 
 __all__ = ["Measurement", "read_measurement", "write_measurement", "measure_exl3", "input_weights", "read_journal",
-           "exl3_quantize", "expert_samples"]
+           "exl3_quantize", "expert_samples", "even_indices"]
 
 MEASUREMENT_FORMAT = "quantmix-exl3-measurement"
 
@@ -155,6 +155,13 @@ def exl3_quantize(w_out_in: torch.Tensor, imp: torch.Tensor | None, rate: float,
     return wq.float().T.contiguous(), float(proxy) * base
 
 
+def even_indices(n: int, k: int) -> list[int]:
+    """``k`` of ``n`` indices, evenly spaced, first and last included (all of them when k >= n)."""
+    if k <= 0 or k >= n:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)} if k > 1 else {0})
+
+
 def expert_samples(keys: list[str], n: int) -> dict[str, str]:
     """With ``n`` > 0: for each layer's expert linears of one role (``...experts.E.gate_proj``), ``n`` experts evenly
     spaced over E are measured; every other expert key maps to its group's name, whose measured experts stand for it.
@@ -171,7 +178,7 @@ def expert_samples(keys: list[str], n: int) -> dict[str, str]:
         members.sort()
         if len(members) <= n:
             continue
-        pick = {round(i * (len(members) - 1) / (n - 1)) for i in range(n)} if n > 1 else {0}
+        pick = set(even_indices(len(members), n))
         out.update({k: g for j, (_e, k) in enumerate(members) if j not in pick})
     return out
 
@@ -292,7 +299,8 @@ def measure_exl3(model_dir: str | Path, out: str | Path, *, imatrix: str | Path 
         from quantmix.measurement.exl3_sensitivity import exl3_coefficients
         coefs = exl3_coefficients(model_dir, key, journal.with_name(out.name + ".sensitivity"), imatrix=imatrix,
                                   probe_rate=probe_rate, n_ctx=n_ctx, chunks=chunks, texts=texts, device=device,
-                                  progress=progress, quantize=None if quantize is exl3_quantize else quantize)
+                                  progress=progress, quantize=None if quantize is exl3_quantize else quantize,
+                                  expert_sample=expert_sample)
         source["sensitivity"] = {"probe_rate": probe_rate, "chunks": chunks, "n_ctx": n_ctx,
                                  "texts": [str(t) for t in texts] if texts else ["wiki-calib"]}
     if stand_in:

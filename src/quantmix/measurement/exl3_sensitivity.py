@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from quantmix.formats.exl3 import Exl3Error, exl3_model
-from quantmix.measurement.exl3_measure import Quantizer, exl3_quantize, read_journal
+from quantmix.measurement.exl3_measure import Quantizer, even_indices, exl3_quantize, read_journal
 
 __all__ = ["exl3_coefficients"]
 
@@ -32,10 +32,12 @@ __all__ = ["exl3_coefficients"]
 def exl3_coefficients(model_dir: str | Path, measurement_key: str, journal: Path, *, imatrix: str | Path | None = None,
                       probe_rate: float = 3, n_ctx: int = 512, chunks: int = 2, texts: list[str | Path] | None = None,
                       device: str = "cuda", progress: bool = True,
-                      quantize: Quantizer | None = None) -> dict[str, float]:
+                      quantize: Quantizer | None = None, expert_sample: int = 0) -> dict[str, float]:
     """Per EXL3 linear key (HF name without ``.weight``): KLD per unit of cost, measured at ``probe_rate``.
     ``quantize``: (weight [out, in], importance or None, rate, scratch dir) -> (dequantized weight, its cost);
-    default exllamav3's quantize_exl3 (CUDA). The CPU tests give their own."""
+    default exllamav3's quantize_exl3 (CUDA). The CPU tests give their own. ``expert_sample``: of a stacked expert
+    tensor only that many experts (evenly spaced) are quantized, the rest left float; the KLD they cause over their
+    own cost is the tensor's coefficient (the quadratic model is additive over experts)."""
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -58,7 +60,7 @@ def exl3_coefficients(model_dir: str | Path, measurement_key: str, journal: Path
         keys = [s.removesuffix(".weight") for s in (t.hf_sources or ())]
         if keys and all(k in budgeted for k in keys):
             members[t.name] = keys
-    h = hashlib.sha256(json.dumps([measurement_key, probe_rate, ids.tolist()]).encode()).hexdigest()[:16]
+    h = hashlib.sha256(json.dumps([measurement_key, probe_rate, expert_sample, ids.tolist()]).encode()).hexdigest()[:16]
     journal = journal.with_name(journal.name + f".{h}.jsonl")
     done = {r["tensor"]: float(r["kld_per_cost"]) for r in read_journal(journal, lambda r: float(r["kld_per_cost"]))}
     todo = [n for n in members if n not in done]
@@ -72,13 +74,17 @@ def exl3_coefficients(model_dir: str | Path, measurement_key: str, journal: Path
                 w = probe.original(name)
                 im = probe.imatrix.weights_for(name, tuple(reversed(w.shape))) if probe.imatrix is not None else None
                 slices = [w] if w.dim() == 2 else list(w)
-                q, cost = [], 0.0
-                for i, ws in enumerate(slices):
+                image = w.clone()
+                cost = 0.0
+                for i in even_indices(len(slices), expert_sample if w.dim() > 2 else 0):
                     imp = None if im is None else torch.as_tensor(im[i] if im.shape[0] == len(slices) else im[0])
-                    wq, c = (quantize or exl3_quantize)(ws.to(probe.device), imp, probe_rate, str(journal.parent))
-                    q.append(wq)
+                    wq, c = (quantize or exl3_quantize)(slices[i].to(probe.device), imp, probe_rate,
+                                                        str(journal.parent))
+                    if w.dim() == 2:
+                        image = wq.to(w.dtype)
+                    else:
+                        image[i] = wq.to(w.dtype)
                     cost += c
-                image = (q[0] if w.dim() == 2 else torch.stack(q)).to(w.dtype)
                 kld = probe.kld({name: image})
                 coef = max(kld, 0.0) / cost if cost > 0 else 0.0
                 jf.write(json.dumps({"tensor": name, "kld": kld, "cost": cost, "kld_per_cost": coef}) + "\n")
