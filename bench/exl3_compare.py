@@ -1,6 +1,11 @@
 """quantmix's EXL3 mix against exllamav3's own measure + optimize and its uniform quants, on the lent GPU.
 
-  bench/exl3_device.sh --compare [--gguf .whl/smollm2-10l.gguf] [--bpw 2.5,3,3.5,4,5]
+  bench/exl3_device.sh --compare [--uniform 2,3,4] [--bpw 3,2.5]          the tiny random Llama
+  bench/exl3_device.sh --compare --gguf .exl3build/stash/smollm2.gguf       SmolLM2-135M (real weights)
+The real model travels in parts (bench/pack_device.sh --exl3 writes .whl/parts; at most 64 MiB go with a call): for
+each part, move it (the first with smollm2.gguf.sha256) into .whl/stash and run `bench/exl3_device.sh --stash` with
+carry [".whl/exl3", ".whl/qmcache", ".whl/gguf-*.whl", ".whl/stash"] (the first) or [".whl/stash"]; the last part
+can go with the --compare call itself. The machine must stay warm between the calls (30 s).
 
 Model: a Hugging Face directory built there, from a GGUF of real weights (bench/smollm2_truncate.py) or the tiny
 random Llama. Then:
