@@ -440,7 +440,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                        f"fixture name (the quantized side can be a GGUF: --gguf FILE)")
     has_recipe = bool(args.recipe or args.mix or args.ftype or args.tensor_type)
     if sum(map(bool, (args.gguf, args.exl3, has_recipe))) > 1:
-        raise CliError("give one of --gguf FILE..., --exl3 DIR... or a recipe (--recipe/--mix/--ftype)")
+        raise CliError("give one of --gguf FILE..., --exl3 DIR... or a recipe (--recipe/--mix/--ftype), not both")
     if args.exl3:
         try:
             sources = [exl3_source(d, label=args.label or "") for d in args.exl3]

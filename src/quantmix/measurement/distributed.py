@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from quantmix.measurement.error_table import ErrorTable, _n_bytes, _sources, error_table
+from quantmix.measurement import error_table as _et
+from quantmix.measurement.error_table import ErrorTable, _n_bytes, _sources
 
 __all__ = ["world", "init_from_env", "is_rank_zero", "in_group", "rank_device", "leave_group", "shard_tensors",
            "sharded_error_table"]
@@ -85,7 +86,9 @@ def shard_tensors(sizes: list[tuple[str, int]], n: int) -> list[list[str]]:
 
 
 def sharded_error_table(gguf_path: str | Path, imatrix_path: str | Path | None = None, **kwargs: Any) -> ErrorTable:
-    """:func:`error_table` over all ranks of the process group (one process: exactly error_table)."""
+    """:func:`error_table` over all ranks of the process group (one process: exactly error_table, looked up when
+    called, so that a caller's replacement of ``error_table.error_table`` holds here too)."""
+    error_table = _et.error_table
     import torch.distributed as dist
     rank, size = world()
     if size <= 1 or not dist.is_initialized():
