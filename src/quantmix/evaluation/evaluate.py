@@ -325,7 +325,7 @@ def evaluate_tokens(model_dir: str | Path, quant: QuantSource, text: EvalText, p
     if quant.exl3 is not None:  # a bad directory or no GPU: said before the reference pass, not after it
         from quantmix.evaluation.exl3_logits import check_exl3
 
-        check_exl3(quant.exl3, dev)
+        exl3_fields = check_exl3(quant.exl3, dev)
     with LayerEngine(model_dir, dev, torch.float32, resident_bytes=resident_bytes) as engine:
         model = engine.model
         if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
@@ -370,7 +370,7 @@ def evaluate_tokens(model_dir: str | Path, quant: QuantSource, text: EvalText, p
                     acc.add(token_metrics(ref.logits(c, head).cpu(), q_logits, et.chunks[c, et.first + 1:]))
             finally:
                 x.close()
-            applied = x.applied
+            applied = exl3_fields
             nextn = None  # exllamav3 does not run the NextN head for scoring
         else:
             _log(progress, f"applying {quant.describe()}")

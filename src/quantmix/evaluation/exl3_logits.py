@@ -18,22 +18,25 @@ from quantmix.formats.exl3 import Exl3Error, read_exl3_dir
 __all__ = ["Exl3Logits", "check_exl3", "exl3_applied"]
 
 
-def check_exl3(exl3_dir: Path, device: torch.device) -> None:
-    """What Exl3Logits needs, checked up front: a valid EXL3 directory, a CUDA device, exllamav3 installed."""
-    read_exl3_dir(exl3_dir)
+def check_exl3(exl3_dir: Path, device: torch.device) -> dict:
+    """What Exl3Logits needs, checked up front: a valid EXL3 directory, a CUDA device, exllamav3 installed. Returns
+    the directory's size fields (:func:`exl3_applied`, from the one reading of its headers)."""
+    stored = read_exl3_dir(exl3_dir)
     if device.type != "cuda":
         raise Exl3Error(f"{exl3_dir}: exllamav3 runs EXL3 models on CUDA only (device is {device})")
     import importlib.util
     if importlib.util.find_spec("exllamav3") is None:
         raise Exl3Error("evaluating an EXL3 model needs exllamav3 (pip install exllamav3; a CUDA toolkit builds "
                         "its extension on first use)")
+    return exl3_applied(exl3_dir, stored)
 
 
-def exl3_applied(exl3_dir: Path) -> dict:
-    """The size fields of an evaluation row for an EXL3 directory (checked as read_exl3_dir checks it)."""
+def exl3_applied(exl3_dir: Path, stored: tuple[dict, list] | None = None) -> dict:
+    """The size fields of an evaluation row for an EXL3 directory (checked as read_exl3_dir checks it; ``stored``:
+    what read_exl3_dir already returned for it)."""
     from quantmix.model.fingerprint import model_fingerprint
 
-    qc, linears = read_exl3_dir(exl3_dir)
+    qc, linears = stored if stored is not None else read_exl3_dir(exl3_dir)
     body = [s for s in linears if s.key != "lm_head"]
     numel = sum(s.numel for s in linears)
     rates = sorted({s.rate for s in body})
@@ -46,17 +49,13 @@ def exl3_applied(exl3_dir: Path) -> dict:
 
 
 class Exl3Logits:
-    """An EXL3 model loaded by exllamav3 on one CUDA device; ``logits(ids)`` for [batch, n_ctx] token ids."""
+    """An EXL3 model loaded by exllamav3 on one CUDA device (what :func:`check_exl3` checks);
+    ``logits(ids)`` for [batch, n_ctx] token ids."""
 
     def __init__(self, exl3_dir: str | Path, device: torch.device) -> None:
-        if device.type != "cuda":
-            raise Exl3Error(f"{exl3_dir}: exllamav3 runs EXL3 models on CUDA only (device is {device})")
-        try:
-            from exllamav3 import Config, Model
-        except ImportError as e:
-            raise Exl3Error(f"evaluating an EXL3 model needs exllamav3 (pip install exllamav3): {e}") from None
+        from exllamav3 import Config, Model
+
         self.dir = Path(exl3_dir)
-        self.applied = exl3_applied(self.dir)
         self.model = Model.from_config(Config.from_directory(str(self.dir)))
         self.model.load(f"cuda:{device.index or 0}")
 

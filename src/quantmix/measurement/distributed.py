@@ -67,7 +67,7 @@ def leave_group() -> bool:
     abort at exit). True on rank 0, which carries on alone."""
     import torch.distributed as dist
     rank = world()[0]
-    if dist.is_initialized():
+    if in_group():
         dist.barrier()
         dist.destroy_process_group()
     return rank == 0

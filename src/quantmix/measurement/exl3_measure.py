@@ -162,6 +162,13 @@ def even_indices(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)} if k > 1 else {0})
 
 
+def _expert_group(key: str) -> str | None:
+    """``...experts.E.gate_proj`` -> ``...experts.*.gate_proj`` (its layer's experts of that projection); None for a
+    linear that is no expert."""
+    m = _EXPERT.search(key)
+    return key[:m.start()] + ".experts.*." + key[m.end():] if m else None
+
+
 def expert_samples(keys: list[str], n: int) -> dict[str, str]:
     """With ``n`` > 0: for each layer's expert linears of one role (``...experts.E.gate_proj``), ``n`` experts evenly
     spaced over E are measured; every other expert key maps to its group's name, whose measured experts stand for it.
@@ -170,9 +177,9 @@ def expert_samples(keys: list[str], n: int) -> dict[str, str]:
         return {}
     groups: dict[str, list[tuple[int, str]]] = {}
     for k in keys:
-        m = _EXPERT.search(k)
-        if m:
-            groups.setdefault(k[:m.start()] + ".experts.*." + k[m.end():], []).append((int(m.group(1)), k))
+        g = _expert_group(k)
+        if g is not None:
+            groups.setdefault(g, []).append((int(_EXPERT.search(k).group(1)), k))
     out = {}
     for g, members in groups.items():
         members.sort()
@@ -222,9 +229,8 @@ def _fill_stand_ins(done: dict[str, dict], keys: list[str]) -> dict[str, dict[fl
     of its group's measured experts at each rate."""
     rel: dict[str, dict[float, list[float]]] = {}
     for k in keys:
-        m = _EXPERT.search(k)
-        if m and "cost" in done[k]:
-            g = k[:m.start()] + ".experts.*." + k[m.end():]
+        g = _expert_group(k)
+        if g is not None and "cost" in done[k]:
             for r, c in done[k]["cost"].items():
                 rel.setdefault(g, {}).setdefault(r, []).append(c / done[k]["base"] if done[k]["base"] else 0.0)
     out: dict[str, dict[float, float]] = {}
@@ -299,7 +305,7 @@ def measure_exl3(model_dir: str | Path, out: str | Path, *, imatrix: str | Path 
         from quantmix.measurement.exl3_sensitivity import exl3_coefficients
         coefs = exl3_coefficients(model_dir, key, journal.with_name(out.name + ".sensitivity"), imatrix=imatrix,
                                   probe_rate=probe_rate, n_ctx=n_ctx, chunks=chunks, texts=texts, device=device,
-                                  progress=progress, quantize=None if quantize is exl3_quantize else quantize,
+                                  progress=progress, quantize=quantize,
                                   expert_sample=expert_sample)
         source["sensitivity"] = {"probe_rate": probe_rate, "chunks": chunks, "n_ctx": n_ctx,
                                  "texts": [str(t) for t in texts] if texts else ["wiki-calib"]}

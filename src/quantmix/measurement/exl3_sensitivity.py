@@ -47,6 +47,7 @@ def exl3_coefficients(model_dir: str | Path, measurement_key: str, journal: Path
     from quantmix.model.catalog import catalog_from_config
 
     model_dir = Path(model_dir)
+    quantize = quantize or exl3_quantize
     budgeted = {m.key for m in exl3_model(model_dir).budgeted()}
     src = load_texts(texts, "wiki-calib")
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -73,18 +74,14 @@ def exl3_coefficients(model_dir: str | Path, measurement_key: str, journal: Path
             for name in tqdm(todo, desc="exl3 sensitivity", unit="tensor", disable=not progress):
                 w = probe.original(name)
                 im = probe.imatrix.weights_for(name, tuple(reversed(w.shape))) if probe.imatrix is not None else None
-                slices = [w] if w.dim() == 2 else list(w)
-                image = w.clone()
-                cost = 0.0
-                for i in even_indices(len(slices), expert_sample if w.dim() > 2 else 0):
-                    imp = None if im is None else torch.as_tensor(im[i] if im.shape[0] == len(slices) else im[0])
-                    wq, c = (quantize or exl3_quantize)(slices[i].to(probe.device), imp, probe_rate,
-                                                        str(journal.parent))
-                    if w.dim() == 2:
-                        image = wq.to(w.dtype)
-                    else:
-                        image[i] = wq.to(w.dtype)
+                stack = w if w.dim() > 2 else w[None]  # a linear is a stack of one
+                image, cost = stack.clone(), 0.0
+                for i in even_indices(len(stack), expert_sample if w.dim() > 2 else 0):
+                    imp = None if im is None else torch.as_tensor(im[i] if im.shape[0] == len(stack) else im[0])
+                    wq, c = quantize(stack[i].to(probe.device), imp, probe_rate, str(journal.parent))
+                    image[i] = wq.to(w.dtype)
                     cost += c
+                image = image if w.dim() > 2 else image[0]
                 kld = probe.kld({name: image})
                 coef = max(kld, 0.0) / cost if cost > 0 else 0.0
                 jf.write(json.dumps({"tensor": name, "kld": kld, "cost": cost, "kld_per_cost": coef}) + "\n")

@@ -149,14 +149,21 @@ def plan_exl3(model: Exl3Model, measurement: Measurement, *, target_bpw: float |
                         f"(bits or bytes) of {capacity:,}")
     sol = solve(problem, "ilp", time_limit)
     chosen = {g.members[0]: parse_rate(g.options[k].types[0]) for g, k in zip(groups, sol.choice)}
+    cost = sum(measurement.predicted(m.key, chosen[m.key]) for m in budgeted)
+    return _plan(model, chosen, head_bits, mtp_bits, codebook, cost, sol.status, notes)
+
+
+def _plan(model: Exl3Model, chosen: dict[str, float], head_bits: float, mtp_bits: float, codebook: str,
+          cost: float, status: str, notes: list[str]) -> Exl3Plan:
+    """The plan from the budgeted linears' rates: the fixed roles' rates added, bytes and exllamav3's bpw counted."""
+    chosen = dict(chosen)
     for m in model.linears:
         if m.role != "bits":
             chosen[m.key] = _fixed_rate(m, head_bits, mtp_bits)
+    budgeted = model.budgeted()
     n_bytes = sum(m.n_bytes(chosen[m.key], codebook) for m in model.linears)
-    numel = sum(m.numel for m in budgeted)
-    bpw = sum(m.numel * chosen[m.key] for m in budgeted) / numel
-    cost = sum(measurement.predicted(m.key, chosen[m.key]) for m in budgeted)
-    return Exl3Plan(model, chosen, head_bits, mtp_bits, n_bytes, bpw, cost, sol.status, notes)
+    bpw = sum(m.numel * chosen[m.key] for m in budgeted) / sum(m.numel for m in budgeted)
+    return Exl3Plan(model, chosen, head_bits, mtp_bits, n_bytes, bpw, cost, status, notes)
 
 
 def _fixed_rate(m: Exl3Linear, head_bits: float, mtp_bits: float) -> float:
@@ -274,11 +281,6 @@ def plan_from_exllamav3(model: Exl3Model, measurement: str | Path, target_bpw: f
         opt = g.options[choice]
         cost += opt.cost
         chosen.update({k: parse_rate(t) for k, t in zip(g.members, opt.types)})
-    for m in model.linears:
-        if m.role != "bits":
-            chosen[m.key] = _fixed_rate(m, head_bits, mtp_bits)
-    n_bytes = sum(m.n_bytes(chosen[m.key]) for m in model.linears)
-    bpw = sum(m.numel * chosen[m.key] for m in budgeted.values()) / sum(m.numel for m in budgeted.values())
-    return Exl3Plan(model, chosen, head_bits, mtp_bits, n_bytes, bpw, cost, sol.status,
-                    [f"from exllamav3's measurement {p.name}: {len(groups)} groups x {len(alts) + 1} quants, "
-                     f"predicted dKLD {cost:+.5f} over the base ({doc.get('base_kld', float('nan')):.5f})"])
+    return _plan(model, chosen, head_bits, mtp_bits, "mul1", cost, sol.status,
+                 [f"from exllamav3's measurement {p.name}: {len(groups)} groups x {len(alts) + 1} quants, "
+                  f"predicted dKLD {cost:+.5f} over the base ({doc.get('base_kld', float('nan')):.5f})"])
